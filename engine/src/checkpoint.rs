@@ -1,0 +1,90 @@
+//! Checkpoints: every shard's state at a journal position, so recovery replays only what came
+//! after. Written to a temporary file, fsynced, renamed into place, and the directory fsynced,
+//! so a crash leaves either the old checkpoint or the new one, never half of one.
+
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use crate::journal::frame::{self, FrameRead};
+use crate::journal::record::{self, FORMAT_VERSION, WalCheckpoint};
+
+const PREFIX: &str = "checkpoint-";
+const SUFFIX: &str = ".qcp";
+/// How many checkpoints stay on disk; older ones are removed (the journal itself is kept).
+const KEEP: usize = 2;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    #[error("checkpoint io error on {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("checkpoint {path} is corrupt: {reason}")]
+    Corrupt { path: PathBuf, reason: String },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
+    move |source| CheckpointError::Io { path: path.to_path_buf(), source }
+}
+
+fn list(dir: &Path) -> Result<Vec<(u64, PathBuf)>, CheckpointError> {
+    let mut found = Vec::new();
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(found),
+        Err(error) => return Err(io(dir)(error)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(io(dir))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if let Some(sequence) = name
+            .strip_prefix(PREFIX)
+            .and_then(|rest| rest.strip_suffix(SUFFIX))
+            .and_then(|n| n.parse::<u64>().ok())
+        {
+            found.push((sequence, entry.path()));
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// The newest checkpoint in `dir`, if any.
+pub fn load_latest(dir: &Path) -> Result<Option<WalCheckpoint>, CheckpointError> {
+    let Some((_, path)) = list(dir)?.pop() else {
+        return Ok(None);
+    };
+    let bytes = fs::read(&path).map_err(io(&path))?;
+    let corrupt = |reason: String| CheckpointError::Corrupt { path: path.clone(), reason };
+    match frame::read_frame_max(&bytes, usize::MAX) {
+        FrameRead::Frame { version, payload, .. } if version == FORMAT_VERSION => {
+            record::decode_checkpoint(payload).map(Some).map_err(|error| corrupt(error.to_string()))
+        }
+        FrameRead::Frame { version, .. } => Err(corrupt(format!("unknown version {version}"))),
+        FrameRead::Truncated => Err(corrupt("truncated".into())),
+        FrameRead::Corrupt(reason) => Err(corrupt(reason.into())),
+    }
+}
+
+/// Writes `checkpoint` atomically and removes all but the newest [`KEEP`].
+pub fn write(dir: &Path, checkpoint: &WalCheckpoint) -> Result<PathBuf, CheckpointError> {
+    fs::create_dir_all(dir).map_err(io(dir))?;
+    let sequence = list(dir)?.last().map_or(1, |(n, _)| n + 1);
+    let path = dir.join(format!("{PREFIX}{sequence:020}{SUFFIX}"));
+    let temp = dir.join(format!("{PREFIX}{sequence:020}{SUFFIX}.tmp"));
+    let payload = record::encode(checkpoint)
+        .map_err(|error| CheckpointError::Corrupt { path: path.clone(), reason: error.to_string() })?;
+    let mut bytes = Vec::with_capacity(payload.len() + frame::HEADER_LEN + 1);
+    frame::write_frame(&mut bytes, FORMAT_VERSION, &payload);
+    let mut file = File::create(&temp).map_err(io(&temp))?;
+    file.write_all(&bytes).map_err(io(&temp))?;
+    file.sync_all().map_err(io(&temp))?;
+    drop(file);
+    fs::rename(&temp, &path).map_err(io(&path))?;
+    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
+    let all = list(dir)?;
+    for (_, old) in all.iter().take(all.len().saturating_sub(KEEP)) {
+        fs::remove_file(old).map_err(io(old))?;
+    }
+    Ok(path)
+}

@@ -1,0 +1,581 @@
+//! The [`Engine`] handle: the only way money moves. It opens (recovers) the data directory,
+//! starts the shard threads and the journal writer, routes submissions to shards, and answers
+//! lookups. Clone it freely; the engine stops when the last clone is dropped or on [`Engine::shutdown`].
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use crossbeam_channel::{Sender, bounded, unbounded};
+use rustc_hash::FxHashMap;
+use tokio::sync::oneshot;
+
+use crate::account::{Account, CreateAccountResult};
+use crate::checkpoint::{self, CheckpointError};
+use crate::clock::{Clock, SystemClock};
+use crate::ids::{AccountId, ShardId, TransferId, home_shard, route};
+use crate::journal::record::{WalCheckpoint, WalRecord, WalShardState};
+use crate::journal::{self, JournalBatch, JournalError, JournalState, TailRepair, WriterConfig};
+use crate::ledger::{Command, Ledger, ReplayError, StoredTransfer, Totals, resolve_in_flight};
+use crate::limits;
+use crate::money::Currency;
+use crate::reply::{Completion, Gather, Waiter};
+use crate::shard::{Shard, ShardMessage, ShardStats, encode_batch};
+use crate::transfer::{Transfer, TransferResult};
+use crate::views::{Views, ViewsError};
+
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Holds `journal/`, `checkpoints/` and `views/` (sled).
+    pub data_dir: PathBuf,
+    pub shard_count: u16,
+    /// Messages one shard drains into one batch at most.
+    pub batch_len_max: usize,
+    pub segment_len_max: u64,
+    /// Bytes one group commit writes at most.
+    pub group_len_max: usize,
+    /// Whether to run the sled views (the transfer index and account history).
+    pub views: bool,
+    pub clock: Arc<dyn Clock>,
+}
+
+impl EngineConfig {
+    /// Defaults for `data_dir`: one shard per core, views on, the system clock.
+    pub fn new(data_dir: impl Into<PathBuf>) -> EngineConfig {
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        EngineConfig {
+            data_dir: data_dir.into(),
+            shard_count: u16::try_from(cores.clamp(1, limits::SHARD_COUNT_MAX)).unwrap_or(1),
+            batch_len_max: limits::SHARD_BATCH_LEN_MAX,
+            segment_len_max: limits::SEGMENT_LEN_MAX,
+            group_len_max: limits::GROUP_LEN_MAX,
+            views: true,
+            clock: Arc::new(SystemClock),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    #[error(transparent)]
+    Checkpoint(#[from] CheckpointError),
+    #[error(transparent)]
+    Views(#[from] ViewsError),
+    #[error("journal replay failed at position {position}: {source}")]
+    Replay { position: u64, source: ReplayError },
+    #[error("journal record at position {position} is invalid: {reason}")]
+    InvalidRecord { position: u64, reason: String },
+    #[error("double-entry invariant broken for {currency}: {totals:?}")]
+    Unbalanced { currency: Currency, totals: Totals },
+    #[error("configuration error: {0}")]
+    Config(String),
+    #[error("the engine has stopped (journal failure or shutdown)")]
+    Stopped,
+}
+
+/// What recovery found and did, for logs and the load tool.
+#[derive(Debug, Clone, Default)]
+pub struct RecoveryReport {
+    pub checkpoint_loaded: bool,
+    pub records_replayed: u64,
+    pub commands_replayed: u64,
+    pub torn_bytes: u64,
+    pub in_flight_resolved: usize,
+    pub journal_position: u64,
+    pub elapsed_ms: u64,
+}
+
+#[derive(Debug)]
+struct Inner {
+    shards: Vec<Sender<ShardMessage>>,
+    shard_count: u16,
+    journal: Arc<JournalState>,
+    stats: Vec<Arc<ShardStats>>,
+    threads: Mutex<Vec<JoinHandle<()>>>,
+    writer: Mutex<Option<JoinHandle<Result<(), JournalError>>>>,
+    views: Option<Views>,
+    checkpoint_dir: PathBuf,
+    stopped: AtomicBool,
+    recovery: RecoveryReport,
+}
+
+#[derive(Debug, Clone)]
+pub struct Engine {
+    inner: Arc<Inner>,
+}
+
+impl Engine {
+    /// Opens the data directory: loads the latest checkpoint, replays the journal after it,
+    /// finishes transfers caught in flight, verifies that debits equal credits, then starts.
+    pub fn open(config: EngineConfig) -> Result<Engine, EngineError> {
+        let started = std::time::Instant::now();
+        if config.shard_count == 0 || usize::from(config.shard_count) > limits::SHARD_COUNT_MAX {
+            return Err(EngineError::Config(format!("shard count must be 1..={}", limits::SHARD_COUNT_MAX)));
+        }
+        let journal_dir = config.data_dir.join("journal");
+        let checkpoint_dir = config.data_dir.join("checkpoints");
+        let (mut ledgers, mut report, last_now) = recover(&config, &journal_dir, &checkpoint_dir)?;
+        check_balanced(&ledgers)?;
+
+        let state = JournalState::new(report.journal_position);
+        let (journal_tx, journal_rx) =
+            bounded::<JournalBatch<Vec<Completion>>>(limits::JOURNAL_QUEUE_LEN_MAX);
+        let writer = journal::spawn_writer(
+            WriterConfig {
+                dir: journal_dir.clone(),
+                shard_count: config.shard_count,
+                segment_len_max: config.segment_len_max,
+                group_len_max: config.group_len_max,
+            },
+            report.journal_position,
+            journal_rx,
+            state.clone(),
+            |position, completions: Vec<Completion>| {
+                for completion in completions {
+                    completion.run(position);
+                }
+            },
+        )?;
+
+        // Recovery's own decisions are journaled before anything else runs.
+        let logs = resolve_in_flight(&mut ledgers);
+        report.in_flight_resolved = logs.iter().map(Vec::len).sum();
+        let (signal_tx, signal_rx) = bounded(logs.len());
+        let mut waiting = 0;
+        for (shard, log) in logs.iter().enumerate() {
+            if log.is_empty() {
+                continue;
+            }
+            let mut frames = Vec::new();
+            encode_batch(shard_id(shard), last_now[shard], log, &mut frames);
+            journal_tx
+                .send(JournalBatch { frames, completion: vec![Completion::Signal(signal_tx.clone())] })
+                .map_err(|_| EngineError::Stopped)?;
+            waiting += 1;
+        }
+        for _ in 0..waiting {
+            signal_rx.recv().map_err(|_| EngineError::Stopped)?;
+        }
+        check_balanced(&ledgers)?;
+
+        let views = if config.views {
+            Some(Views::open(&config.data_dir.join("views"), &journal_dir, state.clone())?)
+        } else {
+            None
+        };
+
+        let (senders, receivers): (Vec<_>, Vec<_>) =
+            (0..config.shard_count).map(|_| unbounded::<ShardMessage>()).unzip();
+        let mut threads = Vec::new();
+        let mut stats = Vec::new();
+        for (index, (ledger, inbox)) in ledgers.into_iter().zip(receivers).enumerate() {
+            let shard_stats = Arc::new(ShardStats::default());
+            stats.push(shard_stats.clone());
+            let shard = Shard {
+                ledger,
+                inbox,
+                peers: senders.clone(),
+                journal: journal_tx.clone(),
+                clock: config.clock.clone(),
+                batch_len_max: config.batch_len_max,
+                last_now: last_now[index],
+                stats: shard_stats,
+            };
+            let handle = std::thread::Builder::new()
+                .name(format!("qepik-shard-{index}"))
+                .spawn(move || shard.run())
+                .map_err(|error| EngineError::Config(format!("cannot start a shard thread: {error}")))?;
+            threads.push(handle);
+        }
+        drop(journal_tx);
+        report.elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        tracing::info!(?report, "engine open");
+        Ok(Engine {
+            inner: Arc::new(Inner {
+                shards: senders,
+                shard_count: config.shard_count,
+                journal: state,
+                stats,
+                threads: Mutex::new(threads),
+                writer: Mutex::new(Some(writer)),
+                views,
+                checkpoint_dir,
+                stopped: AtomicBool::new(false),
+                recovery: report,
+            }),
+        })
+    }
+
+    pub fn shard_count(&self) -> u16 {
+        self.inner.shard_count
+    }
+
+    pub fn recovery_report(&self) -> &RecoveryReport {
+        &self.inner.recovery
+    }
+
+    pub fn journal(&self) -> &JournalState {
+        &self.inner.journal
+    }
+
+    pub fn views(&self) -> Option<&Views> {
+        self.inner.views.as_ref()
+    }
+
+    /// Messages and batches handled per shard so far: (batches, messages).
+    pub fn shard_stats(&self) -> Vec<(u64, u64)> {
+        self.inner
+            .stats
+            .iter()
+            .map(|s| (s.batches.load(Ordering::Relaxed), s.messages.load(Ordering::Relaxed)))
+            .collect()
+    }
+
+    fn send(&self, shard: ShardId, message: ShardMessage) -> Result<(), EngineError> {
+        if self.inner.journal.failed() {
+            return Err(EngineError::Stopped);
+        }
+        self.inner.shards[usize::from(shard.0)].send(message).map_err(|_| EngineError::Stopped)
+    }
+
+    /// Creates accounts; a spread account is created on every shard. One result per account.
+    pub async fn create_accounts(
+        &self,
+        accounts: Vec<Account>,
+    ) -> Result<Vec<CreateAccountResult>, EngineError> {
+        let n = usize::from(self.inner.shard_count);
+        let mut per_shard: Vec<Vec<(usize, Account)>> = vec![Vec::new(); n];
+        for (index, account) in accounts.iter().enumerate() {
+            if account.id.is_spread() {
+                for shard in per_shard.iter_mut() {
+                    shard.push((index, *account));
+                }
+            } else {
+                per_shard[usize::from(home_shard(account.id, self.inner.shard_count).0)]
+                    .push((index, *account));
+            }
+        }
+        let mut results = vec![CreateAccountResult::Ok; accounts.len()];
+        let mut pending = Vec::new();
+        for (shard, items) in per_shard.into_iter().enumerate() {
+            if items.is_empty() {
+                continue;
+            }
+            let (tx, rx) = oneshot::channel();
+            let indexes: Vec<usize> = items.iter().map(|(i, _)| *i).collect();
+            self.send(
+                shard_id(shard),
+                ShardMessage::CreateAccounts {
+                    accounts: items.into_iter().map(|(_, a)| a).collect(),
+                    reply: tx,
+                },
+            )?;
+            pending.push((indexes, rx));
+        }
+        for (indexes, rx) in pending {
+            let answers = rx.await.map_err(|_| EngineError::Stopped)?;
+            for (index, answer) in indexes.into_iter().zip(answers) {
+                // A spread account answers from every shard; the worst answer wins.
+                if answer != CreateAccountResult::Ok {
+                    results[index] = answer;
+                }
+            }
+        }
+        Ok(results)
+    }
+
+    /// Submits transfers; one result per transfer, each given only once its records are durable.
+    /// A linked chain goes whole to the shard of its first transfer.
+    pub async fn submit(&self, transfers: Vec<Transfer>) -> Result<Vec<TransferResult>, EngineError> {
+        let rx = self.submit_inner(transfers)?;
+        rx.await.map_err(|_| EngineError::Stopped)
+    }
+
+    /// [`Engine::submit`] for callers on plain threads (the load tool, tests).
+    pub fn submit_blocking(&self, transfers: Vec<Transfer>) -> Result<Vec<TransferResult>, EngineError> {
+        let rx = self.submit_inner(transfers)?;
+        rx.blocking_recv().map_err(|_| EngineError::Stopped)
+    }
+
+    fn submit_inner(
+        &self,
+        transfers: Vec<Transfer>,
+    ) -> Result<oneshot::Receiver<Vec<TransferResult>>, EngineError> {
+        let (gather, rx) = Gather::new(transfers.len());
+        let n = self.inner.shard_count;
+        if n == 1 {
+            let waiters = (0..transfers.len())
+                .map(|index| Waiter {
+                    gather: gather.clone(),
+                    index: u32::try_from(index).unwrap_or(u32::MAX),
+                })
+                .collect();
+            self.send(ShardId(0), ShardMessage::Submit { transfers, waiters })?;
+            return Ok(rx);
+        }
+        let mut per_shard: Vec<(Vec<Transfer>, Vec<Waiter>)> =
+            (0..n).map(|_| (Vec::new(), Vec::new())).collect();
+        let mut chain_shard: Option<ShardId> = None;
+        for (index, transfer) in transfers.into_iter().enumerate() {
+            let shard = chain_shard.unwrap_or_else(|| {
+                route(transfer.debit_account_id, transfer.credit_account_id, n).coordinator()
+            });
+            chain_shard = transfer.flags.contains(crate::transfer::TransferFlags::LINKED).then_some(shard);
+            let slot = &mut per_shard[usize::from(shard.0)];
+            slot.0.push(transfer);
+            slot.1.push(Waiter { gather: gather.clone(), index: u32::try_from(index).unwrap_or(u32::MAX) });
+        }
+        for (shard, (transfers, waiters)) in per_shard.into_iter().enumerate() {
+            if !transfers.is_empty() {
+                self.send(shard_id(shard), ShardMessage::Submit { transfers, waiters })?;
+            }
+        }
+        Ok(rx)
+    }
+
+    /// The accounts with these ids (a spread account summed over its shards), as of the last
+    /// durable batch of each shard.
+    pub async fn lookup_accounts(&self, ids: &[AccountId]) -> Result<Vec<Option<Account>>, EngineError> {
+        let n = usize::from(self.inner.shard_count);
+        let mut per_shard: Vec<Vec<(usize, AccountId)>> = vec![Vec::new(); n];
+        for (index, id) in ids.iter().enumerate() {
+            if id.is_spread() {
+                for shard in per_shard.iter_mut() {
+                    shard.push((index, *id));
+                }
+            } else {
+                per_shard[usize::from(home_shard(*id, self.inner.shard_count).0)].push((index, *id));
+            }
+        }
+        let mut found: Vec<Option<Account>> = vec![None; ids.len()];
+        let mut pending = Vec::new();
+        for (shard, items) in per_shard.into_iter().enumerate() {
+            if items.is_empty() {
+                continue;
+            }
+            let (tx, rx) = oneshot::channel();
+            let indexes: Vec<usize> = items.iter().map(|(i, _)| *i).collect();
+            self.send(
+                shard_id(shard),
+                ShardMessage::LookupAccounts {
+                    ids: items.into_iter().map(|(_, id)| id).collect(),
+                    reply: tx,
+                },
+            )?;
+            pending.push((indexes, rx));
+        }
+        for (indexes, rx) in pending {
+            let answers = rx.await.map_err(|_| EngineError::Stopped)?;
+            for (index, answer) in indexes.into_iter().zip(answers) {
+                match (&mut found[index], answer) {
+                    (Some(sum), Some(part)) => sum.absorb(&part),
+                    (slot @ None, Some(part)) => *slot = Some(part),
+                    (_, None) => {}
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// The stored transfers with these ids. Each is looked up on every shard, since a
+    /// transfer's id says nothing of where it lives.
+    pub async fn lookup_transfers(
+        &self,
+        ids: &[TransferId],
+    ) -> Result<Vec<Option<StoredTransfer>>, EngineError> {
+        let mut found: Vec<Option<StoredTransfer>> = vec![None; ids.len()];
+        let mut pending = Vec::new();
+        for shard in 0..self.inner.shard_count {
+            let (tx, rx) = oneshot::channel();
+            self.send(ShardId(shard), ShardMessage::LookupTransfers { ids: ids.to_vec(), reply: tx })?;
+            pending.push(rx);
+        }
+        for rx in pending {
+            let answers = rx.await.map_err(|_| EngineError::Stopped)?;
+            for (slot, answer) in found.iter_mut().zip(answers) {
+                if slot.is_none() {
+                    *slot = answer;
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// Blocking: from async code, call it through `spawn_blocking`.
+    /// Sums of all accounts per currency: the double-entry check. Exact once no cross-shard
+    /// transfer is in flight (during one, the debit is pending while the credit is posted).
+    pub fn totals(&self) -> Result<FxHashMap<Currency, Totals>, EngineError> {
+        let states = self.capture()?;
+        let mut totals: FxHashMap<Currency, Totals> = FxHashMap::default();
+        for (_, state) in &states {
+            let mut ledger = Ledger::new(ShardId(0), 1);
+            state
+                .restore_into(&mut ledger)
+                .map_err(|error| EngineError::InvalidRecord { position: 0, reason: error.to_string() })?;
+            for (currency, part) in ledger.totals() {
+                totals.entry(currency).or_default().merge(&part);
+            }
+        }
+        Ok(totals)
+    }
+
+    fn capture(&self) -> Result<Vec<(ShardId, WalShardState)>, EngineError> {
+        let (tx, rx) = crossbeam_channel::unbounded();
+        for shard in 0..self.inner.shard_count {
+            self.send(ShardId(shard), ShardMessage::Checkpoint { reply: tx.clone() })?;
+        }
+        drop(tx);
+        let mut states = Vec::new();
+        // The shards answer within one batch each; waiting here briefly blocks the caller only.
+        while let Ok(part) = rx.recv() {
+            states.push(part);
+        }
+        if states.len() != usize::from(self.inner.shard_count) {
+            return Err(EngineError::Stopped);
+        }
+        states.sort_by_key(|(shard, _)| *shard);
+        Ok(states)
+    }
+
+    /// Writes a checkpoint of every shard; recovery then replays only the journal after it.
+    /// Blocks for as long as the shards take to copy their state and the file takes to write.
+    pub fn checkpoint(&self) -> Result<PathBuf, EngineError> {
+        let states = self.capture()?;
+        let checkpoint = WalCheckpoint {
+            shard_count: self.inner.shard_count,
+            shards: states.into_iter().map(|(_, state)| state).collect(),
+        };
+        Ok(checkpoint::write(&self.inner.checkpoint_dir, &checkpoint)?)
+    }
+
+    /// Stops the shards, lets the journal writer finish its last group commit, and waits.
+    pub fn shutdown(&self) {
+        if self.inner.stopped.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        for shard in &self.inner.shards {
+            let _stopped_already = shard.send(ShardMessage::Shutdown);
+        }
+        let threads = std::mem::take(&mut *self.inner.threads.lock().unwrap_or_else(|p| p.into_inner()));
+        for thread in threads {
+            let _panicked = thread.join();
+        }
+        if let Some(writer) = self.inner.writer.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            match writer.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(error)) => tracing::error!(%error, "journal writer failed"),
+                Err(_) => tracing::error!("journal writer panicked"),
+            }
+        }
+        if let Some(views) = &self.inner.views {
+            views.stop();
+        }
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if !self.stopped.swap(true, Ordering::AcqRel) {
+            for shard in &self.shards {
+                let _stopped_already = shard.send(ShardMessage::Shutdown);
+            }
+            for thread in std::mem::take(&mut *self.threads.lock().unwrap_or_else(|p| p.into_inner())) {
+                let _panicked = thread.join();
+            }
+            if let Some(writer) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                let _result = writer.join();
+            }
+            if let Some(views) = &self.views {
+                views.stop();
+            }
+        }
+    }
+}
+
+fn shard_id(index: usize) -> ShardId {
+    ShardId(u16::try_from(index).unwrap_or(u16::MAX))
+}
+
+fn check_balanced(ledgers: &[Ledger]) -> Result<(), EngineError> {
+    let mut totals: FxHashMap<Currency, Totals> = FxHashMap::default();
+    for ledger in ledgers {
+        for (currency, part) in ledger.totals() {
+            totals.entry(currency).or_default().merge(&part);
+        }
+    }
+    for (currency, totals) in totals {
+        if !totals.balanced() {
+            return Err(EngineError::Unbalanced { currency, totals });
+        }
+    }
+    Ok(())
+}
+
+/// Loads the checkpoint and replays the journal. Returns the ledgers, the report, and each
+/// shard's last batch time.
+fn recover(
+    config: &EngineConfig,
+    journal_dir: &Path,
+    checkpoint_dir: &Path,
+) -> Result<(Vec<Ledger>, RecoveryReport, Vec<u64>), EngineError> {
+    let n = config.shard_count;
+    let mut report = RecoveryReport::default();
+    let mut ledgers: Vec<Ledger> = (0..n).map(|s| Ledger::new(ShardId(s), n)).collect();
+    let mut positions = vec![0_u64; usize::from(n)];
+    let mut last_now = vec![0_u64; usize::from(n)];
+    if let Some(checkpoint) = checkpoint::load_latest(checkpoint_dir)? {
+        if checkpoint.shard_count != n {
+            return Err(
+                JournalError::ShardCountMismatch { found: checkpoint.shard_count, expected: n }.into()
+            );
+        }
+        for (index, state) in checkpoint.shards.iter().enumerate() {
+            state.restore_into(&mut ledgers[index]).map_err(|error| EngineError::InvalidRecord {
+                position: state.position,
+                reason: error.to_string(),
+            })?;
+            positions[index] = state.position;
+            last_now[index] = state.timestamp;
+        }
+        report.checkpoint_loaded = true;
+    }
+    let from = positions.iter().copied().min().unwrap_or(0);
+    let end = journal::scan::<EngineError>(journal_dir, from, TailRepair::Truncate, |position, record| {
+        match record {
+            WalRecord::Meta { shard_count } => {
+                if shard_count != n {
+                    return Err(JournalError::ShardCountMismatch { found: shard_count, expected: n }.into());
+                }
+            }
+            WalRecord::Batch { shard, timestamp, commands } => {
+                let index = usize::from(shard);
+                if index >= ledgers.len() {
+                    return Err(EngineError::InvalidRecord {
+                        position,
+                        reason: format!("shard {shard} out of range"),
+                    });
+                }
+                if position <= positions[index] {
+                    return Ok(());
+                }
+                let commands =
+                    commands.iter().map(Command::try_from).collect::<Result<Vec<_>, _>>().map_err(
+                        |error| EngineError::InvalidRecord { position, reason: error.to_string() },
+                    )?;
+                ledgers[index]
+                    .replay(&commands, timestamp)
+                    .map_err(|source| EngineError::Replay { position, source })?;
+                last_now[index] = last_now[index].max(timestamp);
+                report.records_replayed += 1;
+                report.commands_replayed += commands.len() as u64;
+            }
+        }
+        Ok(())
+    })?;
+    report.torn_bytes = end.torn_bytes;
+    report.journal_position = end.position;
+    Ok((ledgers, report, last_now))
+}

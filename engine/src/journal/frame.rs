@@ -1,0 +1,107 @@
+//! Framing of journal records: `magic | length | crc32c | version | payload`, little endian.
+//!
+//! The CRC covers the version byte and the payload. The magic lets recovery look past a corrupt
+//! frame for a valid one, which is how a torn tail is told apart from corruption in the middle.
+
+pub const MAGIC: [u8; 4] = *b"QPKJ";
+/// magic (4) + length (4) + crc (4); the length counts the version byte and the payload.
+pub const HEADER_LEN: usize = 12;
+/// No record is larger; a length beyond it is corruption, not a reason to allocate.
+pub const RECORD_LEN_MAX: usize = 64 * 1024 * 1024;
+
+/// Appends one frame holding `payload` to `out`.
+pub fn write_frame(out: &mut Vec<u8>, version: u8, payload: &[u8]) {
+    let len = u32::try_from(payload.len() + 1).unwrap_or(u32::MAX);
+    let mut crc = crc32c::crc32c(&[version]);
+    crc = crc32c::crc32c_append(crc, payload);
+    out.extend_from_slice(&MAGIC);
+    out.extend_from_slice(&len.to_le_bytes());
+    out.extend_from_slice(&crc.to_le_bytes());
+    out.push(version);
+    out.extend_from_slice(payload);
+}
+
+#[derive(Debug, PartialEq, Eq)]
+pub enum FrameRead<'a> {
+    /// A whole frame: its version, payload and total length on disk.
+    Frame { version: u8, payload: &'a [u8], len: usize },
+    /// The bytes end before the frame does.
+    Truncated,
+    /// The frame is there but its magic, length or checksum is wrong.
+    Corrupt(&'static str),
+}
+
+/// Reads the frame at the start of `bytes`.
+pub fn read_frame(bytes: &[u8]) -> FrameRead<'_> {
+    read_frame_max(bytes, RECORD_LEN_MAX)
+}
+
+/// [`read_frame`] for frames larger than a journal record (checkpoints).
+pub fn read_frame_max(bytes: &[u8], len_max: usize) -> FrameRead<'_> {
+    if bytes.len() < HEADER_LEN {
+        return FrameRead::Truncated;
+    }
+    if bytes[0..4] != MAGIC {
+        return FrameRead::Corrupt("bad magic");
+    }
+    let len = u32::from_le_bytes([bytes[4], bytes[5], bytes[6], bytes[7]]) as usize;
+    let crc = u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]);
+    if len == 0 || len > len_max {
+        return FrameRead::Corrupt("bad length");
+    }
+    let Some(body) = bytes.get(HEADER_LEN..HEADER_LEN + len) else {
+        return FrameRead::Truncated;
+    };
+    if crc32c::crc32c(body) != crc {
+        return FrameRead::Corrupt("checksum mismatch");
+    }
+    FrameRead::Frame { version: body[0], payload: &body[1..], len: HEADER_LEN + len }
+}
+
+/// Whether any valid frame starts anywhere in `bytes`: if one does after a bad frame, the bad
+/// frame is corruption in the middle of the log, not a torn tail.
+pub fn any_valid_frame(bytes: &[u8]) -> bool {
+    let mut start = 0;
+    while let Some(offset) = find_magic(&bytes[start..]) {
+        let at = start + offset;
+        if let FrameRead::Frame { .. } = read_frame(&bytes[at..]) {
+            return true;
+        }
+        start = at + 1;
+    }
+    false
+}
+
+fn find_magic(bytes: &[u8]) -> Option<usize> {
+    bytes.windows(MAGIC.len()).position(|window| window == MAGIC)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_roundtrip_and_detect_damage() {
+        let mut out = Vec::new();
+        write_frame(&mut out, 1, b"hello");
+        match read_frame(&out) {
+            FrameRead::Frame { version, payload, len } => {
+                assert_eq!((version, payload, len), (1, &b"hello"[..], out.len()));
+            }
+            other => panic!("{other:?}"),
+        }
+        for cut in 0..out.len() {
+            assert_eq!(read_frame(&out[..cut]), FrameRead::Truncated, "cut at {cut}");
+        }
+        for byte in 0..out.len() {
+            for bit in 0..8 {
+                let mut damaged = out.clone();
+                damaged[byte] ^= 1 << bit;
+                assert!(
+                    !matches!(read_frame(&damaged), FrameRead::Frame { .. }),
+                    "flip {byte}:{bit} went unseen"
+                );
+            }
+        }
+    }
+}

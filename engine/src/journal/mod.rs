@@ -1,0 +1,414 @@
+//! The journal: the write-ahead log every state change goes through before anyone hears of it.
+//!
+//! An append-only sequence of segment files named by the byte position they start at
+//! (`00000000000000000000.wal`, ...). Each holds frames ([`frame`]) of rkyv records ([`record`]):
+//! a [`record::WalRecord::Meta`] first, then shard batches. Positions are global byte offsets.
+//!
+//! One writer thread ([`spawn_writer`]) does group commit: it drains every batch the shards have
+//! queued, writes them with one `write`, makes them durable with one `fdatasync`, and only then
+//! hands back their completions (the replies). A failed `fdatasync` is never retried: the page
+//! cache may have dropped the dirty pages, so a retry could report success for lost data (the
+//! "fsyncgate" lesson). The writer marks the journal failed and stops; the engine stops with it.
+//!
+//! [`scan`] reads records back for recovery, the views and `check`: a torn tail is reported (and
+//! truncated when asked), corruption anywhere else is an error naming the segment and offset.
+
+pub mod frame;
+pub mod record;
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
+
+use crossbeam_channel::Receiver;
+
+use self::frame::FrameRead;
+use self::record::{FORMAT_VERSION, WalRecord};
+
+const SEGMENT_SUFFIX: &str = ".wal";
+
+#[derive(Debug, thiserror::Error)]
+pub enum JournalError {
+    #[error("journal io error on {path}: {source}")]
+    Io { path: PathBuf, source: io::Error },
+    #[error("journal corrupt in segment {segment} at offset {offset}: {reason}")]
+    Corrupt { segment: PathBuf, offset: u64, reason: String },
+    #[error("journal was written with {found} shards but the engine is configured with {expected}")]
+    ShardCountMismatch { found: u16, expected: u16 },
+    #[error(
+        "journal fdatasync failed on {path}: {source}; refusing to continue (no retry after a failed sync)"
+    )]
+    SyncFailed { path: PathBuf, source: io::Error },
+}
+
+fn io_error(path: &Path) -> impl FnOnce(io::Error) -> JournalError + '_ {
+    move |source| JournalError::Io { path: path.to_path_buf(), source }
+}
+
+/// Shared between the writer and readers: how far the journal is durable, and its health.
+#[derive(Debug, Default)]
+pub struct JournalState {
+    durable: AtomicU64,
+    failed: AtomicBool,
+    lock: Mutex<()>,
+    advanced: Condvar,
+    pub syncs: AtomicU64,
+    pub sync_ns_total: AtomicU64,
+    pub bytes_written: AtomicU64,
+    pub batches_written: AtomicU64,
+}
+
+impl JournalState {
+    pub fn new(durable: u64) -> Arc<JournalState> {
+        let state = JournalState::default();
+        state.durable.store(durable, Ordering::Release);
+        Arc::new(state)
+    }
+
+    /// Every byte before this position is durable.
+    pub fn durable(&self) -> u64 {
+        self.durable.load(Ordering::Acquire)
+    }
+
+    pub fn failed(&self) -> bool {
+        self.failed.load(Ordering::Acquire)
+    }
+
+    fn advance(&self, position: u64) {
+        self.durable.store(position, Ordering::Release);
+        let _guard = self.lock.lock();
+        self.advanced.notify_all();
+    }
+
+    fn fail(&self) {
+        self.failed.store(true, Ordering::Release);
+        let _guard = self.lock.lock();
+        self.advanced.notify_all();
+    }
+
+    /// Blocks until the durable position passes `position`, the journal fails, or `timeout`.
+    pub fn wait_past(&self, position: u64, timeout: std::time::Duration) -> u64 {
+        let guard = self.lock.lock().unwrap_or_else(|poison| poison.into_inner());
+        if self.durable() > position || self.failed() {
+            return self.durable();
+        }
+        let _unused = self.advanced.wait_timeout(guard, timeout);
+        self.durable()
+    }
+}
+
+/// What a shard hands the writer: encoded frames, and what to do once they are durable.
+#[derive(Debug)]
+pub struct JournalBatch<T> {
+    pub frames: Vec<u8>,
+    pub completion: T,
+}
+
+#[derive(Debug, Clone)]
+pub struct WriterConfig {
+    pub dir: PathBuf,
+    pub shard_count: u16,
+    /// A segment is closed and a new one started once it reaches this many bytes.
+    pub segment_len_max: u64,
+    /// One group commit writes at most about this many bytes.
+    pub group_len_max: usize,
+}
+
+fn segment_path(dir: &Path, start: u64) -> PathBuf {
+    dir.join(format!("{start:020}{SEGMENT_SUFFIX}"))
+}
+
+/// The journal's segments, oldest first, as (start position, path).
+pub fn segments(dir: &Path) -> Result<Vec<(u64, PathBuf)>, JournalError> {
+    let mut found = Vec::new();
+    let entries = match fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(found),
+        Err(error) => return Err(io_error(dir)(error)),
+    };
+    for entry in entries {
+        let entry = entry.map_err(io_error(dir))?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let Some(stem) = name.strip_suffix(SEGMENT_SUFFIX) else {
+            continue;
+        };
+        if let Ok(start) = stem.parse::<u64>() {
+            found.push((start, entry.path()));
+        }
+    }
+    found.sort();
+    Ok(found)
+}
+
+/// Whether a scan may cut a torn tail off the last segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TailRepair {
+    Truncate,
+    ReportOnly,
+}
+
+/// What a scan found at the end of the journal.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ScanEnd {
+    /// The position after the last valid record: where the next append goes.
+    pub position: u64,
+    /// Bytes of torn tail found after it (and truncated, if asked).
+    pub torn_bytes: u64,
+    /// The shard count the segments were written with, if any segment was read.
+    pub shard_count: Option<u16>,
+}
+
+/// Reads every record at or after `from`, in order, calling `visit(position, record)` where
+/// `position` is the record's end. Stops at the first error `visit` returns.
+pub fn scan<E: From<JournalError>>(
+    dir: &Path,
+    from: u64,
+    repair: TailRepair,
+    mut visit: impl FnMut(u64, WalRecord) -> Result<(), E>,
+) -> Result<ScanEnd, E> {
+    let segments = segments(dir)?;
+    let mut end = ScanEnd { position: from, torn_bytes: 0, shard_count: None };
+    let last = segments.len().saturating_sub(1);
+    for (index, (start, path)) in segments.iter().enumerate() {
+        let next_start = segments.get(index + 1).map(|(s, _)| *s);
+        if next_start.is_some_and(|next| next <= from) {
+            continue;
+        }
+        let bytes = fs::read(path).map_err(io_error(path))?;
+        let mut offset = usize::try_from(from.saturating_sub(*start)).unwrap_or(usize::MAX);
+        // The meta record at the start is read even when `from` is past it.
+        if let FrameRead::Frame { version, payload, .. } = frame::read_frame(&bytes) {
+            if version == FORMAT_VERSION {
+                if let Ok(WalRecord::Meta { shard_count }) = record::decode_record(payload) {
+                    end.shard_count = Some(shard_count);
+                }
+            }
+        }
+        while offset < bytes.len() {
+            let corrupt = |reason: String| JournalError::Corrupt {
+                segment: path.clone(),
+                offset: offset as u64,
+                reason,
+            };
+            match frame::read_frame(&bytes[offset..]) {
+                FrameRead::Frame { version, payload, len } => {
+                    if version != FORMAT_VERSION {
+                        return Err(corrupt(format!("unknown format version {version}")).into());
+                    }
+                    let record = record::decode_record(payload)
+                        .map_err(|error| corrupt(format!("undecodable record: {error}")))?;
+                    offset += len;
+                    let position = start + offset as u64;
+                    end.position = position;
+                    visit(position, record)?;
+                }
+                damage => {
+                    let reason = match damage {
+                        FrameRead::Corrupt(reason) => reason,
+                        _ => "incomplete record",
+                    };
+                    let tail = index == last && !frame::any_valid_frame(&bytes[offset + 1..]);
+                    if !tail {
+                        return Err(corrupt(reason.to_string()).into());
+                    }
+                    end.torn_bytes = (bytes.len() - offset) as u64;
+                    if repair == TailRepair::Truncate {
+                        let file = OpenOptions::new().write(true).open(path).map_err(io_error(path))?;
+                        file.set_len(offset as u64).map_err(io_error(path))?;
+                        file.sync_all().map_err(io_error(path))?;
+                        tracing::warn!(
+                            segment = %path.display(), offset, torn_bytes = end.torn_bytes,
+                            "truncated a torn journal tail"
+                        );
+                    }
+                    break;
+                }
+            }
+        }
+        end.position = end.position.max(start + offset.min(bytes.len()) as u64);
+    }
+    Ok(end)
+}
+
+fn sync_dir(dir: &Path) -> Result<(), JournalError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|source| JournalError::SyncFailed { path: dir.to_path_buf(), source })
+}
+
+struct SegmentFile {
+    file: File,
+    path: PathBuf,
+    start: u64,
+    len: u64,
+}
+
+impl SegmentFile {
+    /// Opens the segment that `position` falls in for appending, or starts a new one there.
+    fn open(config: &WriterConfig, position: u64) -> Result<SegmentFile, JournalError> {
+        fs::create_dir_all(&config.dir).map_err(io_error(&config.dir))?;
+        let existing = segments(&config.dir)?.into_iter().rev().find(|(start, _)| *start <= position);
+        if let Some((start, path)) = existing {
+            let file = OpenOptions::new().append(true).open(&path).map_err(io_error(&path))?;
+            let len = file.metadata().map_err(io_error(&path))?.len();
+            if start + len == position && len > 0 {
+                return Ok(SegmentFile { file, path, start, len });
+            }
+        }
+        SegmentFile::create(config, position)
+    }
+
+    fn create(config: &WriterConfig, start: u64) -> Result<SegmentFile, JournalError> {
+        let path = segment_path(&config.dir, start);
+        let mut file = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .write(true)
+            .open(&path)
+            .map_err(io_error(&path))?;
+        let meta = record::encode(&WalRecord::Meta { shard_count: config.shard_count }).map_err(|error| {
+            JournalError::Io { path: path.clone(), source: io::Error::other(error.to_string()) }
+        })?;
+        let mut frame_bytes = Vec::new();
+        frame::write_frame(&mut frame_bytes, FORMAT_VERSION, &meta);
+        file.write_all(&frame_bytes).map_err(io_error(&path))?;
+        file.sync_data().map_err(|source| JournalError::SyncFailed { path: path.clone(), source })?;
+        sync_dir(&config.dir)?;
+        Ok(SegmentFile { file, path, start, len: frame_bytes.len() as u64 })
+    }
+
+    fn end(&self) -> u64 {
+        self.start + self.len
+    }
+}
+
+/// Starts the group-commit writer at `position` (the end found by recovery's scan). It runs
+/// until every sender of `batches` is gone, then returns; `on_durable` gets each batch's
+/// completion, with the position after it, once its frames are durable.
+pub fn spawn_writer<T: Send + 'static>(
+    config: WriterConfig,
+    position: u64,
+    batches: Receiver<JournalBatch<T>>,
+    state: Arc<JournalState>,
+    mut on_durable: impl FnMut(u64, T) + Send + 'static,
+) -> Result<std::thread::JoinHandle<Result<(), JournalError>>, JournalError> {
+    let mut segment = SegmentFile::open(&config, position)?;
+    state.advance(segment.end());
+    std::thread::Builder::new()
+        .name("qepik-journal".into())
+        .spawn(move || {
+            let mut buffer: Vec<u8> = Vec::with_capacity(config.group_len_max * 2);
+            let mut completions: Vec<(u64, T)> = Vec::new();
+            while let Ok(first) = batches.recv() {
+                buffer.clear();
+                let mut push = |batch: JournalBatch<T>, buffer: &mut Vec<u8>| {
+                    buffer.extend_from_slice(&batch.frames);
+                    completions.push((segment.end() + buffer.len() as u64, batch.completion));
+                };
+                push(first, &mut buffer);
+                while buffer.len() < config.group_len_max {
+                    match batches.try_recv() {
+                        Ok(batch) => push(batch, &mut buffer),
+                        Err(_) => break,
+                    }
+                }
+                if let Err(error) = write_group(&mut segment, &buffer, &state) {
+                    tracing::error!(%error, "journal write failed; the engine stops");
+                    state.fail();
+                    return Err(error);
+                }
+                state.advance(segment.end());
+                for (position, completion) in completions.drain(..) {
+                    on_durable(position, completion);
+                }
+                if segment.len >= config.segment_len_max {
+                    segment = SegmentFile::create(&config, segment.end()).inspect_err(|_| state.fail())?;
+                }
+            }
+            Ok(())
+        })
+        .map_err(io_error(&PathBuf::from("qepik-journal thread")))
+}
+
+fn write_group(segment: &mut SegmentFile, buffer: &[u8], state: &JournalState) -> Result<(), JournalError> {
+    if !buffer.is_empty() {
+        segment.file.write_all(buffer).map_err(io_error(&segment.path))?;
+        let started = Instant::now();
+        segment
+            .file
+            .sync_data()
+            .map_err(|source| JournalError::SyncFailed { path: segment.path.clone(), source })?;
+        let elapsed = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
+        state.sync_ns_total.fetch_add(elapsed, Ordering::Relaxed);
+        state.syncs.fetch_add(1, Ordering::Relaxed);
+        state.bytes_written.fetch_add(buffer.len() as u64, Ordering::Relaxed);
+        segment.len += buffer.len() as u64;
+    }
+    state.batches_written.fetch_add(1, Ordering::Relaxed);
+    Ok(())
+}
+
+/// Reads the whole records between positions `from` (a record boundary) and `to` (at most the
+/// durable end), without reading whole segments: how the views tail the journal. A record cut
+/// by `to` is left for the next call. Returns each record with the position after it, and the
+/// position reached (after the last whole record, or a segment's opening meta record).
+pub fn read_range(dir: &Path, from: u64, to: u64) -> Result<(Vec<(u64, WalRecord)>, u64), JournalError> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut records = Vec::new();
+    let mut position = from;
+    if from >= to {
+        return Ok((records, position));
+    }
+    let all = segments(dir)?;
+    for (index, (start, path)) in all.iter().enumerate() {
+        let segment_end = all.get(index + 1).map_or(u64::MAX, |(next, _)| *next);
+        if segment_end <= position || *start >= to {
+            continue;
+        }
+        let mut file = File::open(path).map_err(io_error(path))?;
+        let mut offset_in_file = position.max(*start) - start;
+        if offset_in_file == 0 {
+            let mut header = [0_u8; frame::HEADER_LEN];
+            file.read_exact(&mut header).map_err(io_error(path))?;
+            let len = u64::from(u32::from_le_bytes([header[4], header[5], header[6], header[7]]));
+            offset_in_file = frame::HEADER_LEN as u64 + len;
+            if start + offset_in_file > to {
+                break;
+            }
+            position = start + offset_in_file;
+        }
+        let read_to = to.min(segment_end);
+        let want = (read_to - start).saturating_sub(offset_in_file);
+        file.seek(SeekFrom::Start(offset_in_file)).map_err(io_error(path))?;
+        let mut bytes = vec![0_u8; usize::try_from(want).unwrap_or(0)];
+        file.read_exact(&mut bytes).map_err(io_error(path))?;
+        let mut offset = 0;
+        while offset < bytes.len() {
+            let corrupt = |reason: String| JournalError::Corrupt {
+                segment: path.clone(),
+                offset: offset_in_file + offset as u64,
+                reason,
+            };
+            match frame::read_frame(&bytes[offset..]) {
+                FrameRead::Frame { payload, len, .. } => {
+                    let record = record::decode_record(payload)
+                        .map_err(|error| corrupt(format!("undecodable record: {error}")))?;
+                    offset += len;
+                    position = start + offset_in_file + offset as u64;
+                    records.push((position, record));
+                }
+                FrameRead::Truncated if read_to < segment_end => return Ok((records, position)),
+                FrameRead::Truncated => return Err(corrupt("incomplete record inside the journal".into())),
+                FrameRead::Corrupt(reason) => return Err(corrupt(reason.into())),
+            }
+        }
+        if read_to >= to {
+            break;
+        }
+    }
+    Ok((records, position))
+}

@@ -1,0 +1,860 @@
+//! The ledger of one shard: accounts, transfers and holds, with no IO, no clock and no threads.
+//!
+//! [`Ledger`] is a deterministic state machine. The shard thread feeds it batches together with
+//! the batch's time; every state change it makes is also emitted as a [`Command`] into a log that
+//! the journal makes durable, and [`Ledger::replay`] applies those commands again at recovery to
+//! reach the same state. Start reading at [`Ledger::submit`].
+//!
+//! Cross-shard transfers take three steps, each a command journaled by the shard that owns the
+//! account it touches: [`Command::Reserve`] on the debit shard (a pending debit),
+//! [`Command::Credit`] on the credit shard (the credit posted, or refused), then
+//! [`Command::Finalize`] on the debit shard (pending debit posted or released) and
+//! [`Command::Forget`] on the credit shard. Recovery finishes any transfer caught between steps
+//! with [`resolve_in_flight`].
+
+use std::collections::BTreeSet;
+
+use rustc_hash::FxHashMap;
+
+use crate::account::{Account, AccountFlags, CreateAccountResult};
+use crate::ids::{AccountId, Route, ShardId, TransferId, route};
+use crate::money::Currency;
+use crate::transfer::{Transfer, TransferFlags, TransferResult};
+
+const NS_PER_S: u64 = 1_000_000_000;
+
+/// Where a stored transfer stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(u8)]
+pub enum TransferState {
+    /// Applied at once (a plain transfer, or the posting or voiding transfer of a hold).
+    Posted = 0,
+    /// A hold, still open.
+    Pending = 1,
+    PendingPosted = 2,
+    PendingVoided = 3,
+    PendingExpired = 4,
+    /// A cross-shard transfer reserved on its debit shard, waiting for its credit step.
+    Reserved = 5,
+}
+
+impl TransferState {
+    pub fn from_u8(value: u8) -> Option<TransferState> {
+        Some(match value {
+            0 => TransferState::Posted,
+            1 => TransferState::Pending,
+            2 => TransferState::PendingPosted,
+            3 => TransferState::PendingVoided,
+            4 => TransferState::PendingExpired,
+            5 => TransferState::Reserved,
+            _ => return None,
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoredTransfer {
+    pub transfer: Transfer,
+    /// Nanoseconds since the Unix epoch of the batch that applied it.
+    pub timestamp: u64,
+    pub state: TransferState,
+    /// For holds with a timeout: when the hold voids itself (ns); 0 otherwise.
+    pub expires_at: u64,
+}
+
+/// A state change of one shard, as journaled. Replaying a shard's commands in order from an
+/// empty (or checkpointed) ledger rebuilds its state exactly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Command {
+    CreateAccount(Account),
+    /// A transfer applied within this shard (plain, pending, post or void; linked chains appear
+    /// as consecutive commands, all of which succeeded).
+    Transfer(Transfer),
+    /// The debit step of a cross-shard transfer.
+    Reserve(Transfer),
+    /// The credit step of a cross-shard transfer; its outcome is recomputed on replay.
+    Credit(Transfer),
+    /// The end of a cross-shard transfer on its debit shard: `Ok` posts, any other code voids.
+    Finalize {
+        id: TransferId,
+        result: TransferResult,
+    },
+    /// The credit shard drops its record of a finished cross-shard transfer.
+    Forget(TransferId),
+    /// A hold reached its timeout.
+    Expire(TransferId),
+}
+
+/// What became of one submitted transfer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Done(TransferResult),
+    /// Reserved here; the credit step runs on `credit_shard`, and the answer comes from there.
+    Forward {
+        credit_shard: ShardId,
+    },
+    /// A duplicate of a cross-shard transfer still in flight: answer when it finishes.
+    Wait,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReplayError {
+    #[error("replayed {what} {id} did not apply as journaled: {result}")]
+    Diverged { what: &'static str, id: String, result: String },
+}
+
+/// Per-currency sums over accounts: the double-entry check compares them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Totals {
+    pub debits_posted: u128,
+    pub credits_posted: u128,
+    pub debits_pending: u128,
+    pub credits_pending: u128,
+}
+
+impl Totals {
+    pub fn add(&mut self, account: &Account) {
+        self.debits_posted += u128::from(account.debits_posted);
+        self.credits_posted += u128::from(account.credits_posted);
+        self.debits_pending += u128::from(account.debits_pending);
+        self.credits_pending += u128::from(account.credits_pending);
+    }
+    pub fn merge(&mut self, other: &Totals) {
+        self.debits_posted += other.debits_posted;
+        self.credits_posted += other.credits_posted;
+        self.debits_pending += other.debits_pending;
+        self.credits_pending += other.credits_pending;
+    }
+    pub fn balanced(&self) -> bool {
+        self.debits_posted == self.credits_posted && self.debits_pending == self.credits_pending
+    }
+}
+
+/// Undo records of a linked chain, so that a failing member rolls back the members before it.
+enum Undo {
+    Account(Account),
+    Transfer(TransferId, Option<StoredTransfer>),
+    ExpiryAdded(u64, TransferId),
+}
+
+#[derive(Debug)]
+pub struct Ledger {
+    shard: ShardId,
+    shard_count: u16,
+    accounts: FxHashMap<AccountId, Account>,
+    transfers: FxHashMap<TransferId, StoredTransfer>,
+    expiries: BTreeSet<(u64, TransferId)>,
+    /// Credit steps of cross-shard transfers this shard applied (or refused), until forgotten.
+    credits: FxHashMap<TransferId, TransferResult>,
+}
+
+impl Ledger {
+    pub fn new(shard: ShardId, shard_count: u16) -> Ledger {
+        Ledger {
+            shard,
+            shard_count,
+            accounts: FxHashMap::default(),
+            transfers: FxHashMap::default(),
+            expiries: BTreeSet::new(),
+            credits: FxHashMap::default(),
+        }
+    }
+
+    pub fn with_capacity(shard: ShardId, shard_count: u16, accounts: usize, transfers: usize) -> Self {
+        let mut ledger = Ledger::new(shard, shard_count);
+        ledger.accounts.reserve(accounts);
+        ledger.transfers.reserve(transfers);
+        ledger
+    }
+
+    pub fn shard(&self) -> ShardId {
+        self.shard
+    }
+
+    pub fn shard_count(&self) -> u16 {
+        self.shard_count
+    }
+
+    pub fn account(&self, id: AccountId) -> Option<&Account> {
+        self.accounts.get(&id)
+    }
+
+    pub fn accounts(&self) -> impl Iterator<Item = &Account> {
+        self.accounts.values()
+    }
+
+    pub fn account_count(&self) -> usize {
+        self.accounts.len()
+    }
+
+    pub fn transfer(&self, id: TransferId) -> Option<&StoredTransfer> {
+        self.transfers.get(&id)
+    }
+
+    pub fn transfers(&self) -> impl Iterator<Item = &StoredTransfer> {
+        self.transfers.values()
+    }
+
+    pub fn transfer_count(&self) -> usize {
+        self.transfers.len()
+    }
+
+    pub fn credit_steps(&self) -> impl Iterator<Item = (&TransferId, &TransferResult)> {
+        self.credits.iter()
+    }
+
+    pub fn totals(&self) -> FxHashMap<Currency, Totals> {
+        let mut totals: FxHashMap<Currency, Totals> = FxHashMap::default();
+        for account in self.accounts.values() {
+            totals.entry(account.currency).or_default().add(account);
+        }
+        totals
+    }
+
+    /// Restores state from a checkpoint. The caller hands over whole tables.
+    pub fn restore(
+        &mut self,
+        accounts: Vec<Account>,
+        transfers: Vec<StoredTransfer>,
+        credits: Vec<(TransferId, TransferResult)>,
+    ) {
+        self.accounts = accounts.into_iter().map(|a| (a.id, a)).collect();
+        self.expiries = transfers
+            .iter()
+            .filter(|t| t.state == TransferState::Pending && t.expires_at != 0)
+            .map(|t| (t.expires_at, t.transfer.id))
+            .collect();
+        self.transfers = transfers.into_iter().map(|t| (t.transfer.id, t)).collect();
+        self.credits = credits.into_iter().collect();
+    }
+
+    pub fn create_account(
+        &mut self,
+        mut account: Account,
+        now: u64,
+        log: &mut Vec<Command>,
+    ) -> CreateAccountResult {
+        if account.id.is_zero() {
+            return CreateAccountResult::IdMustNotBeZero;
+        }
+        if !account.flags.is_known() {
+            return CreateAccountResult::UnknownFlags;
+        }
+        if account.flags.contains(
+            AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS.union(AccountFlags::CREDITS_MUST_NOT_EXCEED_DEBITS),
+        ) {
+            return CreateAccountResult::FlagsAreMutuallyExclusive;
+        }
+        if account.id.is_spread()
+            && (account.flags.contains(AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS)
+                || account.flags.contains(AccountFlags::CREDITS_MUST_NOT_EXCEED_DEBITS))
+        {
+            return CreateAccountResult::SpreadAccountCannotLimitBalance;
+        }
+        if let Some(existing) = self.accounts.get(&account.id) {
+            let same = existing.currency == account.currency
+                && existing.kind == account.kind
+                && existing.flags == account.flags;
+            return if same {
+                CreateAccountResult::Exists
+            } else {
+                CreateAccountResult::ExistsWithDifferentFields
+            };
+        }
+        account.debits_pending = 0;
+        account.debits_posted = 0;
+        account.credits_pending = 0;
+        account.credits_posted = 0;
+        account.timestamp = now;
+        self.accounts.insert(account.id, account);
+        log.push(Command::CreateAccount(account));
+        CreateAccountResult::Ok
+    }
+
+    /// Applies a batch of transfers submitted to this shard, in order. One outcome per transfer
+    /// is appended to `outcomes`; every change is appended to `log`.
+    pub fn submit(
+        &mut self,
+        batch: &[Transfer],
+        now: u64,
+        outcomes: &mut Vec<Outcome>,
+        log: &mut Vec<Command>,
+    ) {
+        let mut index = 0;
+        while index < batch.len() {
+            let transfer = &batch[index];
+            if !transfer.flags.contains(TransferFlags::LINKED) {
+                outcomes.push(self.submit_one(transfer, now, log));
+                index += 1;
+                continue;
+            }
+            let chain_end = batch[index..]
+                .iter()
+                .position(|t| !t.flags.contains(TransferFlags::LINKED))
+                .map(|offset| index + offset);
+            match chain_end {
+                None => {
+                    let open = batch.len() - index;
+                    outcomes.extend(
+                        std::iter::repeat_n(TransferResult::LinkedEventChainOpen, open).map(Outcome::Done),
+                    );
+                    index = batch.len();
+                }
+                Some(end) => {
+                    self.submit_chain(&batch[index..=end], now, outcomes, log);
+                    index = end + 1;
+                }
+            }
+        }
+    }
+
+    fn submit_one(&mut self, transfer: &Transfer, now: u64, log: &mut Vec<Command>) -> Outcome {
+        if let Err(result) = validate(transfer) {
+            return Outcome::Done(result);
+        }
+        if let Some(existing) = self.transfers.get(&transfer.id) {
+            return match (existing.transfer == *transfer, existing.state) {
+                (true, TransferState::Reserved) => Outcome::Wait,
+                (true, _) => Outcome::Done(TransferResult::Ok),
+                (false, _) => Outcome::Done(TransferResult::ExistsWithDifferentBody),
+            };
+        }
+        match route(transfer.debit_account_id, transfer.credit_account_id, self.shard_count) {
+            Route::Local(_) => {
+                let result = self.apply_local(transfer, now, None);
+                if result.is_ok() {
+                    log.push(Command::Transfer(*transfer));
+                }
+                Outcome::Done(result)
+            }
+            Route::Cross { credit, .. } => {
+                if !transfer.flags.is_plain() {
+                    return Outcome::Done(TransferResult::CrossShardMustBePlain);
+                }
+                let result = self.reserve(transfer, now);
+                if result.is_ok() {
+                    log.push(Command::Reserve(*transfer));
+                    Outcome::Forward { credit_shard: credit }
+                } else {
+                    Outcome::Done(result)
+                }
+            }
+        }
+    }
+
+    fn submit_chain(
+        &mut self,
+        chain: &[Transfer],
+        now: u64,
+        outcomes: &mut Vec<Outcome>,
+        log: &mut Vec<Command>,
+    ) {
+        let mut undo = Vec::new();
+        let mut failed: Option<(usize, TransferResult)> = None;
+        let mut applied = Vec::with_capacity(chain.len());
+        for (position, transfer) in chain.iter().enumerate() {
+            let result = self.chain_member(transfer, now, &mut undo, &mut applied);
+            if !result.is_ok() {
+                failed = Some((position, result));
+                break;
+            }
+        }
+        match failed {
+            None => {
+                log.extend(applied.into_iter().map(Command::Transfer));
+                outcomes.extend(chain.iter().map(|_| Outcome::Done(TransferResult::Ok)));
+            }
+            Some((failed_at, result)) => {
+                self.rollback(undo);
+                outcomes.extend((0..chain.len()).map(|position| {
+                    Outcome::Done(if position == failed_at {
+                        result
+                    } else {
+                        TransferResult::LinkedEventFailed
+                    })
+                }));
+            }
+        }
+    }
+
+    fn chain_member(
+        &mut self,
+        transfer: &Transfer,
+        now: u64,
+        undo: &mut Vec<Undo>,
+        applied: &mut Vec<Transfer>,
+    ) -> TransferResult {
+        if let Err(result) = validate(transfer) {
+            return result;
+        }
+        if let Some(existing) = self.transfers.get(&transfer.id) {
+            return if existing.transfer == *transfer && existing.state != TransferState::Reserved {
+                TransferResult::Ok
+            } else {
+                TransferResult::ExistsWithDifferentBody
+            };
+        }
+        if let Route::Cross { .. } =
+            route(transfer.debit_account_id, transfer.credit_account_id, self.shard_count)
+        {
+            return TransferResult::CrossShardMustBePlain;
+        }
+        let result = self.apply_local(transfer, now, Some(undo));
+        if result.is_ok() {
+            applied.push(*transfer);
+        }
+        result
+    }
+
+    fn rollback(&mut self, undo: Vec<Undo>) {
+        for step in undo.into_iter().rev() {
+            match step {
+                Undo::Account(account) => {
+                    self.accounts.insert(account.id, account);
+                }
+                Undo::Transfer(id, Some(previous)) => {
+                    self.transfers.insert(id, previous);
+                }
+                Undo::Transfer(id, None) => {
+                    self.transfers.remove(&id);
+                }
+                Undo::ExpiryAdded(at, id) => {
+                    self.expiries.remove(&(at, id));
+                }
+            }
+        }
+    }
+
+    /// A transfer whose accounts both live here. Checks everything, then changes state; on any
+    /// refusal nothing changed.
+    fn apply_local(&mut self, transfer: &Transfer, now: u64, undo: Option<&mut Vec<Undo>>) -> TransferResult {
+        if transfer.flags.contains(TransferFlags::POST_PENDING)
+            || transfer.flags.contains(TransferFlags::VOID_PENDING)
+        {
+            return self.resolve_pending(transfer, now, undo);
+        }
+        let Some(debit) = self.accounts.get(&transfer.debit_account_id) else {
+            return TransferResult::DebitAccountNotFound;
+        };
+        let Some(credit) = self.accounts.get(&transfer.credit_account_id) else {
+            return TransferResult::CreditAccountNotFound;
+        };
+        if debit.currency != transfer.currency || credit.currency != transfer.currency {
+            return TransferResult::CurrencyMismatch;
+        }
+        let pending = transfer.flags.contains(TransferFlags::PENDING);
+        let (mut debit, mut credit) = (*debit, *credit);
+        if let Err(result) = check_debit(&debit, transfer.amount, pending) {
+            return result;
+        }
+        if let Err(result) = check_credit(&credit, transfer.amount, pending) {
+            return result;
+        }
+        let expires_at = if pending && transfer.timeout_s != 0 {
+            match u64::from(transfer.timeout_s).checked_mul(NS_PER_S).and_then(|ns| ns.checked_add(now)) {
+                Some(at) => at,
+                None => return TransferResult::OverflowsTimeout,
+            }
+        } else {
+            0
+        };
+        if let Some(undo) = undo {
+            undo.push(Undo::Account(debit));
+            undo.push(Undo::Account(credit));
+            undo.push(Undo::Transfer(transfer.id, None));
+            if expires_at != 0 {
+                undo.push(Undo::ExpiryAdded(expires_at, transfer.id));
+            }
+        }
+        if pending {
+            debit.debits_pending += transfer.amount;
+            credit.credits_pending += transfer.amount;
+        } else {
+            debit.debits_posted += transfer.amount;
+            credit.credits_posted += transfer.amount;
+        }
+        self.accounts.insert(debit.id, debit);
+        self.accounts.insert(credit.id, credit);
+        let state = if pending { TransferState::Pending } else { TransferState::Posted };
+        if expires_at != 0 {
+            self.expiries.insert((expires_at, transfer.id));
+        }
+        self.transfers
+            .insert(transfer.id, StoredTransfer { transfer: *transfer, timestamp: now, state, expires_at });
+        TransferResult::Ok
+    }
+
+    fn resolve_pending(
+        &mut self,
+        transfer: &Transfer,
+        now: u64,
+        undo: Option<&mut Vec<Undo>>,
+    ) -> TransferResult {
+        let Some(hold) = self.transfers.get(&transfer.pending_id).copied() else {
+            return TransferResult::PendingTransferNotFound;
+        };
+        let held = hold.transfer;
+        if !held.flags.contains(TransferFlags::PENDING) {
+            return TransferResult::PendingTransferNotPending;
+        }
+        if held.debit_account_id != transfer.debit_account_id
+            || held.credit_account_id != transfer.credit_account_id
+        {
+            return TransferResult::PendingTransferHasDifferentAccounts;
+        }
+        if held.currency != transfer.currency {
+            return TransferResult::PendingTransferHasDifferentCurrency;
+        }
+        match hold.state {
+            TransferState::Pending => {}
+            TransferState::PendingPosted => return TransferResult::PendingTransferAlreadyPosted,
+            TransferState::PendingVoided => return TransferResult::PendingTransferAlreadyVoided,
+            TransferState::PendingExpired => return TransferResult::PendingTransferExpired,
+            TransferState::Posted | TransferState::Reserved => {
+                return TransferResult::PendingTransferNotPending;
+            }
+        }
+        if hold.expires_at != 0 && now >= hold.expires_at {
+            return TransferResult::PendingTransferExpired;
+        }
+        let post = transfer.flags.contains(TransferFlags::POST_PENDING);
+        let amount = if post && transfer.amount != 0 { transfer.amount } else { held.amount };
+        if amount > held.amount {
+            return TransferResult::ExceedsPendingTransferAmount;
+        }
+        let (Some(debit), Some(credit)) = (
+            self.accounts.get(&held.debit_account_id).copied(),
+            self.accounts.get(&held.credit_account_id).copied(),
+        ) else {
+            return TransferResult::DebitAccountNotFound;
+        };
+        let (mut new_debit, mut new_credit) = (debit, credit);
+        new_debit.debits_pending -= held.amount;
+        new_credit.credits_pending -= held.amount;
+        if post {
+            let Some(debits) = new_debit.debits_posted.checked_add(amount) else {
+                return TransferResult::OverflowsDebits;
+            };
+            let Some(credits) = new_credit.credits_posted.checked_add(amount) else {
+                return TransferResult::OverflowsCredits;
+            };
+            new_debit.debits_posted = debits;
+            new_credit.credits_posted = credits;
+        }
+        if let Some(undo) = undo {
+            undo.push(Undo::Account(debit));
+            undo.push(Undo::Account(credit));
+            undo.push(Undo::Transfer(held.id, Some(hold)));
+            undo.push(Undo::Transfer(transfer.id, None));
+        }
+        self.accounts.insert(new_debit.id, new_debit);
+        self.accounts.insert(new_credit.id, new_credit);
+        if hold.expires_at != 0 {
+            self.expiries.remove(&(hold.expires_at, held.id));
+        }
+        let resolved = StoredTransfer {
+            state: if post { TransferState::PendingPosted } else { TransferState::PendingVoided },
+            ..hold
+        };
+        self.transfers.insert(held.id, resolved);
+        self.transfers.insert(
+            transfer.id,
+            StoredTransfer {
+                transfer: *transfer,
+                timestamp: now,
+                state: TransferState::Posted,
+                expires_at: 0,
+            },
+        );
+        TransferResult::Ok
+    }
+
+    /// The debit step of a cross-shard transfer: the amount becomes a pending debit.
+    fn reserve(&mut self, transfer: &Transfer, now: u64) -> TransferResult {
+        let Some(debit) = self.accounts.get_mut(&transfer.debit_account_id) else {
+            return TransferResult::DebitAccountNotFound;
+        };
+        if debit.currency != transfer.currency {
+            return TransferResult::CurrencyMismatch;
+        }
+        if let Err(result) = check_debit(debit, transfer.amount, true) {
+            return result;
+        }
+        debit.debits_pending += transfer.amount;
+        self.transfers.insert(
+            transfer.id,
+            StoredTransfer {
+                transfer: *transfer,
+                timestamp: now,
+                state: TransferState::Reserved,
+                expires_at: 0,
+            },
+        );
+        TransferResult::Ok
+    }
+
+    /// The credit step of a cross-shard transfer, run on the credit account's shard. Idempotent:
+    /// a repeated step returns the first answer.
+    pub fn credit(&mut self, transfer: &Transfer, log: &mut Vec<Command>) -> TransferResult {
+        if let Some(result) = self.credits.get(&transfer.id) {
+            return *result;
+        }
+        let result = self.apply_credit(transfer);
+        self.credits.insert(transfer.id, result);
+        log.push(Command::Credit(*transfer));
+        result
+    }
+
+    fn apply_credit(&mut self, transfer: &Transfer) -> TransferResult {
+        let Some(credit) = self.accounts.get_mut(&transfer.credit_account_id) else {
+            return TransferResult::CreditAccountNotFound;
+        };
+        if credit.currency != transfer.currency {
+            return TransferResult::CurrencyMismatch;
+        }
+        if let Err(result) = check_credit(credit, transfer.amount, false) {
+            return result;
+        }
+        credit.credits_posted += transfer.amount;
+        TransferResult::Ok
+    }
+
+    /// Ends a cross-shard transfer on its debit shard. Returns `false` if it was not in flight
+    /// (a repeated finalize changes nothing).
+    pub fn finalize(&mut self, id: TransferId, result: TransferResult, log: &mut Vec<Command>) -> bool {
+        let Some(stored) = self.transfers.get(&id).copied() else {
+            return false;
+        };
+        if stored.state != TransferState::Reserved {
+            return false;
+        }
+        let amount = stored.transfer.amount;
+        let Some(debit) = self.accounts.get_mut(&stored.transfer.debit_account_id) else {
+            return false;
+        };
+        debit.debits_pending -= amount;
+        if result.is_ok() {
+            debit.debits_posted += amount;
+            self.transfers.insert(id, StoredTransfer { state: TransferState::Posted, ..stored });
+        } else {
+            // Refused transfers are not stored: the id is free for a retry, as with any refusal.
+            self.transfers.remove(&id);
+        }
+        log.push(Command::Finalize { id, result });
+        true
+    }
+
+    pub fn forget(&mut self, id: TransferId, log: &mut Vec<Command>) {
+        if self.credits.remove(&id).is_some() {
+            log.push(Command::Forget(id));
+        }
+    }
+
+    /// Voids every hold whose timeout has passed at `now`. Returns how many expired.
+    pub fn expire(&mut self, now: u64, log: &mut Vec<Command>) -> usize {
+        let mut count = 0;
+        while let Some(&(at, id)) = self.expiries.first() {
+            if at > now {
+                break;
+            }
+            self.expiries.pop_first();
+            if self.expire_one(id) {
+                log.push(Command::Expire(id));
+                count += 1;
+            }
+        }
+        count
+    }
+
+    /// The earliest time a hold expires, for the shard's idle timer.
+    pub fn next_expiry(&self) -> Option<u64> {
+        self.expiries.first().map(|(at, _)| *at)
+    }
+
+    fn expire_one(&mut self, id: TransferId) -> bool {
+        let Some(stored) = self.transfers.get_mut(&id) else {
+            return false;
+        };
+        if stored.state != TransferState::Pending {
+            return false;
+        }
+        stored.state = TransferState::PendingExpired;
+        let held = stored.transfer;
+        if let Some(debit) = self.accounts.get_mut(&held.debit_account_id) {
+            debit.debits_pending -= held.amount;
+        }
+        if let Some(credit) = self.accounts.get_mut(&held.credit_account_id) {
+            credit.credits_pending -= held.amount;
+        }
+        self.expiries.remove(&(stored.expires_at, id));
+        true
+    }
+
+    /// Applies journaled commands again, at recovery. Each must have the effect it had the first
+    /// time; anything else means the journal and the code disagree, and recovery stops.
+    pub fn replay(&mut self, commands: &[Command], now: u64) -> Result<(), ReplayError> {
+        let mut sink = Vec::new();
+        for command in commands {
+            sink.clear();
+            match command {
+                Command::CreateAccount(account) => {
+                    let result = self.create_account(*account, account.timestamp, &mut sink);
+                    if result != CreateAccountResult::Ok {
+                        return Err(diverged("account", account.id, format!("{result:?}")));
+                    }
+                }
+                Command::Transfer(transfer) => {
+                    let result = self.apply_local(transfer, now, None);
+                    if !result.is_ok() {
+                        return Err(diverged("transfer", transfer.id, result));
+                    }
+                }
+                Command::Reserve(transfer) => {
+                    let result = self.reserve(transfer, now);
+                    if !result.is_ok() {
+                        return Err(diverged("reserve", transfer.id, result));
+                    }
+                }
+                Command::Credit(transfer) => {
+                    let result = self.apply_credit(transfer);
+                    self.credits.insert(transfer.id, result);
+                }
+                Command::Finalize { id, result } => {
+                    if !self.finalize(*id, *result, &mut sink) {
+                        return Err(diverged("finalize", *id, result));
+                    }
+                }
+                Command::Forget(id) => {
+                    self.credits.remove(id);
+                }
+                Command::Expire(id) => {
+                    if !self.expire_one(*id) {
+                        return Err(diverged("expire", *id, "not pending"));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+fn diverged(what: &'static str, id: impl std::fmt::Display, result: impl std::fmt::Display) -> ReplayError {
+    ReplayError::Diverged { what, id: id.to_string(), result: result.to_string() }
+}
+
+/// The checks that need no state, in the order of [`TransferResult`].
+fn validate(transfer: &Transfer) -> Result<(), TransferResult> {
+    let flags = transfer.flags;
+    if transfer.id.0 == 0 {
+        return Err(TransferResult::IdMustNotBeZero);
+    }
+    if !flags.is_known() {
+        return Err(TransferResult::UnknownFlags);
+    }
+    let kinds = [TransferFlags::PENDING, TransferFlags::POST_PENDING, TransferFlags::VOID_PENDING]
+        .iter()
+        .filter(|kind| flags.contains(**kind))
+        .count();
+    if kinds > 1 {
+        return Err(TransferResult::FlagsAreMutuallyExclusive);
+    }
+    let resolves = flags.contains(TransferFlags::POST_PENDING) || flags.contains(TransferFlags::VOID_PENDING);
+    if !resolves && transfer.pending_id.0 != 0 {
+        return Err(TransferResult::PendingIdMustBeZero);
+    }
+    if resolves && transfer.pending_id.0 == 0 {
+        return Err(TransferResult::PendingIdMustNotBeZero);
+    }
+    if resolves && transfer.pending_id == transfer.id {
+        return Err(TransferResult::PendingIdMustBeDifferent);
+    }
+    if !flags.contains(TransferFlags::PENDING) && transfer.timeout_s != 0 {
+        return Err(TransferResult::TimeoutReservedForPendingTransfer);
+    }
+    if transfer.debit_account_id == transfer.credit_account_id {
+        return Err(TransferResult::AccountsMustBeDifferent);
+    }
+    if transfer.debit_account_id.is_zero() || transfer.credit_account_id.is_zero() {
+        return Err(TransferResult::AccountIdMustNotBeZero);
+    }
+    if !resolves && transfer.amount == 0 {
+        return Err(TransferResult::AmountMustNotBeZero);
+    }
+    Ok(())
+}
+
+fn check_debit(debit: &Account, amount: u64, pending: bool) -> Result<(), TransferResult> {
+    if debit.flags.contains(AccountFlags::CLOSED) {
+        return Err(TransferResult::DebitAccountClosed);
+    }
+    if debit.flags.contains(AccountFlags::BLOCKED) {
+        return Err(TransferResult::DebitAccountBlocked);
+    }
+    let column = if pending { debit.debits_pending } else { debit.debits_posted };
+    if column.checked_add(amount).is_none() {
+        return Err(TransferResult::OverflowsDebits);
+    }
+    let debits = u128::from(debit.debits_posted) + u128::from(debit.debits_pending) + u128::from(amount);
+    if debit.flags.contains(AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS)
+        && debits > u128::from(debit.credits_posted)
+    {
+        return Err(TransferResult::ExceedsCredits);
+    }
+    Ok(())
+}
+
+fn check_credit(credit: &Account, amount: u64, pending: bool) -> Result<(), TransferResult> {
+    if credit.flags.contains(AccountFlags::CLOSED) {
+        return Err(TransferResult::CreditAccountClosed);
+    }
+    if credit.flags.contains(AccountFlags::BLOCKED) {
+        return Err(TransferResult::CreditAccountBlocked);
+    }
+    let column = if pending { credit.credits_pending } else { credit.credits_posted };
+    if column.checked_add(amount).is_none() {
+        return Err(TransferResult::OverflowsCredits);
+    }
+    let credits = u128::from(credit.credits_posted) + u128::from(credit.credits_pending) + u128::from(amount);
+    if credit.flags.contains(AccountFlags::CREDITS_MUST_NOT_EXCEED_DEBITS)
+        && credits > u128::from(credit.debits_posted)
+    {
+        return Err(TransferResult::ExceedsDebits);
+    }
+    Ok(())
+}
+
+/// Finishes every cross-shard transfer caught in flight, across all shards' ledgers, after
+/// replay. A reserve whose credit step is on record finishes with that step's answer; a reserve
+/// with no credit step on record is voided (no reply for it ever left). Then every credit record
+/// is forgotten. Returns the commands applied, per shard, for the journal.
+pub fn resolve_in_flight(ledgers: &mut [Ledger]) -> Vec<Vec<Command>> {
+    let shard_count = u16::try_from(ledgers.len()).unwrap_or(u16::MAX);
+    let mut logs: Vec<Vec<Command>> = vec![Vec::new(); ledgers.len()];
+    let reserved: Vec<(usize, Transfer)> = ledgers
+        .iter()
+        .enumerate()
+        .flat_map(|(shard, ledger)| {
+            ledger
+                .transfers
+                .values()
+                .filter(|t| t.state == TransferState::Reserved)
+                .map(move |t| (shard, t.transfer))
+        })
+        .collect();
+    for (shard, transfer) in reserved {
+        let credit_shard = usize::from(crate::ids::home_shard(transfer.credit_account_id, shard_count).0);
+        let result =
+            ledgers[credit_shard].credits.get(&transfer.id).copied().unwrap_or(TransferResult::Interrupted);
+        ledgers[shard].finalize(transfer.id, result, &mut logs[shard]);
+    }
+    for (shard, ledger) in ledgers.iter_mut().enumerate() {
+        let ids: Vec<TransferId> = ledger.credits.keys().copied().collect();
+        for id in ids {
+            ledger.forget(id, &mut logs[shard]);
+        }
+    }
+    logs
+}
+
+#[cfg(test)]
+mod tests;

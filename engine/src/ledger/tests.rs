@@ -1,0 +1,246 @@
+use super::*;
+use crate::account::AccountKind;
+
+const NOW: u64 = 1_700_000_000_000_000_000;
+
+fn wallet(id: u64) -> Account {
+    Account::new(
+        AccountId(id),
+        Currency::Azn,
+        AccountKind::WALLET,
+        AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS,
+    )
+}
+
+fn issuance(id: u64) -> Account {
+    Account::new(AccountId(id), Currency::Azn, AccountKind::EMONEY_ISSUANCE, AccountFlags::empty())
+}
+
+/// One shard holding a funded wallet 1 (1000), an empty wallet 2, and issuance account 9.
+fn ledger() -> Ledger {
+    let mut ledger = Ledger::new(ShardId(0), 1);
+    let mut log = Vec::new();
+    for account in [wallet(1), wallet(2), issuance(9)] {
+        assert_eq!(ledger.create_account(account, NOW, &mut log), CreateAccountResult::Ok);
+    }
+    assert_eq!(
+        submit(&mut ledger, &[Transfer::new(100, AccountId(9), AccountId(1), 1000)]),
+        [TransferResult::Ok]
+    );
+    ledger
+}
+
+fn submit(ledger: &mut Ledger, batch: &[Transfer]) -> Vec<TransferResult> {
+    submit_at(ledger, batch, NOW)
+}
+
+fn submit_at(ledger: &mut Ledger, batch: &[Transfer], now: u64) -> Vec<TransferResult> {
+    let mut outcomes = Vec::new();
+    let mut log = Vec::new();
+    ledger.submit(batch, now, &mut outcomes, &mut log);
+    outcomes
+        .into_iter()
+        .map(|outcome| match outcome {
+            Outcome::Done(result) => result,
+            other => panic!("single-shard ledger answered {other:?}"),
+        })
+        .collect()
+}
+
+fn balance(ledger: &Ledger, id: u64) -> i128 {
+    ledger.account(AccountId(id)).map_or(0, Account::balance_posted)
+}
+
+#[test]
+fn posts_and_refuses_overdraft_exactly_at_the_boundary() {
+    let mut ledger = ledger();
+    assert_eq!(
+        submit(&mut ledger, &[Transfer::new(1, AccountId(1), AccountId(2), 1001)]),
+        [TransferResult::ExceedsCredits]
+    );
+    assert_eq!(
+        submit(&mut ledger, &[Transfer::new(1, AccountId(1), AccountId(2), 1000)]),
+        [TransferResult::Ok]
+    );
+    assert_eq!((balance(&ledger, 1), balance(&ledger, 2)), (0, 1000));
+    assert!(ledger.totals()[&Currency::Azn].balanced());
+}
+
+#[test]
+fn same_id_same_body_is_idempotent_other_body_is_refused() {
+    let mut ledger = ledger();
+    let transfer = Transfer::new(1, AccountId(1), AccountId(2), 10);
+    assert_eq!(submit(&mut ledger, &[transfer, transfer]), [TransferResult::Ok, TransferResult::Ok]);
+    assert_eq!(balance(&ledger, 2), 10);
+    let other = Transfer { amount: 11, ..transfer };
+    assert_eq!(submit(&mut ledger, &[other]), [TransferResult::ExistsWithDifferentBody]);
+}
+
+#[test]
+fn stateless_checks_come_first_in_enum_order() {
+    let mut ledger = ledger();
+    let t = Transfer::new(0, AccountId(1), AccountId(1), 0);
+    assert_eq!(submit(&mut ledger, &[t]), [TransferResult::IdMustNotBeZero]);
+    let t = Transfer::new(5, AccountId(1), AccountId(1), 0);
+    assert_eq!(submit(&mut ledger, &[t]), [TransferResult::AccountsMustBeDifferent]);
+    let t = Transfer::new(5, AccountId(1), AccountId(2), 0);
+    assert_eq!(submit(&mut ledger, &[t]), [TransferResult::AmountMustNotBeZero]);
+    let t = Transfer { flags: TransferFlags(64), ..Transfer::new(5, AccountId(1), AccountId(2), 1) };
+    assert_eq!(submit(&mut ledger, &[t]), [TransferResult::UnknownFlags]);
+    let t = Transfer { timeout_s: 5, ..Transfer::new(5, AccountId(1), AccountId(2), 1) };
+    assert_eq!(submit(&mut ledger, &[t]), [TransferResult::TimeoutReservedForPendingTransfer]);
+    let t = Transfer::new(5, AccountId(1), AccountId(77), 1);
+    assert_eq!(submit(&mut ledger, &[t]), [TransferResult::CreditAccountNotFound]);
+    let t = Transfer { currency: Currency::Usd, ..Transfer::new(5, AccountId(1), AccountId(2), 1) };
+    assert_eq!(submit(&mut ledger, &[t]), [TransferResult::CurrencyMismatch]);
+}
+
+#[test]
+fn holds_post_partially_void_and_expire() {
+    let mut ledger = ledger();
+    let hold = Transfer {
+        flags: TransferFlags::PENDING,
+        timeout_s: 60,
+        ..Transfer::new(1, AccountId(1), AccountId(2), 600)
+    };
+    assert_eq!(submit(&mut ledger, &[hold]), [TransferResult::Ok]);
+    // The hold counts against what the wallet may still spend.
+    assert_eq!(
+        submit(&mut ledger, &[Transfer::new(2, AccountId(1), AccountId(2), 401)]),
+        [TransferResult::ExceedsCredits]
+    );
+    let post = Transfer {
+        flags: TransferFlags::POST_PENDING,
+        pending_id: TransferId(1),
+        ..Transfer::new(3, AccountId(1), AccountId(2), 250)
+    };
+    assert_eq!(submit(&mut ledger, &[post]), [TransferResult::Ok]);
+    assert_eq!((balance(&ledger, 1), balance(&ledger, 2)), (750, 250));
+    let account = ledger.account(AccountId(1)).copied().expect("wallet");
+    assert_eq!(account.debits_pending, 0, "a partial post releases the remainder");
+    let void = Transfer { id: TransferId(4), flags: TransferFlags::VOID_PENDING, ..post };
+    assert_eq!(submit(&mut ledger, &[void]), [TransferResult::PendingTransferAlreadyPosted]);
+
+    let hold = Transfer { id: TransferId(5), ..hold };
+    assert_eq!(submit(&mut ledger, &[hold]), [TransferResult::Ok]);
+    let mut log = Vec::new();
+    assert_eq!(ledger.expire(NOW + 59 * NS_PER_S, &mut log), 0);
+    assert_eq!(ledger.expire(NOW + 60 * NS_PER_S, &mut log), 1);
+    assert_eq!(log, [Command::Expire(TransferId(5))]);
+    assert_eq!(ledger.account(AccountId(1)).map(|a| a.debits_pending), Some(0));
+    let post = Transfer { id: TransferId(6), pending_id: TransferId(5), ..post };
+    assert_eq!(
+        submit_at(&mut ledger, &[post], NOW + 61 * NS_PER_S),
+        [TransferResult::PendingTransferExpired]
+    );
+    assert!(ledger.totals()[&Currency::Azn].balanced());
+}
+
+#[test]
+fn linked_chain_commits_or_fails_as_one() {
+    let mut ledger = ledger();
+    let a = Transfer { flags: TransferFlags::LINKED, ..Transfer::new(1, AccountId(1), AccountId(2), 500) };
+    let b = Transfer::new(2, AccountId(1), AccountId(9), 501);
+    assert_eq!(
+        submit(&mut ledger, &[a, b]),
+        [TransferResult::LinkedEventFailed, TransferResult::ExceedsCredits]
+    );
+    assert_eq!((balance(&ledger, 1), balance(&ledger, 2)), (1000, 0));
+    assert!(ledger.transfer(TransferId(1)).is_none());
+    let b = Transfer { amount: 500, ..b };
+    assert_eq!(submit(&mut ledger, &[a, b]), [TransferResult::Ok, TransferResult::Ok]);
+    assert_eq!(balance(&ledger, 1), 0);
+    let open = Transfer { id: TransferId(3), ..a };
+    assert_eq!(submit(&mut ledger, &[open]), [TransferResult::LinkedEventChainOpen]);
+}
+
+#[test]
+fn replay_of_the_log_rebuilds_the_same_state() {
+    let mut ledger = Ledger::new(ShardId(0), 1);
+    let mut log = Vec::new();
+    for account in [wallet(1), wallet(2), issuance(9)] {
+        ledger.create_account(account, NOW, &mut log);
+    }
+    let batch = [
+        Transfer::new(100, AccountId(9), AccountId(1), 1000),
+        Transfer {
+            flags: TransferFlags::PENDING,
+            timeout_s: 1,
+            ..Transfer::new(1, AccountId(1), AccountId(2), 300)
+        },
+        Transfer { flags: TransferFlags::LINKED, ..Transfer::new(2, AccountId(1), AccountId(2), 100) },
+        Transfer::new(3, AccountId(2), AccountId(9), 50),
+    ];
+    let mut outcomes = Vec::new();
+    ledger.submit(&batch, NOW, &mut outcomes, &mut log);
+    ledger.expire(NOW + 2 * NS_PER_S, &mut log);
+    let mut replayed = Ledger::new(ShardId(0), 1);
+    replayed.replay(&log, NOW).expect("replay");
+    let mut a: Vec<_> = ledger.accounts().copied().collect();
+    let mut b: Vec<_> = replayed.accounts().copied().collect();
+    a.sort_by_key(|x| x.id);
+    b.sort_by_key(|x| x.id);
+    assert_eq!(a, b);
+}
+
+#[test]
+fn cross_shard_transfer_reserves_credits_and_finalizes() {
+    let shards = 2_u16;
+    let (debit_id, credit_id) = (1..)
+        .flat_map(|a| (1..50).map(move |b| (a, b)))
+        .find(|(a, b)| matches!(route(AccountId(*a), AccountId(*b), shards), Route::Cross { .. }))
+        .expect("two accounts on different shards");
+    let home = |id| usize::from(crate::ids::home_shard(AccountId(id), shards).0);
+    let mut ledgers = vec![Ledger::new(ShardId(0), shards), Ledger::new(ShardId(1), shards)];
+    let mut log = Vec::new();
+    let mut fund = wallet(debit_id);
+    fund.credits_posted = 100;
+    ledgers[home(debit_id)].restore(vec![fund], vec![], vec![]);
+    ledgers[home(credit_id)].create_account(wallet(credit_id), NOW, &mut log);
+    // Balance the funding with a spread issuance account so totals stay exact.
+    let transfer = Transfer::new(7, AccountId(debit_id), AccountId(credit_id), 60);
+    let mut outcomes = Vec::new();
+    ledgers[home(debit_id)].submit(&[transfer], NOW, &mut outcomes, &mut log);
+    assert!(matches!(outcomes[0], Outcome::Forward { .. }));
+    // A duplicate while in flight waits.
+    outcomes.clear();
+    ledgers[home(debit_id)].submit(&[transfer], NOW, &mut outcomes, &mut log);
+    assert_eq!(outcomes[0], Outcome::Wait);
+    // A crash now: recovery voids the reserve, since no credit step is on record.
+    let mut crashed = ledgers.clone_for_test();
+    let logs = resolve_in_flight(&mut crashed);
+    assert_eq!(
+        logs[home(debit_id)],
+        [Command::Finalize { id: TransferId(7), result: TransferResult::Interrupted }]
+    );
+    assert_eq!(crashed[home(debit_id)].account(AccountId(debit_id)).map(|a| a.debits_pending), Some(0));
+    // The normal path.
+    assert_eq!(ledgers[home(credit_id)].credit(&transfer, &mut log), TransferResult::Ok);
+    let mut crashed = ledgers.clone_for_test();
+    let logs = resolve_in_flight(&mut crashed);
+    assert_eq!(logs[home(debit_id)], [Command::Finalize { id: TransferId(7), result: TransferResult::Ok }]);
+    assert!(ledgers[home(debit_id)].finalize(TransferId(7), TransferResult::Ok, &mut log));
+    ledgers[home(credit_id)].forget(TransferId(7), &mut log);
+    assert_eq!(ledgers[home(debit_id)].account(AccountId(debit_id)).map(Account::balance_posted), Some(40));
+    assert_eq!(ledgers[home(credit_id)].account(AccountId(credit_id)).map(Account::balance_posted), Some(60));
+}
+
+trait CloneForTest {
+    fn clone_for_test(&self) -> Vec<Ledger>;
+}
+
+impl CloneForTest for Vec<Ledger> {
+    fn clone_for_test(&self) -> Vec<Ledger> {
+        self.iter()
+            .map(|l| {
+                let mut copy = Ledger::new(l.shard, l.shard_count);
+                copy.restore(
+                    l.accounts.values().copied().collect(),
+                    l.transfers.values().copied().collect(),
+                    l.credits.iter().map(|(k, v)| (*k, *v)).collect(),
+                );
+                copy
+            })
+            .collect()
+    }
+}

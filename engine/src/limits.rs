@@ -1,0 +1,19 @@
+//! Every limit of the engine in one place, with the relations between them checked at compile time.
+
+/// Shards at most; the default is one per core.
+pub const SHARD_COUNT_MAX: usize = 256;
+/// Messages a shard drains into one batch at most.
+pub const SHARD_BATCH_LEN_MAX: usize = 8_192;
+/// A journal segment is closed and a new one started at this size.
+pub const SEGMENT_LEN_MAX: u64 = 256 * 1024 * 1024;
+/// Bytes written by one group commit at most (the writer stops draining past it).
+pub const GROUP_LEN_MAX: usize = 8 * 1024 * 1024;
+/// Shard batches queued for the journal writer at most; a full queue blocks the shards, which
+/// is the back-pressure that keeps memory bounded when the disk is slower than the load.
+pub const JOURNAL_QUEUE_LEN_MAX: usize = 1_024;
+/// Transfers in one submission at most.
+pub const SUBMIT_LEN_MAX: usize = 8_190;
+
+const _: () = assert!(GROUP_LEN_MAX as u64 <= SEGMENT_LEN_MAX);
+const _: () = assert!(SUBMIT_LEN_MAX <= u32::MAX as usize);
+const _: () = assert!(SHARD_COUNT_MAX <= u16::MAX as usize);

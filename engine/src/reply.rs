@@ -1,0 +1,106 @@
+//! Replies: how an answer reaches the caller once the journal says its records are durable.
+//!
+//! A submission of many transfers may be answered by several shards (and, for a cross-shard
+//! transfer, by the credit shard rather than the one it was sent to). [`Gather`] collects the
+//! answers; each [`Waiter`] fills one slot, and the last one sends the whole vector.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::oneshot;
+
+use crate::account::{Account, CreateAccountResult};
+use crate::ids::ShardId;
+use crate::journal::record::WalShardState;
+use crate::ledger::StoredTransfer;
+use crate::transfer::TransferResult;
+
+#[derive(Debug)]
+pub struct Gather {
+    results: Mutex<Vec<TransferResult>>,
+    remaining: AtomicUsize,
+    reply: Mutex<Option<oneshot::Sender<Vec<TransferResult>>>>,
+}
+
+impl Gather {
+    pub fn new(len: usize) -> (Arc<Gather>, oneshot::Receiver<Vec<TransferResult>>) {
+        let (tx, rx) = oneshot::channel();
+        let gather = Arc::new(Gather {
+            results: Mutex::new(vec![TransferResult::Ok; len]),
+            remaining: AtomicUsize::new(len),
+            reply: Mutex::new(Some(tx)),
+        });
+        if len == 0 {
+            gather.send();
+        }
+        (gather, rx)
+    }
+
+    fn send(&self) {
+        let results = std::mem::take(&mut *lock(&self.results));
+        if let Some(tx) = lock(&self.reply).take() {
+            let _receiver_gone = tx.send(results);
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poison| poison.into_inner())
+}
+
+/// One slot of a [`Gather`].
+#[derive(Debug)]
+pub struct Waiter {
+    pub gather: Arc<Gather>,
+    pub index: u32,
+}
+
+impl Waiter {
+    pub fn complete(self, result: TransferResult) {
+        lock(&self.gather.results)[self.index as usize] = result;
+        if self.gather.remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.gather.send();
+        }
+    }
+}
+
+/// What the journal writer runs once a shard batch is durable.
+#[derive(Debug)]
+pub enum Completion {
+    Results(Vec<(Waiter, TransferResult)>),
+    Accounts(oneshot::Sender<Vec<CreateAccountResult>>, Vec<CreateAccountResult>),
+    AccountLookup(oneshot::Sender<Vec<Option<Account>>>, Vec<Option<Account>>),
+    Transfers(oneshot::Sender<Vec<Option<StoredTransfer>>>, Vec<Option<StoredTransfer>>),
+    Checkpoint(crossbeam_channel::Sender<(ShardId, WalShardState)>, ShardId, Box<WalShardState>),
+    /// Recovery waits on this for its own records to be durable.
+    Signal(crossbeam_channel::Sender<u64>),
+}
+
+impl Completion {
+    /// Runs the completion. `position` is the journal position after the batch it rode in.
+    pub fn run(self, position: u64) {
+        match self {
+            Completion::Results(results) => {
+                for (waiter, result) in results {
+                    waiter.complete(result);
+                }
+            }
+            Completion::Accounts(reply, results) => {
+                let _gone = reply.send(results);
+            }
+            Completion::AccountLookup(reply, found) => {
+                let _gone = reply.send(found);
+            }
+            Completion::Transfers(reply, found) => {
+                let _gone = reply.send(found);
+            }
+            Completion::Checkpoint(reply, shard, mut state) => {
+                state.position = position;
+                let _gone = reply.send((shard, *state));
+            }
+            Completion::Signal(reply) => {
+                let _gone = reply.send(position);
+            }
+        }
+    }
+}

@@ -1,0 +1,244 @@
+//! A shard: one thread that owns one [`Ledger`] and handles every message for its accounts in
+//! order, in batches. This is how each wallet behaves as an actor without a task per wallet.
+//!
+//! The loop: block for a message, drain up to `batch_len_max` more, apply them all with one
+//! timestamp, encode the batch's commands as one journal frame, queue it for the group commit,
+//! and only then forward the cross-shard steps it produced. Replies travel with the journal
+//! batch and are released by the writer once the frame is durable.
+
+use std::time::Duration;
+
+use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
+use rustc_hash::FxHashMap;
+use tokio::sync::oneshot;
+
+use crate::account::{Account, CreateAccountResult};
+use crate::clock::Clock;
+use crate::ids::{ShardId, TransferId};
+use crate::journal::JournalBatch;
+use crate::journal::frame;
+use crate::journal::record::{self, FORMAT_VERSION, WalCommand, WalRecord, WalShardState};
+use crate::ledger::{Command, Ledger, Outcome, StoredTransfer};
+use crate::reply::{Completion, Waiter};
+use crate::transfer::{Transfer, TransferResult};
+
+pub enum ShardMessage {
+    Submit {
+        transfers: Vec<Transfer>,
+        waiters: Vec<Waiter>,
+    },
+    CreateAccounts {
+        accounts: Vec<Account>,
+        reply: oneshot::Sender<Vec<CreateAccountResult>>,
+    },
+    /// The credit step of a cross-shard transfer, from its debit shard.
+    Credit {
+        transfer: Transfer,
+        debit_shard: ShardId,
+        waiter: Waiter,
+    },
+    /// The answer of a credit step, back to the debit shard.
+    Finalize {
+        id: TransferId,
+        result: TransferResult,
+        credit_shard: ShardId,
+    },
+    Forget(TransferId),
+    LookupAccounts {
+        ids: Vec<crate::ids::AccountId>,
+        reply: oneshot::Sender<Vec<Option<Account>>>,
+    },
+    LookupTransfers {
+        ids: Vec<TransferId>,
+        reply: oneshot::Sender<Vec<Option<StoredTransfer>>>,
+    },
+    Checkpoint {
+        reply: crossbeam_channel::Sender<(ShardId, WalShardState)>,
+    },
+    Shutdown,
+}
+
+impl std::fmt::Debug for ShardMessage {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = match self {
+            ShardMessage::Submit { .. } => "Submit",
+            ShardMessage::CreateAccounts { .. } => "CreateAccounts",
+            ShardMessage::Credit { .. } => "Credit",
+            ShardMessage::Finalize { .. } => "Finalize",
+            ShardMessage::Forget(_) => "Forget",
+            ShardMessage::LookupAccounts { .. } => "LookupAccounts",
+            ShardMessage::LookupTransfers { .. } => "LookupTransfers",
+            ShardMessage::Checkpoint { .. } => "Checkpoint",
+            ShardMessage::Shutdown => "Shutdown",
+        };
+        f.write_str(name)
+    }
+}
+
+/// Queue depth, batch sizes: read by metrics and the load tool.
+#[derive(Debug, Default)]
+pub struct ShardStats {
+    pub batches: std::sync::atomic::AtomicU64,
+    pub messages: std::sync::atomic::AtomicU64,
+}
+
+#[derive(Debug)]
+pub struct Shard {
+    pub ledger: Ledger,
+    pub inbox: Receiver<ShardMessage>,
+    pub peers: Vec<Sender<ShardMessage>>,
+    pub journal: Sender<JournalBatch<Vec<Completion>>>,
+    pub clock: std::sync::Arc<dyn Clock>,
+    pub batch_len_max: usize,
+    pub last_now: u64,
+    pub stats: std::sync::Arc<ShardStats>,
+}
+
+/// Messages to other shards, sent only after this batch's frame is queued for the journal, so
+/// that a step on another shard is never journaled before the step that caused it.
+enum Forward {
+    Credit(ShardId, Transfer, Waiter),
+    Finalize(ShardId, TransferId, TransferResult),
+    Forget(ShardId, TransferId),
+}
+
+impl Shard {
+    pub fn run(mut self) {
+        let shard = self.ledger.shard();
+        let mut batch = Vec::with_capacity(self.batch_len_max);
+        let mut log: Vec<Command> = Vec::new();
+        let mut outcomes: Vec<Outcome> = Vec::new();
+        let mut forwards: Vec<Forward> = Vec::new();
+        let mut in_flight: FxHashMap<TransferId, Vec<Waiter>> = FxHashMap::default();
+        let mut frames = Vec::new();
+        let mut running = true;
+        while running {
+            let first = match self.ledger.next_expiry() {
+                Some(at) => {
+                    let wait = at.saturating_sub(self.clock.now_ns());
+                    match self.inbox.recv_timeout(Duration::from_nanos(wait.max(1_000_000))) {
+                        Ok(message) => Some(message),
+                        Err(RecvTimeoutError::Timeout) => None,
+                        Err(RecvTimeoutError::Disconnected) => break,
+                    }
+                }
+                None => match self.inbox.recv() {
+                    Ok(message) => Some(message),
+                    Err(_) => break,
+                },
+            };
+            batch.extend(first);
+            while batch.len() < self.batch_len_max {
+                match self.inbox.try_recv() {
+                    Ok(message) => batch.push(message),
+                    Err(_) => break,
+                }
+            }
+            let now = self.clock.now_ns().max(self.last_now);
+            self.last_now = now;
+            let mut completions: Vec<Completion> = Vec::new();
+            let mut checkpoints = Vec::new();
+            self.ledger.expire(now, &mut log);
+            self.stats.batches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.stats.messages.fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            for message in batch.drain(..) {
+                match message {
+                    ShardMessage::Submit { transfers, waiters } => {
+                        outcomes.clear();
+                        self.ledger.submit(&transfers, now, &mut outcomes, &mut log);
+                        let mut done = Vec::new();
+                        for ((transfer, waiter), outcome) in
+                            transfers.iter().zip(waiters).zip(outcomes.iter())
+                        {
+                            match *outcome {
+                                Outcome::Done(result) => done.push((waiter, result)),
+                                Outcome::Forward { credit_shard } => {
+                                    forwards.push(Forward::Credit(credit_shard, *transfer, waiter));
+                                }
+                                Outcome::Wait => in_flight.entry(transfer.id).or_default().push(waiter),
+                            }
+                        }
+                        if !done.is_empty() {
+                            completions.push(Completion::Results(done));
+                        }
+                    }
+                    ShardMessage::CreateAccounts { accounts, reply } => {
+                        let results = accounts
+                            .into_iter()
+                            .map(|account| self.ledger.create_account(account, now, &mut log))
+                            .collect();
+                        completions.push(Completion::Accounts(reply, results));
+                    }
+                    ShardMessage::Credit { transfer, debit_shard, waiter } => {
+                        let result = self.ledger.credit(&transfer, &mut log);
+                        completions.push(Completion::Results(vec![(waiter, result)]));
+                        forwards.push(Forward::Finalize(debit_shard, transfer.id, result));
+                    }
+                    ShardMessage::Finalize { id, result, credit_shard } => {
+                        self.ledger.finalize(id, result, &mut log);
+                        if let Some(waiters) = in_flight.remove(&id) {
+                            completions.push(Completion::Results(
+                                waiters.into_iter().map(|w| (w, result)).collect(),
+                            ));
+                        }
+                        forwards.push(Forward::Forget(credit_shard, id));
+                    }
+                    ShardMessage::Forget(id) => self.ledger.forget(id, &mut log),
+                    ShardMessage::LookupAccounts { ids, reply } => {
+                        let found = ids.iter().map(|id| self.ledger.account(*id).copied()).collect();
+                        completions.push(Completion::AccountLookup(reply, found));
+                    }
+                    ShardMessage::LookupTransfers { ids, reply } => {
+                        let found = ids.iter().map(|id| self.ledger.transfer(*id).copied()).collect();
+                        completions.push(Completion::Transfers(reply, found));
+                    }
+                    ShardMessage::Checkpoint { reply } => checkpoints.push(reply),
+                    ShardMessage::Shutdown => running = false,
+                }
+            }
+            frames.clear();
+            if !log.is_empty() {
+                encode_batch(shard, now, &log, &mut frames);
+                log.clear();
+            }
+            // A checkpoint captures the state after this batch; the position it covers is known
+            // once the journal has taken the batch, so it rides in the batch's completion.
+            for reply in checkpoints {
+                let state = WalShardState::capture(&self.ledger, now);
+                completions.push(Completion::Checkpoint(reply, shard, Box::new(state)));
+            }
+            if !frames.is_empty() || !completions.is_empty() {
+                let batch = JournalBatch { frames: std::mem::take(&mut frames), completion: completions };
+                if self.journal.send(batch).is_err() {
+                    tracing::error!(shard = shard.0, "journal is gone; shard stops");
+                    break;
+                }
+            }
+            for forward in forwards.drain(..) {
+                let _ignored = match forward {
+                    Forward::Credit(to, transfer, waiter) => self.peers[usize::from(to.0)]
+                        .send(ShardMessage::Credit { transfer, debit_shard: shard, waiter }),
+                    Forward::Finalize(to, id, result) => self.peers[usize::from(to.0)]
+                        .send(ShardMessage::Finalize { id, result, credit_shard: shard }),
+                    Forward::Forget(to, id) => self.peers[usize::from(to.0)].send(ShardMessage::Forget(id)),
+                };
+            }
+        }
+    }
+}
+
+/// Encodes one shard batch as one journal frame appended to `out`.
+pub fn encode_batch(shard: ShardId, timestamp: u64, commands: &[Command], out: &mut Vec<u8>) {
+    let record = WalRecord::Batch {
+        shard: shard.0,
+        timestamp,
+        commands: commands.iter().map(WalCommand::from).collect(),
+    };
+    match record::encode(&record) {
+        Ok(bytes) => frame::write_frame(out, FORMAT_VERSION, &bytes),
+        Err(error) => {
+            // Only allocation failure gets here; losing the batch silently would be worse.
+            panic!("cannot encode a journal record: {error}");
+        }
+    }
+}
