@@ -1,1 +1,111 @@
-fn main() {}
+//! Ledger apply, in memory, one core: how many transfers a shard's state machine applies per
+//! second, for batches whose accounts all live on the shard and for batches that cross shards.
+
+use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};
+use engine::ledger::{Command, Ledger, Outcome};
+use engine::{Account, AccountFlags, AccountId, AccountKind, Currency, ShardId, Transfer};
+
+const ACCOUNTS: u64 = 1_000_000;
+const BATCH: usize = 8_190;
+const NOW: u64 = 1_700_000_000_000_000_000;
+
+fn funded_ledger(shard_count: u16) -> Ledger {
+    let mut ledger = Ledger::with_capacity(ShardId(0), shard_count, 1_100_000, 16_000_000);
+    let mut log = Vec::new();
+    let issuance = AccountId::spread(1);
+    ledger.create_account(
+        Account::new(issuance, Currency::Azn, AccountKind::EMONEY_ISSUANCE, AccountFlags::empty()),
+        NOW,
+        &mut log,
+    );
+    let mut funding = Vec::new();
+    for id in 1..=ACCOUNTS {
+        if engine::ids::home_shard(AccountId(id), shard_count) != ShardId(0) {
+            continue;
+        }
+        ledger.create_account(
+            Account::new(
+                AccountId(id),
+                Currency::Azn,
+                AccountKind::WALLET,
+                AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS,
+            ),
+            NOW,
+            &mut log,
+        );
+        funding.push(Transfer::new(u128::from(id) << 64, issuance, AccountId(id), 1_000_000_000));
+    }
+    let mut outcomes = Vec::new();
+    for chunk in funding.chunks(BATCH) {
+        ledger.submit(chunk, NOW, &mut outcomes, &mut log);
+    }
+    ledger
+}
+
+/// Pseudo-random wallet pairs on shard 0 (or any shard, for the cross-shard case).
+fn batches(ledger: &Ledger, cross: bool, count: usize) -> Vec<Vec<Transfer>> {
+    let shards = ledger.shard_count();
+    let mut state = 0x2545_F491_4F6C_DD1D_u64;
+    let mut next = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state
+    };
+    let mut id: u128 = 1;
+    (0..count)
+        .map(|_| {
+            (0..BATCH)
+                .map(|_| {
+                    loop {
+                        let debit = AccountId(next() % ACCOUNTS + 1);
+                        let credit = AccountId(next() % ACCOUNTS + 1);
+                        let debit_home = engine::ids::home_shard(debit, shards) == ShardId(0);
+                        let credit_home = engine::ids::home_shard(credit, shards) == ShardId(0);
+                        if debit != credit && debit_home && (credit_home != cross) {
+                            id += 1;
+                            break Transfer::new(id, debit, credit, 1 + next() % 100);
+                        }
+                    }
+                })
+                .collect()
+        })
+        .collect()
+}
+
+fn apply(c: &mut Criterion) {
+    let mut group = c.benchmark_group("ledger_apply");
+    group.throughput(Throughput::Elements(BATCH as u64));
+    group.sample_size(20);
+    for (name, shards, cross) in [("same_shard", 1_u16, false), ("cross_shard_reserve", 2, true)] {
+        let base = funded_ledger(shards);
+        let work = batches(&base, cross, 64);
+        let mut ledger = base;
+        let mut round = 0_usize;
+        let mut outcomes: Vec<Outcome> = Vec::with_capacity(BATCH);
+        let mut log: Vec<Command> = Vec::with_capacity(BATCH);
+        group.bench_function(name, |b| {
+            b.iter_batched(
+                || {
+                    round += 1;
+                    // Fresh ids each round so every transfer is new work, not an idempotent hit.
+                    let offset = (round as u128) << 96;
+                    work[round % work.len()]
+                        .iter()
+                        .map(|t| Transfer { id: engine::TransferId(t.id.0 | offset), ..*t })
+                        .collect::<Vec<_>>()
+                },
+                |batch| {
+                    outcomes.clear();
+                    log.clear();
+                    ledger.submit(&batch, NOW, &mut outcomes, &mut log);
+                },
+                BatchSize::LargeInput,
+            );
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, apply);
+criterion_main!(benches);

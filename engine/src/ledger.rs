@@ -312,6 +312,11 @@ impl Ledger {
         if let Err(result) = validate(transfer) {
             return Outcome::Done(result);
         }
+        let route = route(transfer.debit_account_id, transfer.credit_account_id, self.shard_count);
+        // Stateless like `validate`, so checked before the id, in `TransferResult` order.
+        if matches!(route, Route::Cross { .. }) && !transfer.flags.is_plain() {
+            return Outcome::Done(TransferResult::CrossShardMustBePlain);
+        }
         if let Some(existing) = self.transfers.get(&transfer.id) {
             return match (existing.transfer == *transfer, existing.state) {
                 (true, TransferState::Reserved) => Outcome::Wait,
@@ -319,7 +324,7 @@ impl Ledger {
                 (false, _) => Outcome::Done(TransferResult::ExistsWithDifferentBody),
             };
         }
-        match route(transfer.debit_account_id, transfer.credit_account_id, self.shard_count) {
+        match route {
             Route::Local(_) => {
                 let result = self.apply_local(transfer, now, None);
                 if result.is_ok() {
@@ -328,9 +333,6 @@ impl Ledger {
                 Outcome::Done(result)
             }
             Route::Cross { credit, .. } => {
-                if !transfer.flags.is_plain() {
-                    return Outcome::Done(TransferResult::CrossShardMustBePlain);
-                }
                 let result = self.reserve(transfer, now);
                 if result.is_ok() {
                     log.push(Command::Reserve(*transfer));
@@ -387,17 +389,17 @@ impl Ledger {
         if let Err(result) = validate(transfer) {
             return result;
         }
+        if let Route::Cross { .. } =
+            route(transfer.debit_account_id, transfer.credit_account_id, self.shard_count)
+        {
+            return TransferResult::CrossShardMustBePlain;
+        }
         if let Some(existing) = self.transfers.get(&transfer.id) {
             return if existing.transfer == *transfer && existing.state != TransferState::Reserved {
                 TransferResult::Ok
             } else {
                 TransferResult::ExistsWithDifferentBody
             };
-        }
-        if let Route::Cross { .. } =
-            route(transfer.debit_account_id, transfer.credit_account_id, self.shard_count)
-        {
-            return TransferResult::CrossShardMustBePlain;
         }
         let result = self.apply_local(transfer, now, Some(undo));
         if result.is_ok() {
@@ -433,21 +435,26 @@ impl Ledger {
         {
             return self.resolve_pending(transfer, now, undo);
         }
-        let Some(debit) = self.accounts.get(&transfer.debit_account_id) else {
+        // Replay reaches here without `validate`; equal keys would make the lookup below panic.
+        if transfer.debit_account_id == transfer.credit_account_id {
+            return TransferResult::AccountsMustBeDifferent;
+        }
+        let [debit, credit] =
+            self.accounts.get_disjoint_mut([&transfer.debit_account_id, &transfer.credit_account_id]);
+        let Some(debit) = debit else {
             return TransferResult::DebitAccountNotFound;
         };
-        let Some(credit) = self.accounts.get(&transfer.credit_account_id) else {
+        let Some(credit) = credit else {
             return TransferResult::CreditAccountNotFound;
         };
         if debit.currency != transfer.currency || credit.currency != transfer.currency {
             return TransferResult::CurrencyMismatch;
         }
         let pending = transfer.flags.contains(TransferFlags::PENDING);
-        let (mut debit, mut credit) = (*debit, *credit);
-        if let Err(result) = check_debit(&debit, transfer.amount, pending) {
+        if let Err(result) = check_debit(debit, transfer.amount, pending) {
             return result;
         }
-        if let Err(result) = check_credit(&credit, transfer.amount, pending) {
+        if let Err(result) = check_credit(credit, transfer.amount, pending) {
             return result;
         }
         let expires_at = if pending && transfer.timeout_s != 0 {
@@ -459,13 +466,14 @@ impl Ledger {
             0
         };
         if let Some(undo) = undo {
-            undo.push(Undo::Account(debit));
-            undo.push(Undo::Account(credit));
+            undo.push(Undo::Account(*debit));
+            undo.push(Undo::Account(*credit));
             undo.push(Undo::Transfer(transfer.id, None));
             if expires_at != 0 {
                 undo.push(Undo::ExpiryAdded(expires_at, transfer.id));
             }
         }
+        // Checked above: neither column overflows.
         if pending {
             debit.debits_pending += transfer.amount;
             credit.credits_pending += transfer.amount;
@@ -473,8 +481,6 @@ impl Ledger {
             debit.debits_posted += transfer.amount;
             credit.credits_posted += transfer.amount;
         }
-        self.accounts.insert(debit.id, debit);
-        self.accounts.insert(credit.id, credit);
         let state = if pending { TransferState::Pending } else { TransferState::Posted };
         if expires_at != 0 {
             self.expiries.insert((expires_at, transfer.id));

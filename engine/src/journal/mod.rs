@@ -181,12 +181,10 @@ pub fn scan<E: From<JournalError>>(
         let bytes = fs::read(path).map_err(io_error(path))?;
         let mut offset = usize::try_from(from.saturating_sub(*start)).unwrap_or(usize::MAX);
         // The meta record at the start is read even when `from` is past it.
-        if let FrameRead::Frame { version, payload, .. } = frame::read_frame(&bytes) {
-            if version == FORMAT_VERSION {
-                if let Ok(WalRecord::Meta { shard_count }) = record::decode_record(payload) {
-                    end.shard_count = Some(shard_count);
-                }
-            }
+        if let FrameRead::Frame { version: FORMAT_VERSION, payload, .. } = frame::read_frame(&bytes)
+            && let Ok(WalRecord::Meta { shard_count }) = record::decode_record(payload)
+        {
+            end.shard_count = Some(shard_count);
         }
         while offset < bytes.len() {
             let corrupt = |reason: String| JournalError::Corrupt {

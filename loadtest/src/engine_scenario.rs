@@ -1,0 +1,351 @@
+//! The `engine` scenario: the engine in-process, durable, with its views running.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, ensure};
+use engine::{
+    Account, AccountFlags, AccountId, AccountKind, CreateAccountResult, Currency, Engine, EngineConfig,
+    Transfer, TransferResult,
+};
+use hdrhistogram::Histogram;
+use rand::{Rng, SeedableRng};
+
+/// Funds every wallet; large enough that random transfers almost never run a wallet dry.
+const FUNDING_MINOR: u64 = 10_000_000;
+const ISSUANCE: AccountId = AccountId::spread(1);
+/// The hot account: a spread system account (say, a biller's settlement account).
+const HOT: AccountId = AccountId::spread(2);
+const SETUP_BATCH: usize = 8_190;
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// Wallets to create and fund before the run.
+    #[arg(long, default_value_t = 1_000_000)]
+    accounts: u64,
+    /// How long the measured run lasts.
+    #[arg(long, default_value_t = 10)]
+    duration_s: u64,
+    /// Threads submitting transfers, each waiting for its batch's answer before the next.
+    #[arg(long, default_value_t = 8)]
+    submitters: usize,
+    /// Transfers per submission (a client-side batch, as kiosks and gateways send them).
+    #[arg(long, default_value_t = 256)]
+    batch: usize,
+    /// Ledger shards (default: one per core).
+    #[arg(long)]
+    shards: Option<u16>,
+    /// Share of transfers (0–100) that credit one single hot account.
+    #[arg(long, default_value_t = 0)]
+    hot_percent: u8,
+    /// Data directory (default: a fresh temporary directory, removed at the end).
+    #[arg(long)]
+    data_dir: Option<PathBuf>,
+    /// Run without the sled views (to measure their cost).
+    #[arg(long)]
+    no_views: bool,
+    /// After the run, reopen the engine and time the recovery (journal replay).
+    #[arg(long)]
+    measure_recovery: bool,
+    /// Seed of the random workload.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+}
+
+struct Tally {
+    ok: AtomicU64,
+    refused: AtomicU64,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    ensure!(args.accounts >= 2, "--accounts must be at least 2");
+    ensure!(args.hot_percent <= 100, "--hot-percent must be 0..=100");
+    ensure!(args.batch >= 1 && args.batch <= engine::limits::SUBMIT_LEN_MAX, "--batch must be 1..=8190");
+    ensure!(args.submitters >= 1, "--submitters must be at least 1");
+    let temp;
+    let data_dir = match &args.data_dir {
+        Some(dir) => dir.clone(),
+        None => {
+            temp = tempfile::Builder::new().prefix("qepik-loadtest-").tempdir()?;
+            temp.path().to_path_buf()
+        }
+    };
+    let mut config = EngineConfig::new(&data_dir);
+    if let Some(shards) = args.shards {
+        config.shard_count = shards;
+    }
+    config.views = !args.no_views;
+    let shards = config.shard_count;
+    let engine = Engine::open(config.clone()).context("opening the engine")?;
+
+    let setup_started = Instant::now();
+    setup(&engine, args.accounts)?;
+    let setup_s = setup_started.elapsed().as_secs_f64();
+    let position_before = engine.journal().durable();
+    if let Some(views) = engine.views() {
+        views.wait_for(position_before, Duration::from_secs(600));
+    }
+    eprintln!("setup: {} wallets funded in {setup_s:.1} s", args.accounts);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let tally = Arc::new(Tally { ok: AtomicU64::new(0), refused: AtomicU64::new(0) });
+    let started = Instant::now();
+    let workers: Vec<_> = (0..args.submitters)
+        .map(|worker| {
+            let (engine, stop, tally) = (engine.clone(), stop.clone(), tally.clone());
+            let (accounts, batch, hot_percent) = (args.accounts, args.batch, args.hot_percent);
+            let seed = args.seed.wrapping_mul(1_000_003).wrapping_add(worker as u64);
+            std::thread::spawn(move || {
+                submitter(&engine, &stop, &tally, worker, seed, accounts, batch, hot_percent)
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_secs(args.duration_s));
+    stop.store(true, Ordering::Release);
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    for worker in workers {
+        let histogram = worker.join().map_err(|_| anyhow::anyhow!("a submitter panicked"))??;
+        latency.add(&histogram)?;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let ok = tally.ok.load(Ordering::Relaxed);
+    let refused = tally.refused.load(Ordering::Relaxed);
+    let per_s = (ok + refused) as f64 / elapsed;
+    let elapsed_us = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX).max(1);
+    let transfers_per_s =
+        u64::try_from(u128::from(ok + refused) * 1_000_000 / u128::from(elapsed_us)).unwrap_or(u64::MAX);
+
+    // Views: how far behind the journal they are at the end, and how fast they catch up.
+    let journal_end = engine.journal().durable();
+    let views_report = engine.views().map(|views| {
+        let behind = journal_end.saturating_sub(views.applied());
+        let catch_up = Instant::now();
+        let caught = views.wait_for(journal_end, Duration::from_secs(600));
+        (behind, catch_up.elapsed().as_secs_f64(), caught, views.error())
+    });
+
+    let conserved = conserved(&engine, args.accounts)?;
+    let rss_mib = rss_mib();
+    let journal_mib = (journal_end - position_before) as f64 / 1_048_576.0;
+    let syncs = engine.journal().syncs.load(Ordering::Relaxed);
+    let sync_ns = engine.journal().sync_ns_total.load(Ordering::Relaxed);
+    let stats = engine.shard_stats();
+
+    println!(
+        "scenario            engine (durable journal, {shards} shards, views {})",
+        if args.no_views { "off" } else { "on" }
+    );
+    println!("wallets             {}", args.accounts);
+    println!("submitters x batch  {} x {}", args.submitters, args.batch);
+    println!("hot account share   {} %", args.hot_percent);
+    println!("duration            {elapsed:.2} s");
+    println!("transfers           {} ok, {} refused", ok, refused);
+    println!("throughput          {per_s:.0} transfers/s");
+    println!(
+        "latency (per transfer, submit to durable answer)  p50 {} us  p99 {} us  p99.9 {} us  max {} us",
+        latency.value_at_quantile(0.50),
+        latency.value_at_quantile(0.99),
+        latency.value_at_quantile(0.999),
+        latency.max()
+    );
+    println!(
+        "journal             {journal_mib:.1} MiB, {syncs} fdatasyncs, mean {:.0} us each",
+        if syncs > 0 { sync_ns as f64 / syncs as f64 / 1000.0 } else { 0.0 }
+    );
+    for (shard, (batches, messages)) in stats.iter().enumerate() {
+        println!("shard {shard}             {batches} batches, {messages} messages");
+    }
+    if let Some((behind, catch_up_s, caught, error)) = &views_report {
+        println!(
+            "views               {:.1} MiB behind the journal at the end; caught up in {catch_up_s:.2} s{}{}",
+            *behind as f64 / 1_048_576.0,
+            if *caught { "" } else { " (NOT caught up)" },
+            error.as_deref().map(|e| format!(" error: {e}")).unwrap_or_default()
+        );
+    }
+    println!("rss                 {rss_mib} MiB");
+    println!("conserved           {conserved}");
+
+    let mut recovery_ms = None;
+    if args.measure_recovery {
+        engine.shutdown();
+        drop(engine);
+        let mut config = config;
+        config.views = false;
+        let reopened = Instant::now();
+        let engine = Engine::open(config)?;
+        let ms = reopened.elapsed().as_millis();
+        let report = engine.recovery_report().clone();
+        println!(
+            "recovery            {ms} ms: {} records, {} commands replayed, checkpoint {}",
+            report.records_replayed, report.commands_replayed, report.checkpoint_loaded
+        );
+        recovery_ms = Some(ms);
+        engine.shutdown();
+    }
+
+    let mut json = serde_json::json!({
+        "scenario": "engine",
+        "transfers_per_s": transfers_per_s,
+        "p50_us": latency.value_at_quantile(0.50),
+        "p99_us": latency.value_at_quantile(0.99),
+        "p999_us": latency.value_at_quantile(0.999),
+        "conserved": conserved,
+    });
+    if let Some((behind, catch_up_s, _, _)) = views_report {
+        json["views_behind_bytes"] = behind.into();
+        json["views_catch_up_s"] = serde_json::json!((catch_up_s * 1000.0).round() / 1000.0);
+    }
+    if let Some(ms) = recovery_ms {
+        json["recovery_ms"] = serde_json::json!(u64::try_from(ms).unwrap_or(u64::MAX));
+    }
+    println!("{json}");
+    ensure!(conserved, "conservation check failed");
+    Ok(())
+}
+
+fn setup(engine: &Engine, wallets: u64) -> anyhow::Result<()> {
+    let system = vec![
+        Account::new(ISSUANCE, Currency::Azn, AccountKind::EMONEY_ISSUANCE, AccountFlags::empty()),
+        Account::new(HOT, Currency::Azn, AccountKind::BILLER_SETTLEMENT, AccountFlags::empty()),
+    ];
+    let results = block_on(engine.create_accounts(system))?;
+    ensure!(
+        results.iter().all(|r| matches!(r, CreateAccountResult::Ok | CreateAccountResult::Exists)),
+        "{results:?}"
+    );
+    let mut next = 1;
+    while next <= wallets {
+        let end = (next + SETUP_BATCH as u64).min(wallets + 1);
+        let accounts: Vec<Account> = (next..end)
+            .map(|id| {
+                Account::new(
+                    AccountId(id),
+                    Currency::Azn,
+                    AccountKind::WALLET,
+                    AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS,
+                )
+            })
+            .collect();
+        let results = block_on(engine.create_accounts(accounts))?;
+        ensure!(
+            results.iter().all(|r| matches!(r, CreateAccountResult::Ok | CreateAccountResult::Exists)),
+            "{results:?}"
+        );
+        let funding: Vec<Transfer> = (next..end)
+            .map(|id| Transfer::new(u128::from(id) << 64, ISSUANCE, AccountId(id), FUNDING_MINOR))
+            .collect();
+        let results = engine.submit_blocking(funding)?;
+        ensure!(
+            results.iter().all(|r| r.is_ok()),
+            "funding failed: {:?}",
+            results.iter().find(|r| !r.is_ok())
+        );
+        next = end;
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn submitter(
+    engine: &Engine,
+    stop: &AtomicBool,
+    tally: &Tally,
+    worker: usize,
+    seed: u64,
+    accounts: u64,
+    batch_len: usize,
+    hot_percent: u8,
+) -> anyhow::Result<Histogram<u64>> {
+    let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
+    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    // Ids: the worker in the high bits and a counter below, so no two transfers share one.
+    let mut counter: u128 = 0;
+    let base = (u128::from(seed) << 80) | ((worker as u128 + 1) << 64);
+    while !stop.load(Ordering::Acquire) {
+        let batch: Vec<Transfer> = (0..batch_len)
+            .map(|_| {
+                counter += 1;
+                let debit = rng.random_range(1..=accounts);
+                let credit = if rng.random_range(0..100) < hot_percent {
+                    HOT
+                } else {
+                    let mut credit = rng.random_range(1..=accounts);
+                    if credit == debit {
+                        credit = debit % accounts + 1;
+                    }
+                    AccountId(credit)
+                };
+                Transfer::new(base | counter, AccountId(debit), credit, rng.random_range(1..=100))
+            })
+            .collect();
+        let sent = Instant::now();
+        let results = engine.submit_blocking(batch)?;
+        let micros = u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX).max(1);
+        latency.record_n(micros, results.len() as u64)?;
+        let ok = results.iter().filter(|r| **r == TransferResult::Ok).count() as u64;
+        tally.ok.fetch_add(ok, Ordering::Relaxed);
+        tally.refused.fetch_add(results.len() as u64 - ok, Ordering::Relaxed);
+    }
+    Ok(latency)
+}
+
+/// Nothing created or destroyed: debits equal credits per currency, no wallet below zero, and
+/// wallets plus the hot account hold exactly what issuance put in.
+fn conserved(engine: &Engine, wallets: u64) -> anyhow::Result<bool> {
+    let totals = engine.totals()?;
+    let balanced = totals.values().all(|t| t.balanced());
+    let mut held: i128 = 0;
+    let mut negative = false;
+    let mut next = 1;
+    while next <= wallets {
+        let end = (next + 65_536).min(wallets + 1);
+        let ids: Vec<AccountId> = (next..end).map(AccountId).collect();
+        for account in block_on(engine.lookup_accounts(&ids))?.into_iter().flatten() {
+            negative |= account.balance_posted() < 0 || account.debits_pending != 0;
+            held += account.balance_posted();
+        }
+        next = end;
+    }
+    let system = block_on(engine.lookup_accounts(&[HOT, ISSUANCE]))?;
+    let hot = system[0].map_or(0, |a| a.balance_posted());
+    let issued = system[1].map_or(0, |a| -a.balance_posted());
+    Ok(balanced
+        && !negative
+        && held + hot == issued
+        && issued == i128::from(wallets) * i128::from(FUNDING_MINOR))
+}
+
+fn rss_mib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib / 1024)
+}
+
+/// Runs a future to completion on this thread; the engine's futures need no runtime.
+fn block_on<F: std::future::Future>(future: F) -> F::Output {
+    use std::task::{Context, Poll, Wake, Waker};
+    struct ThreadWaker(std::thread::Thread);
+    impl Wake for ThreadWaker {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+    let waker = Waker::from(Arc::new(ThreadWaker(std::thread::current())));
+    let mut context = Context::from_waker(&waker);
+    let mut future = std::pin::pin!(future);
+    loop {
+        if let Poll::Ready(output) = future.as_mut().poll(&mut context) {
+            return output;
+        }
+        std::thread::park();
+    }
+}
