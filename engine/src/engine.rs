@@ -37,6 +37,9 @@ pub struct EngineConfig {
     pub group_len_max: usize,
     /// Whether to run the sled views (the transfer index and account history).
     pub views: bool,
+    /// A checkpoint is written once the journal has grown this much since the last one
+    /// (0: only when asked), bounding how much recovery replays.
+    pub checkpoint_every_bytes: u64,
     pub clock: Arc<dyn Clock>,
 }
 
@@ -51,6 +54,7 @@ impl EngineConfig {
             segment_len_max: limits::SEGMENT_LEN_MAX,
             group_len_max: limits::GROUP_LEN_MAX,
             views: true,
+            checkpoint_every_bytes: limits::CHECKPOINT_EVERY_BYTES,
             clock: Arc::new(SystemClock),
         }
     }
@@ -118,7 +122,6 @@ impl Engine {
         let journal_dir = config.data_dir.join("journal");
         let checkpoint_dir = config.data_dir.join("checkpoints");
         let (mut ledgers, mut report, last_now) = recover(&config, &journal_dir, &checkpoint_dir)?;
-        check_balanced(&ledgers)?;
 
         let state = JournalState::new(report.journal_position);
         let (journal_tx, journal_rx) =
@@ -140,8 +143,11 @@ impl Engine {
             },
         )?;
 
-        // Recovery's own decisions are journaled before anything else runs.
+        // Recovery's own decisions are journaled before anything else runs. Debits equal
+        // credits only once they are made: a cross-shard transfer caught between its credit and
+        // its finalize has its credit posted and its debit still pending.
         let logs = resolve_in_flight(&mut ledgers);
+        check_balanced(&ledgers)?;
         report.in_flight_resolved = logs.iter().map(Vec::len).sum();
         let (signal_tx, signal_rx) = bounded(logs.len());
         let mut waiting = 0;
@@ -159,7 +165,6 @@ impl Engine {
         for _ in 0..waiting {
             signal_rx.recv().map_err(|_| EngineError::Stopped)?;
         }
-        check_balanced(&ledgers)?;
 
         let views = if config.views {
             Some(Views::open(&config.data_dir.join("views"), &journal_dir, state.clone())?)
@@ -193,7 +198,8 @@ impl Engine {
         drop(journal_tx);
         report.elapsed_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
         tracing::info!(?report, "engine open");
-        Ok(Engine {
+        let checkpoint_from = report.journal_position;
+        let engine = Engine {
             inner: Arc::new(Inner {
                 shards: senders,
                 shard_count: config.shard_count,
@@ -206,7 +212,15 @@ impl Engine {
                 stopped: AtomicBool::new(false),
                 recovery: report,
             }),
-        })
+        };
+        if config.checkpoint_every_bytes > 0 {
+            spawn_checkpointer(
+                Arc::downgrade(&engine.inner),
+                checkpoint_from,
+                config.checkpoint_every_bytes,
+            )?;
+        }
+        Ok(engine)
     }
 
     pub fn shard_count(&self) -> u16 {
@@ -495,6 +509,38 @@ impl Drop for Inner {
     }
 }
 
+/// Writes a checkpoint whenever the journal has grown by `every` bytes. Holds only a weak
+/// reference, so it never keeps the engine alive; it ends when the engine stops.
+fn spawn_checkpointer(inner: std::sync::Weak<Inner>, mut last: u64, every: u64) -> Result<(), EngineError> {
+    std::thread::Builder::new()
+        .name("qepik-checkpoint".into())
+        .spawn(move || {
+            loop {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+                let Some(inner) = inner.upgrade() else { return };
+                if inner.stopped.load(Ordering::Acquire) || inner.journal.failed() {
+                    return;
+                }
+                let durable = inner.journal.durable();
+                if durable.saturating_sub(last) < every {
+                    continue;
+                }
+                let engine = Engine { inner };
+                match engine.checkpoint() {
+                    Ok(path) => {
+                        tracing::info!(path = %path.display(), durable, "checkpoint written");
+                        last = durable;
+                    }
+                    Err(error) => {
+                        tracing::error!(%error, "checkpoint failed; will retry");
+                    }
+                }
+            }
+        })
+        .map(|_detached| ())
+        .map_err(|error| EngineError::Config(format!("cannot start the checkpoint thread: {error}")))
+}
+
 fn shard_id(index: usize) -> ShardId {
     ShardId(u16::try_from(index).unwrap_or(u16::MAX))
 }
@@ -543,38 +589,77 @@ fn recover(
         report.checkpoint_loaded = true;
     }
     let from = positions.iter().copied().min().unwrap_or(0);
-    let end = journal::scan::<EngineError>(journal_dir, from, TailRepair::Truncate, |position, record| {
-        match record {
-            WalRecord::Meta { shard_count } => {
-                if shard_count != n {
-                    return Err(JournalError::ShardCountMismatch { found: shard_count, expected: n }.into());
+    // The scan decodes on this thread; each shard replays on its own thread, fed in journal
+    // order through a bounded channel, so recovery uses every core.
+    type Replayed = Result<(Ledger, u64, u64, u64), EngineError>;
+    let (end, replayed) = std::thread::scope(|scope| {
+        let mut feeds = Vec::new();
+        let mut workers = Vec::new();
+        for (index, mut ledger) in std::mem::take(&mut ledgers).into_iter().enumerate() {
+            let (tx, rx) = bounded::<(u64, u64, Vec<Command>)>(256);
+            feeds.push(tx);
+            let mut last = last_now[index];
+            workers.push(scope.spawn(move || -> Replayed {
+                let (mut records, mut commands_replayed) = (0_u64, 0_u64);
+                for (position, timestamp, commands) in rx {
+                    ledger
+                        .replay(&commands, timestamp)
+                        .map_err(|source| EngineError::Replay { position, source })?;
+                    last = last.max(timestamp);
+                    records += 1;
+                    commands_replayed += commands.len() as u64;
                 }
-            }
-            WalRecord::Batch { shard, timestamp, commands } => {
-                let index = usize::from(shard);
-                if index >= ledgers.len() {
-                    return Err(EngineError::InvalidRecord {
-                        position,
-                        reason: format!("shard {shard} out of range"),
-                    });
-                }
-                if position <= positions[index] {
-                    return Ok(());
-                }
-                let commands =
-                    commands.iter().map(Command::try_from).collect::<Result<Vec<_>, _>>().map_err(
-                        |error| EngineError::InvalidRecord { position, reason: error.to_string() },
-                    )?;
-                ledgers[index]
-                    .replay(&commands, timestamp)
-                    .map_err(|source| EngineError::Replay { position, source })?;
-                last_now[index] = last_now[index].max(timestamp);
-                report.records_replayed += 1;
-                report.commands_replayed += commands.len() as u64;
-            }
+                Ok((ledger, last, records, commands_replayed))
+            }));
         }
-        Ok(())
-    })?;
+        let end =
+            journal::scan::<EngineError>(journal_dir, from, TailRepair::Truncate, |position, record| {
+                match record {
+                    WalRecord::Meta { shard_count } => {
+                        if shard_count != n {
+                            return Err(
+                                JournalError::ShardCountMismatch { found: shard_count, expected: n }.into()
+                            );
+                        }
+                    }
+                    WalRecord::Batch { shard, timestamp, commands } => {
+                        let index = usize::from(shard);
+                        let Some(feed) = feeds.get(index) else {
+                            return Err(EngineError::InvalidRecord {
+                                position,
+                                reason: format!("shard {shard} out of range"),
+                            });
+                        };
+                        if position <= positions[index] {
+                            return Ok(());
+                        }
+                        let commands =
+                            commands.iter().map(Command::try_from).collect::<Result<Vec<_>, _>>().map_err(
+                                |error| EngineError::InvalidRecord { position, reason: error.to_string() },
+                            )?;
+                        // A closed feed means that shard's replay failed; its error is reported below.
+                        let _failed = feed.send((position, timestamp, commands));
+                    }
+                }
+                Ok(())
+            });
+        drop(feeds);
+        let replayed: Vec<Replayed> = workers
+            .into_iter()
+            .map(|worker| {
+                worker.join().unwrap_or_else(|_| Err(EngineError::Config("a replay thread panicked".into())))
+            })
+            .collect();
+        (end, replayed)
+    });
+    for (index, result) in replayed.into_iter().enumerate() {
+        let (ledger, last, records, commands) = result?;
+        ledgers.push(ledger);
+        last_now[index] = last;
+        report.records_replayed += records;
+        report.commands_replayed += commands;
+    }
+    let end = end?;
     report.torn_bytes = end.torn_bytes;
     report.journal_position = end.position;
     Ok((ledgers, report, last_now))

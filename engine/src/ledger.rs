@@ -389,9 +389,12 @@ impl Ledger {
         if let Err(result) = validate(transfer) {
             return result;
         }
-        if let Route::Cross { .. } =
-            route(transfer.debit_account_id, transfer.credit_account_id, self.shard_count)
-        {
+        // The whole chain runs on the shard of its first member, so every member's accounts
+        // must live here; checked before the id, in `TransferResult` order.
+        let here = |account: AccountId| {
+            account.is_spread() || crate::ids::home_shard(account, self.shard_count) == self.shard
+        };
+        if !here(transfer.debit_account_id) || !here(transfer.credit_account_id) {
             return TransferResult::CrossShardMustBePlain;
         }
         if let Some(existing) = self.transfers.get(&transfer.id) {

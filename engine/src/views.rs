@@ -81,6 +81,9 @@ impl Trees {
         let mut transfers = sled::Batch::default();
         let mut history = sled::Batch::default();
         let mut in_flight = sled::Batch::default();
+        // Reserves read in this pass: their finalize often follows in the same pass, before the
+        // `in_flight` batch reaches the tree.
+        let mut reserved: rustc_hash::FxHashMap<u128, (Transfer, u64)> = rustc_hash::FxHashMap::default();
         let mut posted = Vec::new();
         for (record_end, record) in records {
             let WalRecord::Batch { timestamp, commands, .. } = record else {
@@ -93,12 +96,20 @@ impl Trees {
                 match command {
                     Command::Transfer(t) => posted.push((t, *timestamp, *record_end)),
                     Command::Reserve(t) => {
+                        reserved.insert(t.id.0, (t, *timestamp));
                         in_flight.insert(&t.id.0.to_be_bytes(), encode_transfer(&t, *timestamp).to_vec());
                     }
                     Command::Finalize { id, result } => {
                         if result.is_ok() {
-                            let body = self.in_flight.get(id.0.to_be_bytes())?;
-                            if let Some((t, at)) = body.as_deref().and_then(decode_transfer) {
+                            let found = match reserved.remove(&id.0) {
+                                Some(found) => Some(found),
+                                None => self
+                                    .in_flight
+                                    .get(id.0.to_be_bytes())?
+                                    .as_deref()
+                                    .and_then(decode_transfer),
+                            };
+                            if let Some((t, at)) = found {
                                 posted.push((t, at, *record_end));
                             }
                         }

@@ -4,6 +4,8 @@
 //! - `engine`: the engine in-process with its durable journal and sled views; uniform random
 //!   transfers between wallets, a share of them crediting one hot account. Prints a table, then
 //!   as its last line one JSON object.
+//! - `recover`: opens an existing data directory (say, one left by `engine --data-dir`) and
+//!   times recovery: checkpoint load, journal replay, invariant check.
 
 mod engine_scenario;
 
@@ -20,11 +22,14 @@ struct Cli {
 enum Scenario {
     /// Drive the engine in-process with the durable journal.
     Engine(engine_scenario::Args),
+    /// Open an existing data directory and report how long recovery took.
+    Recover(engine_scenario::RecoverArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.scenario {
         Scenario::Engine(args) => engine_scenario::run(args),
+        Scenario::Recover(args) => engine_scenario::recover(args),
     }
 }
