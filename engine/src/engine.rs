@@ -17,7 +17,7 @@ use crate::clock::{Clock, SystemClock};
 use crate::ids::{AccountId, ShardId, TransferId, home_shard, route};
 use crate::journal::record::{WalCheckpoint, WalRecord, WalShardState};
 use crate::journal::{self, JournalBatch, JournalError, JournalState, TailRepair, WriterConfig};
-use crate::ledger::{Command, Ledger, ReplayError, StoredTransfer, Totals, resolve_in_flight};
+use crate::ledger::{Command, Ledger, ReplayError, Totals, TransferStatus, resolve_in_flight};
 use crate::limits;
 use crate::money::Currency;
 use crate::reply::{Completion, Gather, Waiter};
@@ -394,13 +394,14 @@ impl Engine {
         Ok(found)
     }
 
-    /// The stored transfers with these ids. Each is looked up on every shard, since a
-    /// transfer's id says nothing of where it lives.
+    /// Where the transfers with these ids stand (with the body while a hold is open). Each is
+    /// looked up on every shard, since a transfer's id says nothing of where it lives. The body
+    /// of a final transfer is in the views' transfer index.
     pub async fn lookup_transfers(
         &self,
         ids: &[TransferId],
-    ) -> Result<Vec<Option<StoredTransfer>>, EngineError> {
-        let mut found: Vec<Option<StoredTransfer>> = vec![None; ids.len()];
+    ) -> Result<Vec<Option<TransferStatus>>, EngineError> {
+        let mut found: Vec<Option<TransferStatus>> = vec![None; ids.len()];
         let mut pending = Vec::new();
         for shard in 0..self.inner.shard_count {
             let (tx, rx) = oneshot::channel();

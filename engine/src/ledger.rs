@@ -62,6 +62,14 @@ pub struct StoredTransfer {
     pub expires_at: u64,
 }
 
+/// What a lookup finds of an accepted transfer: its state, and while it is an open hold or in
+/// flight between shards, its stored body. Final transfers' bodies are in the views.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TransferStatus {
+    pub state: TransferState,
+    pub open: Option<StoredTransfer>,
+}
+
 /// A state change of one shard, as journaled. Replaying a shard's commands in order from an
 /// empty (or checkpointed) ledger rebuilds its state exactly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -130,11 +138,57 @@ impl Totals {
     }
 }
 
+/// What the ledger remembers of a transfer that has reached its final state: a 64-bit hash of
+/// its body (for idempotent retries) with the state in the low three bits. 16 + 8 bytes a
+/// transfer instead of ~150 keeps ten million of them in a few hundred MiB; the body itself is
+/// in the journal and the sled transfer index.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Done(u64);
+
+impl Done {
+    pub fn new(body_hash: u64, state: TransferState) -> Done {
+        Done((body_hash & !7) | state as u64)
+    }
+    pub fn from_bits(bits: u64) -> Option<Done> {
+        TransferState::from_u8(u8::try_from(bits & 7).ok()?).map(|_| Done(bits))
+    }
+    pub fn bits(self) -> u64 {
+        self.0
+    }
+    pub fn state(self) -> TransferState {
+        TransferState::from_u8(u8::try_from(self.0 & 7).unwrap_or(0)).unwrap_or(TransferState::Posted)
+    }
+    fn matches(self, transfer: &Transfer) -> bool {
+        self.0 & !7 == body_hash(transfer) & !7
+    }
+}
+
+/// A stable 64-bit hash of a transfer's body: two CRC32C passes with different seeds over a
+/// fixed little-endian layout. Stable across releases, since checkpoints store it.
+pub fn body_hash(t: &Transfer) -> u64 {
+    let mut bytes = [0_u8; 81];
+    bytes[0..16].copy_from_slice(&t.id.0.to_le_bytes());
+    bytes[16..24].copy_from_slice(&t.debit_account_id.0.to_le_bytes());
+    bytes[24..32].copy_from_slice(&t.credit_account_id.0.to_le_bytes());
+    bytes[32..40].copy_from_slice(&t.amount.to_le_bytes());
+    bytes[40..56].copy_from_slice(&t.pending_id.0.to_le_bytes());
+    bytes[56..72].copy_from_slice(&t.user_data.to_le_bytes());
+    bytes[72..76].copy_from_slice(&t.timeout_s.to_le_bytes());
+    bytes[76..78].copy_from_slice(&t.code.to_le_bytes());
+    bytes[78..80].copy_from_slice(&t.flags.0.to_le_bytes());
+    bytes[80] = t.currency as u8;
+    let low = crc32c::crc32c(&bytes);
+    let high = crc32c::crc32c_append(0x9E37_79B9, &bytes);
+    (u64::from(high) << 32) | u64::from(low)
+}
+
 /// Undo records of a linked chain, so that a failing member rolls back the members before it.
 enum Undo {
     Account(Account),
-    Transfer(TransferId, Option<StoredTransfer>),
+    Open(TransferId, Option<StoredTransfer>),
+    Done(TransferId),
     ExpiryAdded(u64, TransferId),
+    ExpiryRemoved(u64, TransferId),
 }
 
 #[derive(Debug)]
@@ -142,7 +196,10 @@ pub struct Ledger {
     shard: ShardId,
     shard_count: u16,
     accounts: FxHashMap<AccountId, Account>,
-    transfers: FxHashMap<TransferId, StoredTransfer>,
+    /// Transfers not yet final: open holds and cross-shard transfers in flight, with their bodies.
+    open: FxHashMap<TransferId, StoredTransfer>,
+    /// Transfers in a final state, compactly.
+    done: FxHashMap<TransferId, Done>,
     expiries: BTreeSet<(u64, TransferId)>,
     /// Credit steps of cross-shard transfers this shard applied (or refused), until forgotten.
     credits: FxHashMap<TransferId, TransferResult>,
@@ -154,7 +211,8 @@ impl Ledger {
             shard,
             shard_count,
             accounts: FxHashMap::default(),
-            transfers: FxHashMap::default(),
+            open: FxHashMap::default(),
+            done: FxHashMap::default(),
             expiries: BTreeSet::new(),
             credits: FxHashMap::default(),
         }
@@ -163,7 +221,7 @@ impl Ledger {
     pub fn with_capacity(shard: ShardId, shard_count: u16, accounts: usize, transfers: usize) -> Self {
         let mut ledger = Ledger::new(shard, shard_count);
         ledger.accounts.reserve(accounts);
-        ledger.transfers.reserve(transfers);
+        ledger.done.reserve(transfers);
         ledger
     }
 
@@ -187,16 +245,34 @@ impl Ledger {
         self.accounts.len()
     }
 
-    pub fn transfer(&self, id: TransferId) -> Option<&StoredTransfer> {
-        self.transfers.get(&id)
+    /// Where a transfer stands, if this shard has accepted it.
+    pub fn transfer_state(&self, id: TransferId) -> Option<TransferState> {
+        match self.open.get(&id) {
+            Some(open) => Some(open.state),
+            None => self.done.get(&id).map(|done| done.state()),
+        }
     }
 
-    pub fn transfers(&self) -> impl Iterator<Item = &StoredTransfer> {
-        self.transfers.values()
+    pub fn transfer_status(&self, id: TransferId) -> Option<TransferStatus> {
+        let open = self.open.get(&id).copied();
+        Some(TransferStatus { state: self.transfer_state(id)?, open })
+    }
+
+    /// An open hold or a cross-shard transfer in flight, with its body.
+    pub fn open_transfer(&self, id: TransferId) -> Option<&StoredTransfer> {
+        self.open.get(&id)
+    }
+
+    pub fn open_transfers(&self) -> impl Iterator<Item = &StoredTransfer> {
+        self.open.values()
+    }
+
+    pub fn done_transfers(&self) -> impl Iterator<Item = (&TransferId, &Done)> {
+        self.done.iter()
     }
 
     pub fn transfer_count(&self) -> usize {
-        self.transfers.len()
+        self.open.len() + self.done.len()
     }
 
     pub fn credit_steps(&self) -> impl Iterator<Item = (&TransferId, &TransferResult)> {
@@ -215,16 +291,18 @@ impl Ledger {
     pub fn restore(
         &mut self,
         accounts: Vec<Account>,
-        transfers: Vec<StoredTransfer>,
+        open: Vec<StoredTransfer>,
+        done: Vec<(TransferId, Done)>,
         credits: Vec<(TransferId, TransferResult)>,
     ) {
         self.accounts = accounts.into_iter().map(|a| (a.id, a)).collect();
-        self.expiries = transfers
+        self.expiries = open
             .iter()
             .filter(|t| t.state == TransferState::Pending && t.expires_at != 0)
             .map(|t| (t.expires_at, t.transfer.id))
             .collect();
-        self.transfers = transfers.into_iter().map(|t| (t.transfer.id, t)).collect();
+        self.open = open.into_iter().map(|t| (t.transfer.id, t)).collect();
+        self.done = done.into_iter().collect();
         self.credits = credits.into_iter().collect();
     }
 
@@ -317,12 +395,8 @@ impl Ledger {
         if matches!(route, Route::Cross { .. }) && !transfer.flags.is_plain() {
             return Outcome::Done(TransferResult::CrossShardMustBePlain);
         }
-        if let Some(existing) = self.transfers.get(&transfer.id) {
-            return match (existing.transfer == *transfer, existing.state) {
-                (true, TransferState::Reserved) => Outcome::Wait,
-                (true, _) => Outcome::Done(TransferResult::Ok),
-                (false, _) => Outcome::Done(TransferResult::ExistsWithDifferentBody),
-            };
+        if let Some(existing) = self.existing(transfer) {
+            return existing;
         }
         match route {
             Route::Local(_) => {
@@ -379,6 +453,23 @@ impl Ledger {
         }
     }
 
+    /// The answer for a transfer whose id this shard accepted before, if it did.
+    fn existing(&self, transfer: &Transfer) -> Option<Outcome> {
+        if let Some(open) = self.open.get(&transfer.id) {
+            return Some(match (open.transfer == *transfer, open.state) {
+                (true, TransferState::Reserved) => Outcome::Wait,
+                (true, _) => Outcome::Done(TransferResult::Ok),
+                (false, _) => Outcome::Done(TransferResult::ExistsWithDifferentBody),
+            });
+        }
+        let done = self.done.get(&transfer.id)?;
+        Some(Outcome::Done(if done.matches(transfer) {
+            TransferResult::Ok
+        } else {
+            TransferResult::ExistsWithDifferentBody
+        }))
+    }
+
     fn chain_member(
         &mut self,
         transfer: &Transfer,
@@ -397,12 +488,10 @@ impl Ledger {
         if !here(transfer.debit_account_id) || !here(transfer.credit_account_id) {
             return TransferResult::CrossShardMustBePlain;
         }
-        if let Some(existing) = self.transfers.get(&transfer.id) {
-            return if existing.transfer == *transfer && existing.state != TransferState::Reserved {
-                TransferResult::Ok
-            } else {
-                TransferResult::ExistsWithDifferentBody
-            };
+        match self.existing(transfer) {
+            Some(Outcome::Done(result)) => return result,
+            Some(_) => return TransferResult::ExistsWithDifferentBody,
+            None => {}
         }
         let result = self.apply_local(transfer, now, Some(undo));
         if result.is_ok() {
@@ -417,14 +506,20 @@ impl Ledger {
                 Undo::Account(account) => {
                     self.accounts.insert(account.id, account);
                 }
-                Undo::Transfer(id, Some(previous)) => {
-                    self.transfers.insert(id, previous);
+                Undo::Open(id, Some(previous)) => {
+                    self.open.insert(id, previous);
                 }
-                Undo::Transfer(id, None) => {
-                    self.transfers.remove(&id);
+                Undo::Open(id, None) => {
+                    self.open.remove(&id);
+                }
+                Undo::Done(id) => {
+                    self.done.remove(&id);
                 }
                 Undo::ExpiryAdded(at, id) => {
                     self.expiries.remove(&(at, id));
+                }
+                Undo::ExpiryRemoved(at, id) => {
+                    self.expiries.insert((at, id));
                 }
             }
         }
@@ -471,7 +566,7 @@ impl Ledger {
         if let Some(undo) = undo {
             undo.push(Undo::Account(*debit));
             undo.push(Undo::Account(*credit));
-            undo.push(Undo::Transfer(transfer.id, None));
+            undo.push(if pending { Undo::Open(transfer.id, None) } else { Undo::Done(transfer.id) });
             if expires_at != 0 {
                 undo.push(Undo::ExpiryAdded(expires_at, transfer.id));
             }
@@ -484,12 +579,18 @@ impl Ledger {
             debit.debits_posted += transfer.amount;
             credit.credits_posted += transfer.amount;
         }
-        let state = if pending { TransferState::Pending } else { TransferState::Posted };
-        if expires_at != 0 {
-            self.expiries.insert((expires_at, transfer.id));
+        if pending {
+            if expires_at != 0 {
+                self.expiries.insert((expires_at, transfer.id));
+            }
+            let state = TransferState::Pending;
+            self.open.insert(
+                transfer.id,
+                StoredTransfer { transfer: *transfer, timestamp: now, state, expires_at },
+            );
+        } else {
+            self.done.insert(transfer.id, Done::new(body_hash(transfer), TransferState::Posted));
         }
-        self.transfers
-            .insert(transfer.id, StoredTransfer { transfer: *transfer, timestamp: now, state, expires_at });
         TransferResult::Ok
     }
 
@@ -499,13 +600,24 @@ impl Ledger {
         now: u64,
         undo: Option<&mut Vec<Undo>>,
     ) -> TransferResult {
-        let Some(hold) = self.transfers.get(&transfer.pending_id).copied() else {
-            return TransferResult::PendingTransferNotFound;
+        // A resolved hold is remembered compactly: its state answers, its body is gone.
+        let hold = match self.open.get(&transfer.pending_id).copied() {
+            Some(hold) if hold.state == TransferState::Pending => hold,
+            Some(_) => return TransferResult::PendingTransferNotPending,
+            None => {
+                return match self.done.get(&transfer.pending_id).map(|done| done.state()) {
+                    None => TransferResult::PendingTransferNotFound,
+                    Some(TransferState::PendingPosted) => TransferResult::PendingTransferAlreadyPosted,
+                    Some(TransferState::PendingVoided) => TransferResult::PendingTransferAlreadyVoided,
+                    Some(TransferState::PendingExpired) => TransferResult::PendingTransferExpired,
+                    Some(_) => TransferResult::PendingTransferNotPending,
+                };
+            }
         };
-        let held = hold.transfer;
-        if !held.flags.contains(TransferFlags::PENDING) {
-            return TransferResult::PendingTransferNotPending;
+        if hold.expires_at != 0 && now >= hold.expires_at {
+            return TransferResult::PendingTransferExpired;
         }
+        let held = hold.transfer;
         if held.debit_account_id != transfer.debit_account_id
             || held.credit_account_id != transfer.credit_account_id
         {
@@ -513,18 +625,6 @@ impl Ledger {
         }
         if held.currency != transfer.currency {
             return TransferResult::PendingTransferHasDifferentCurrency;
-        }
-        match hold.state {
-            TransferState::Pending => {}
-            TransferState::PendingPosted => return TransferResult::PendingTransferAlreadyPosted,
-            TransferState::PendingVoided => return TransferResult::PendingTransferAlreadyVoided,
-            TransferState::PendingExpired => return TransferResult::PendingTransferExpired,
-            TransferState::Posted | TransferState::Reserved => {
-                return TransferResult::PendingTransferNotPending;
-            }
-        }
-        if hold.expires_at != 0 && now >= hold.expires_at {
-            return TransferResult::PendingTransferExpired;
         }
         let post = transfer.flags.contains(TransferFlags::POST_PENDING);
         let amount = if post && transfer.amount != 0 { transfer.amount } else { held.amount };
@@ -553,28 +653,22 @@ impl Ledger {
         if let Some(undo) = undo {
             undo.push(Undo::Account(debit));
             undo.push(Undo::Account(credit));
-            undo.push(Undo::Transfer(held.id, Some(hold)));
-            undo.push(Undo::Transfer(transfer.id, None));
+            undo.push(Undo::Open(held.id, Some(hold)));
+            undo.push(Undo::Done(held.id));
+            undo.push(Undo::Done(transfer.id));
+            if hold.expires_at != 0 {
+                undo.push(Undo::ExpiryRemoved(hold.expires_at, held.id));
+            }
         }
         self.accounts.insert(new_debit.id, new_debit);
         self.accounts.insert(new_credit.id, new_credit);
         if hold.expires_at != 0 {
             self.expiries.remove(&(hold.expires_at, held.id));
         }
-        let resolved = StoredTransfer {
-            state: if post { TransferState::PendingPosted } else { TransferState::PendingVoided },
-            ..hold
-        };
-        self.transfers.insert(held.id, resolved);
-        self.transfers.insert(
-            transfer.id,
-            StoredTransfer {
-                transfer: *transfer,
-                timestamp: now,
-                state: TransferState::Posted,
-                expires_at: 0,
-            },
-        );
+        let state = if post { TransferState::PendingPosted } else { TransferState::PendingVoided };
+        self.open.remove(&held.id);
+        self.done.insert(held.id, Done::new(body_hash(&held), state));
+        self.done.insert(transfer.id, Done::new(body_hash(transfer), TransferState::Posted));
         TransferResult::Ok
     }
 
@@ -590,7 +684,7 @@ impl Ledger {
             return result;
         }
         debit.debits_pending += transfer.amount;
-        self.transfers.insert(
+        self.open.insert(
             transfer.id,
             StoredTransfer {
                 transfer: *transfer,
@@ -631,7 +725,7 @@ impl Ledger {
     /// Ends a cross-shard transfer on its debit shard. Returns `false` if it was not in flight
     /// (a repeated finalize changes nothing).
     pub fn finalize(&mut self, id: TransferId, result: TransferResult, log: &mut Vec<Command>) -> bool {
-        let Some(stored) = self.transfers.get(&id).copied() else {
+        let Some(stored) = self.open.get(&id).copied() else {
             return false;
         };
         if stored.state != TransferState::Reserved {
@@ -644,11 +738,10 @@ impl Ledger {
         debit.debits_pending -= amount;
         if result.is_ok() {
             debit.debits_posted += amount;
-            self.transfers.insert(id, StoredTransfer { state: TransferState::Posted, ..stored });
-        } else {
-            // Refused transfers are not stored: the id is free for a retry, as with any refusal.
-            self.transfers.remove(&id);
+            self.done.insert(id, Done::new(body_hash(&stored.transfer), TransferState::Posted));
         }
+        // Refused transfers are not stored: the id is free for a retry, as with any refusal.
+        self.open.remove(&id);
         log.push(Command::Finalize { id, result });
         true
     }
@@ -681,13 +774,12 @@ impl Ledger {
     }
 
     fn expire_one(&mut self, id: TransferId) -> bool {
-        let Some(stored) = self.transfers.get_mut(&id) else {
+        let Some(stored) = self.open.get(&id).copied() else {
             return false;
         };
         if stored.state != TransferState::Pending {
             return false;
         }
-        stored.state = TransferState::PendingExpired;
         let held = stored.transfer;
         if let Some(debit) = self.accounts.get_mut(&held.debit_account_id) {
             debit.debits_pending -= held.amount;
@@ -696,6 +788,8 @@ impl Ledger {
             credit.credits_pending -= held.amount;
         }
         self.expiries.remove(&(stored.expires_at, id));
+        self.open.remove(&id);
+        self.done.insert(id, Done::new(body_hash(&held), TransferState::PendingExpired));
         true
     }
 
@@ -844,7 +938,7 @@ pub fn resolve_in_flight(ledgers: &mut [Ledger]) -> Vec<Vec<Command>> {
         .enumerate()
         .flat_map(|(shard, ledger)| {
             ledger
-                .transfers
+                .open
                 .values()
                 .filter(|t| t.state == TransferState::Reserved)
                 .map(move |t| (shard, t.transfer))

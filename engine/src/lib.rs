@@ -25,6 +25,6 @@ pub mod views;
 pub use account::{Account, AccountFlags, AccountKind, CreateAccountResult};
 pub use engine::{Engine, EngineConfig, EngineError, RecoveryReport};
 pub use ids::{AccountId, ShardId, TransferId};
-pub use ledger::{Ledger, StoredTransfer, Totals, TransferState};
+pub use ledger::{Ledger, StoredTransfer, Totals, TransferState, TransferStatus};
 pub use money::{Amount, Currency};
 pub use transfer::{Transfer, TransferFlags, TransferResult};

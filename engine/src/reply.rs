@@ -12,7 +12,7 @@ use tokio::sync::oneshot;
 use crate::account::{Account, CreateAccountResult};
 use crate::ids::ShardId;
 use crate::journal::record::WalShardState;
-use crate::ledger::StoredTransfer;
+use crate::ledger::TransferStatus;
 use crate::transfer::TransferResult;
 
 #[derive(Debug)]
@@ -70,7 +70,7 @@ pub enum Completion {
     Results(Vec<(Waiter, TransferResult)>),
     Accounts(oneshot::Sender<Vec<CreateAccountResult>>, Vec<CreateAccountResult>),
     AccountLookup(oneshot::Sender<Vec<Option<Account>>>, Vec<Option<Account>>),
-    Transfers(oneshot::Sender<Vec<Option<StoredTransfer>>>, Vec<Option<StoredTransfer>>),
+    Transfers(oneshot::Sender<Vec<Option<TransferStatus>>>, Vec<Option<TransferStatus>>),
     Checkpoint(crossbeam_channel::Sender<(ShardId, WalShardState)>, ShardId, Box<WalShardState>),
     /// Recovery waits on this for its own records to be durable.
     Signal(crossbeam_channel::Sender<u64>),

@@ -18,7 +18,7 @@ use crate::ids::{ShardId, TransferId};
 use crate::journal::JournalBatch;
 use crate::journal::frame;
 use crate::journal::record::{self, FORMAT_VERSION, WalCommand, WalRecord, WalShardState};
-use crate::ledger::{Command, Ledger, Outcome, StoredTransfer};
+use crate::ledger::{Command, Ledger, Outcome, TransferStatus};
 use crate::reply::{Completion, Waiter};
 use crate::transfer::{Transfer, TransferResult};
 
@@ -50,7 +50,7 @@ pub enum ShardMessage {
     },
     LookupTransfers {
         ids: Vec<TransferId>,
-        reply: oneshot::Sender<Vec<Option<StoredTransfer>>>,
+        reply: oneshot::Sender<Vec<Option<TransferStatus>>>,
     },
     Checkpoint {
         reply: crossbeam_channel::Sender<(ShardId, WalShardState)>,
@@ -189,7 +189,7 @@ impl Shard {
                         completions.push(Completion::AccountLookup(reply, found));
                     }
                     ShardMessage::LookupTransfers { ids, reply } => {
-                        let found = ids.iter().map(|id| self.ledger.transfer(*id).copied()).collect();
+                        let found = ids.iter().map(|id| self.ledger.transfer_status(*id)).collect();
                         completions.push(Completion::Transfers(reply, found));
                     }
                     ShardMessage::Checkpoint { reply } => checkpoints.push(reply),

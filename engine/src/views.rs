@@ -4,9 +4,9 @@
 //! [`reindex`] rebuilds it from the journal.
 //!
 //! One thread tails the journal (reading only what became durable since its last pass) and
-//! writes each pass as one sled batch per tree, then the position. Re-applying a pass is
-//! harmless (every write is an idempotent insert or remove), which is why the position may be
-//! written last without a transaction across trees.
+//! writes each pass as one sled batch per tree, then the position. Re-applying a pass after a
+//! crash is harmless: the transfer and history writes are idempotent inserts, and the one tree a
+//! pass reads, `in_flight`, commits in one transaction with the position.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -134,10 +134,24 @@ impl Trees {
                 history_value(&t, false, pending).to_vec(),
             );
         }
-        self.in_flight.apply_batch(in_flight)?;
         self.transfers.apply_batch(transfers)?;
         self.history.apply_batch(history)?;
-        self.meta.insert(APPLIED_KEY, &position.to_be_bytes())?;
+        // A pass reads `in_flight` (a finalize looks up its reserve), so re-applying it is
+        // harmless only if `in_flight` is still as it was before the pass: its changes and the
+        // position commit in one transaction, which sled recovers whole or not at all.
+        use sled::transaction::Transactional;
+        (&self.in_flight, &self.meta)
+            .transaction(|(in_flight_tx, meta_tx)| {
+                in_flight_tx.apply_batch(&in_flight)?;
+                meta_tx.insert(APPLIED_KEY, &position.to_be_bytes())?;
+                Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
+            })
+            .map_err(|error| match error {
+                sled::transaction::TransactionError::Storage(error) => error,
+                sled::transaction::TransactionError::Abort(()) => {
+                    sled::Error::ReportableBug("the views transaction aborted".into())
+                }
+            })?;
         Ok(())
     }
 }

@@ -1,5 +1,16 @@
 //! Qepik's end-to-end tests, one binary (matklad's advice: one link step, shared helpers).
+//! Slow variants run with `QEPIK_SLOW_TESTS=1`; randomised tests print their `QEPIK_SEED`.
 //!
-//! - `engine`: the engine through its public handle: transfers, idempotency, concurrency, restart.
+//! - `engine`: the engine through its public handle: transfers, idempotency under concurrency,
+//!   overdraft races across shards, hold expiry with a manual clock, restart, the views, and
+//!   regression tests for the bugs the other modules found.
+//! - `model`: proptest operations on the engine and on a plain map model, restarts included.
+//! - `crash`: a child process killed with SIGKILL under load, five times over one directory;
+//!   what it was told must hold after each recovery.
+//! - `torn_tail`: journals cut at every offset of their last records, and bit flips: a torn tail
+//!   is cut off, damage before valid records refuses to open.
 
+mod crash;
 mod engine;
+mod model;
+mod torn_tail;

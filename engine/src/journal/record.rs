@@ -74,7 +74,10 @@ pub struct WalShardState {
     /// The time of the last batch applied (ns), so the shard's clock never runs backwards.
     pub timestamp: u64,
     pub accounts: Vec<WalAccount>,
+    /// Open holds and cross-shard transfers in flight, whole.
     pub transfers: Vec<WalStoredTransfer>,
+    /// Final transfers: id and `ledger::Done` bits (body hash and state).
+    pub done: Vec<(u128, u64)>,
     pub credits: Vec<(u128, u8)>,
 }
 
@@ -245,7 +248,8 @@ impl WalShardState {
             position: 0,
             timestamp,
             accounts: ledger.accounts().map(WalAccount::from).collect(),
-            transfers: ledger.transfers().map(WalStoredTransfer::from).collect(),
+            transfers: ledger.open_transfers().map(WalStoredTransfer::from).collect(),
+            done: ledger.done_transfers().map(|(id, done)| (id.0, done.bits())).collect(),
             credits: ledger.credit_steps().map(|(id, result)| (id.0, *result as u8)).collect(),
         }
     }
@@ -262,7 +266,16 @@ impl WalShardState {
                     .ok_or(DecodeRecordError("result"))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        ledger.restore(accounts, transfers, credits);
+        let done = self
+            .done
+            .iter()
+            .map(|(id, bits)| {
+                crate::ledger::Done::from_bits(*bits)
+                    .map(|done| (TransferId(*id), done))
+                    .ok_or(DecodeRecordError("state"))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        ledger.restore(accounts, transfers, done, credits);
         Ok(())
     }
 }

@@ -146,7 +146,7 @@ fn linked_chain_commits_or_fails_as_one() {
         [TransferResult::LinkedEventFailed, TransferResult::ExceedsCredits]
     );
     assert_eq!((balance(&ledger, 1), balance(&ledger, 2)), (1000, 0));
-    assert!(ledger.transfer(TransferId(1)).is_none());
+    assert!(ledger.transfer_state(TransferId(1)).is_none());
     let b = Transfer { amount: 500, ..b };
     assert_eq!(submit(&mut ledger, &[a, b]), [TransferResult::Ok, TransferResult::Ok]);
     assert_eq!(balance(&ledger, 1), 0);
@@ -195,7 +195,7 @@ fn cross_shard_transfer_reserves_credits_and_finalizes() {
     let mut log = Vec::new();
     let mut fund = wallet(debit_id);
     fund.credits_posted = 100;
-    ledgers[home(debit_id)].restore(vec![fund], vec![], vec![]);
+    ledgers[home(debit_id)].restore(vec![fund], vec![], vec![], vec![]);
     ledgers[home(credit_id)].create_account(wallet(credit_id), NOW, &mut log);
     // Balance the funding with a spread issuance account so totals stay exact.
     let transfer = Transfer::new(7, AccountId(debit_id), AccountId(credit_id), 60);
@@ -236,11 +236,54 @@ impl CloneForTest for Vec<Ledger> {
                 let mut copy = Ledger::new(l.shard, l.shard_count);
                 copy.restore(
                     l.accounts.values().copied().collect(),
-                    l.transfers.values().copied().collect(),
+                    l.open.values().copied().collect(),
+                    l.done.iter().map(|(k, v)| (*k, *v)).collect(),
                     l.credits.iter().map(|(k, v)| (*k, *v)).collect(),
                 );
                 copy
             })
             .collect()
     }
+}
+
+#[test]
+fn a_chain_that_fails_after_posting_a_hold_restores_the_hold_and_its_timeout() {
+    let mut ledger = ledger();
+    let hold = Transfer {
+        flags: TransferFlags::PENDING,
+        timeout_s: 60,
+        ..Transfer::new(1, AccountId(1), AccountId(2), 300)
+    };
+    assert_eq!(submit(&mut ledger, &[hold]), [TransferResult::Ok]);
+    let post = Transfer {
+        flags: TransferFlags::POST_PENDING.union(TransferFlags::LINKED),
+        pending_id: TransferId(1),
+        ..Transfer::new(2, AccountId(1), AccountId(2), 0)
+    };
+    let too_much = Transfer::new(3, AccountId(1), AccountId(9), 10_000);
+    assert_eq!(
+        submit(&mut ledger, &[post, too_much]),
+        [TransferResult::LinkedEventFailed, TransferResult::ExceedsCredits]
+    );
+    assert_eq!(ledger.transfer_state(TransferId(1)), Some(TransferState::Pending));
+    assert_eq!(ledger.transfer_state(TransferId(2)), None);
+    let mut log = Vec::new();
+    assert_eq!(ledger.expire(NOW + 60 * NS_PER_S, &mut log), 1, "the hold still expires");
+    assert_eq!(ledger.account(AccountId(1)).map(|a| a.debits_pending), Some(0));
+}
+
+#[test]
+fn final_transfers_are_remembered_by_body_hash() {
+    let mut ledger = ledger();
+    let transfer = Transfer { user_data: 7, ..Transfer::new(1, AccountId(1), AccountId(2), 10) };
+    assert_eq!(submit(&mut ledger, &[transfer]), [TransferResult::Ok]);
+    assert_eq!(submit(&mut ledger, &[transfer]), [TransferResult::Ok]);
+    for other in [
+        Transfer { user_data: 8, ..transfer },
+        Transfer { code: 1, ..transfer },
+        Transfer { credit_account_id: AccountId(9), ..transfer },
+    ] {
+        assert_eq!(submit(&mut ledger, &[other]), [TransferResult::ExistsWithDifferentBody]);
+    }
+    assert_eq!(balance(&ledger, 2), 10);
 }
