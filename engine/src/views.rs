@@ -97,27 +97,27 @@ impl Trees {
                     Command::Transfer(t) => posted.push((t, *timestamp, *record_end)),
                     Command::Reserve(t) => {
                         reserved.insert(t.id.0, (t, *timestamp));
-                        in_flight.insert(&t.id.0.to_be_bytes(), encode_transfer(&t, *timestamp).to_vec());
                     }
                     Command::Finalize { id, result } => {
-                        if result.is_ok() {
-                            let found = match reserved.remove(&id.0) {
-                                Some(found) => Some(found),
-                                None => self
-                                    .in_flight
-                                    .get(id.0.to_be_bytes())?
-                                    .as_deref()
-                                    .and_then(decode_transfer),
-                            };
-                            if let Some((t, at)) = found {
-                                posted.push((t, at, *record_end));
+                        // Almost every reserve is finalized within the pass that read it; only
+                        // the others touch the `in_flight` tree, which keeps its writes few.
+                        let found = match reserved.remove(&id.0) {
+                            Some(found) => Some(found),
+                            None => {
+                                in_flight.remove(&id.0.to_be_bytes());
+                                self.in_flight.get(id.0.to_be_bytes())?.as_deref().and_then(decode_transfer)
                             }
+                        };
+                        if let (true, Some((t, at))) = (result.is_ok(), found) {
+                            posted.push((t, at, *record_end));
                         }
-                        in_flight.remove(&id.0.to_be_bytes());
                     }
                     _ => {}
                 }
             }
+        }
+        for (id, (t, at)) in reserved {
+            in_flight.insert(&id.to_be_bytes(), encode_transfer(&t, at).to_vec());
         }
         for (t, at, record_end) in posted {
             let mut value = Vec::with_capacity(8 + 80);
@@ -334,10 +334,14 @@ fn tail(
     stop: &AtomicBool,
 ) -> Result<(), String> {
     loop {
+        // Stopping does not wait for the views to catch up: they resume from their position.
+        if stop.load(Ordering::Acquire) {
+            return Ok(());
+        }
         let from = applied.load(Ordering::Acquire);
         let durable = journal.durable();
         if durable <= from {
-            if stop.load(Ordering::Acquire) || journal.failed() {
+            if journal.failed() {
                 return Ok(());
             }
             journal.wait_past(from, Duration::from_millis(50));
