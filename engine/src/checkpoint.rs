@@ -74,6 +74,12 @@ pub fn write(dir: &Path, checkpoint: &WalCheckpoint) -> Result<PathBuf, Checkpoi
     let temp = dir.join(format!("{PREFIX}{sequence:020}{SUFFIX}.tmp"));
     let payload = record::encode(checkpoint)
         .map_err(|error| CheckpointError::Corrupt { path: path.clone(), reason: error.to_string() })?;
+    if payload.len() >= u32::MAX as usize {
+        return Err(CheckpointError::Corrupt {
+            path,
+            reason: format!("state of {} bytes does not fit one checkpoint frame", payload.len()),
+        });
+    }
     let mut bytes = Vec::with_capacity(payload.len() + frame::HEADER_LEN + 1);
     frame::write_frame(&mut bytes, FORMAT_VERSION, &payload);
     let mut file = File::create(&temp).map_err(io(&temp))?;

@@ -78,6 +78,10 @@ pub enum EngineError {
     Config(String),
     #[error("the engine has stopped (journal failure or shutdown)")]
     Stopped,
+    #[error("a submission holds {len} transfers; at most {max} are accepted")]
+    SubmissionTooLarge { len: usize, max: usize },
+    #[error("data directory {0} is in use by another engine")]
+    Locked(PathBuf),
 }
 
 /// What recovery found and did, for logs and the load tool.
@@ -104,6 +108,9 @@ struct Inner {
     checkpoint_dir: PathBuf,
     stopped: AtomicBool,
     recovery: RecoveryReport,
+    /// An exclusive lock on `data_dir/LOCK`, released at shutdown: two engines appending to one
+    /// journal would corrupt it.
+    lock: Mutex<Option<std::fs::File>>,
 }
 
 #[derive(Debug, Clone)]
@@ -119,6 +126,7 @@ impl Engine {
         if config.shard_count == 0 || usize::from(config.shard_count) > limits::SHARD_COUNT_MAX {
             return Err(EngineError::Config(format!("shard count must be 1..={}", limits::SHARD_COUNT_MAX)));
         }
+        let lock = lock_data_dir(&config.data_dir)?;
         let journal_dir = config.data_dir.join("journal");
         let checkpoint_dir = config.data_dir.join("checkpoints");
         let (mut ledgers, mut report, last_now) = recover(&config, &journal_dir, &checkpoint_dir)?;
@@ -146,24 +154,29 @@ impl Engine {
         // Recovery's own decisions are journaled before anything else runs. Debits equal
         // credits only once they are made: a cross-shard transfer caught between its credit and
         // its finalize has its credit posted and its debit still pending.
-        let logs = resolve_in_flight(&mut ledgers);
+        let (finalizes, forgets) = resolve_in_flight(&mut ledgers);
         check_balanced(&ledgers)?;
-        report.in_flight_resolved = logs.iter().map(Vec::len).sum();
-        let (signal_tx, signal_rx) = bounded(logs.len());
-        let mut waiting = 0;
-        for (shard, log) in logs.iter().enumerate() {
-            if log.is_empty() {
-                continue;
+        report.in_flight_resolved = finalizes.iter().chain(&forgets).map(Vec::len).sum();
+        // Every finalize is durable before any forget is written.
+        for phase in [finalizes, forgets] {
+            let (signal_tx, signal_rx) = bounded(phase.len());
+            let mut waiting = 0;
+            for (shard, log) in phase.iter().enumerate() {
+                if log.is_empty() {
+                    continue;
+                }
+                let mut frames = Vec::new();
+                encode_batch(shard_id(shard), last_now[shard], log, &mut frames);
+                journal_tx
+                    .send(JournalBatch { frames, completion: vec![Completion::Signal(signal_tx.clone())] })
+                    .map_err(|_| EngineError::Stopped)?;
+                waiting += 1;
             }
-            let mut frames = Vec::new();
-            encode_batch(shard_id(shard), last_now[shard], log, &mut frames);
-            journal_tx
-                .send(JournalBatch { frames, completion: vec![Completion::Signal(signal_tx.clone())] })
-                .map_err(|_| EngineError::Stopped)?;
-            waiting += 1;
-        }
-        for _ in 0..waiting {
-            signal_rx.recv().map_err(|_| EngineError::Stopped)?;
+            // With our sender gone, a writer that dies drops the rest and the wait ends.
+            drop(signal_tx);
+            for _ in 0..waiting {
+                signal_rx.recv().map_err(|_| EngineError::Stopped)?;
+            }
         }
 
         let views = if config.views {
@@ -211,6 +224,7 @@ impl Engine {
                 checkpoint_dir,
                 stopped: AtomicBool::new(false),
                 recovery: report,
+                lock: Mutex::new(Some(lock)),
             }),
         };
         if config.checkpoint_every_bytes > 0 {
@@ -318,6 +332,12 @@ impl Engine {
         &self,
         transfers: Vec<Transfer>,
     ) -> Result<oneshot::Receiver<Vec<TransferResult>>, EngineError> {
+        if transfers.len() > limits::SUBMIT_LEN_MAX {
+            return Err(EngineError::SubmissionTooLarge {
+                len: transfers.len(),
+                max: limits::SUBMIT_LEN_MAX,
+            });
+        }
         let (gather, rx) = Gather::new(transfers.len());
         let n = self.inner.shard_count;
         if n == 1 {
@@ -488,6 +508,7 @@ impl Engine {
         if let Some(views) = &self.inner.views {
             views.stop();
         }
+        self.inner.lock.lock().unwrap_or_else(|p| p.into_inner()).take();
     }
 }
 
@@ -533,13 +554,32 @@ fn spawn_checkpointer(inner: std::sync::Weak<Inner>, mut last: u64, every: u64) 
                         last = durable;
                     }
                     Err(error) => {
-                        tracing::error!(%error, "checkpoint failed; will retry");
+                        // Every attempt copies every shard's state: wait before the next one.
+                        tracing::error!(%error, "checkpoint failed; retrying after the journal grows again");
+                        last = durable;
                     }
                 }
             }
         })
         .map(|_detached| ())
         .map_err(|error| EngineError::Config(format!("cannot start the checkpoint thread: {error}")))
+}
+
+fn lock_data_dir(dir: &Path) -> Result<std::fs::File, EngineError> {
+    let io =
+        |error: std::io::Error| EngineError::Config(format!("data directory {}: {error}", dir.display()));
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(dir.join("LOCK"))
+        .map_err(io)?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(EngineError::Locked(dir.to_path_buf())),
+        Err(std::fs::TryLockError::Error(error)) => Err(io(error)),
+    }
 }
 
 fn shard_id(index: usize) -> ShardId {

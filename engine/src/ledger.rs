@@ -87,8 +87,12 @@ pub enum Command {
         id: TransferId,
         result: TransferResult,
     },
-    /// The credit shard drops its record of a finished cross-shard transfer.
-    Forget(TransferId),
+    /// The credit shard drops its record of a finished cross-shard transfer (only if the body
+    /// hash matches: another transfer reusing the id must not erase this one's record).
+    Forget {
+        id: TransferId,
+        body_hash: u64,
+    },
     /// A hold reached its timeout.
     Expire(TransferId),
 }
@@ -202,7 +206,9 @@ pub struct Ledger {
     done: FxHashMap<TransferId, Done>,
     expiries: BTreeSet<(u64, TransferId)>,
     /// Credit steps of cross-shard transfers this shard applied (or refused), until forgotten.
-    credits: FxHashMap<TransferId, TransferResult>,
+    /// Keyed by id, with the body hash: a transfer reusing the id with another body must not be
+    /// answered with this one's result.
+    credits: FxHashMap<TransferId, (TransferResult, u64)>,
 }
 
 impl Ledger {
@@ -275,7 +281,7 @@ impl Ledger {
         self.open.len() + self.done.len()
     }
 
-    pub fn credit_steps(&self) -> impl Iterator<Item = (&TransferId, &TransferResult)> {
+    pub fn credit_steps(&self) -> impl Iterator<Item = (&TransferId, &(TransferResult, u64))> {
         self.credits.iter()
     }
 
@@ -293,7 +299,7 @@ impl Ledger {
         accounts: Vec<Account>,
         open: Vec<StoredTransfer>,
         done: Vec<(TransferId, Done)>,
-        credits: Vec<(TransferId, TransferResult)>,
+        credits: Vec<(TransferId, (TransferResult, u64))>,
     ) {
         self.accounts = accounts.into_iter().map(|a| (a.id, a)).collect();
         self.expiries = open
@@ -683,6 +689,10 @@ impl Ledger {
         if let Err(result) = check_debit(debit, transfer.amount, true) {
             return result;
         }
+        // The finalize will add the amount to the posted column too.
+        if debit.debits_posted.checked_add(transfer.amount).is_none() {
+            return TransferResult::OverflowsDebits;
+        }
         debit.debits_pending += transfer.amount;
         self.open.insert(
             transfer.id,
@@ -699,11 +709,12 @@ impl Ledger {
     /// The credit step of a cross-shard transfer, run on the credit account's shard. Idempotent:
     /// a repeated step returns the first answer.
     pub fn credit(&mut self, transfer: &Transfer, log: &mut Vec<Command>) -> TransferResult {
-        if let Some(result) = self.credits.get(&transfer.id) {
-            return *result;
+        let hash = body_hash(transfer);
+        if let Some((result, recorded)) = self.credits.get(&transfer.id) {
+            return if *recorded == hash { *result } else { TransferResult::ExistsWithDifferentBody };
         }
         let result = self.apply_credit(transfer);
-        self.credits.insert(transfer.id, result);
+        self.credits.insert(transfer.id, (result, hash));
         log.push(Command::Credit(*transfer));
         result
     }
@@ -725,30 +736,39 @@ impl Ledger {
     /// Ends a cross-shard transfer on its debit shard. Returns `false` if it was not in flight
     /// (a repeated finalize changes nothing).
     pub fn finalize(&mut self, id: TransferId, result: TransferResult, log: &mut Vec<Command>) -> bool {
-        let Some(stored) = self.open.get(&id).copied() else {
-            return false;
-        };
+        self.finalize_hash(id, result, log).is_some()
+    }
+
+    /// [`Ledger::finalize`], returning the finalized body's hash (which `forget` needs).
+    pub fn finalize_hash(
+        &mut self,
+        id: TransferId,
+        result: TransferResult,
+        log: &mut Vec<Command>,
+    ) -> Option<u64> {
+        let stored = self.open.get(&id).copied()?;
         if stored.state != TransferState::Reserved {
-            return false;
+            return None;
         }
         let amount = stored.transfer.amount;
-        let Some(debit) = self.accounts.get_mut(&stored.transfer.debit_account_id) else {
-            return false;
-        };
-        debit.debits_pending -= amount;
+        let debit = self.accounts.get_mut(&stored.transfer.debit_account_id)?;
+        // The reserve checked that both columns have room; checked again rather than trusted.
+        debit.debits_pending = debit.debits_pending.checked_sub(amount)?;
+        let hash = body_hash(&stored.transfer);
         if result.is_ok() {
-            debit.debits_posted += amount;
-            self.done.insert(id, Done::new(body_hash(&stored.transfer), TransferState::Posted));
+            debit.debits_posted = debit.debits_posted.checked_add(amount)?;
+            self.done.insert(id, Done::new(hash, TransferState::Posted));
         }
         // Refused transfers are not stored: the id is free for a retry, as with any refusal.
         self.open.remove(&id);
         log.push(Command::Finalize { id, result });
-        true
+        Some(hash)
     }
 
-    pub fn forget(&mut self, id: TransferId, log: &mut Vec<Command>) {
-        if self.credits.remove(&id).is_some() {
-            log.push(Command::Forget(id));
+    pub fn forget(&mut self, id: TransferId, body_hash: u64, log: &mut Vec<Command>) {
+        if self.credits.get(&id).is_some_and(|(_, recorded)| *recorded == body_hash) {
+            self.credits.remove(&id);
+            log.push(Command::Forget { id, body_hash });
         }
     }
 
@@ -820,15 +840,17 @@ impl Ledger {
                 }
                 Command::Credit(transfer) => {
                     let result = self.apply_credit(transfer);
-                    self.credits.insert(transfer.id, result);
+                    self.credits.insert(transfer.id, (result, body_hash(transfer)));
                 }
                 Command::Finalize { id, result } => {
                     if !self.finalize(*id, *result, &mut sink) {
                         return Err(diverged("finalize", *id, result));
                     }
                 }
-                Command::Forget(id) => {
-                    self.credits.remove(id);
+                Command::Forget { id, body_hash } => {
+                    if self.credits.get(id).is_some_and(|(_, recorded)| recorded == body_hash) {
+                        self.credits.remove(id);
+                    }
                 }
                 Command::Expire(id) => {
                     if !self.expire_one(*id) {
@@ -927,12 +949,15 @@ fn check_credit(credit: &Account, amount: u64, pending: bool) -> Result<(), Tran
 }
 
 /// Finishes every cross-shard transfer caught in flight, across all shards' ledgers, after
-/// replay. A reserve whose credit step is on record finishes with that step's answer; a reserve
-/// with no credit step on record is voided (no reply for it ever left). Then every credit record
-/// is forgotten. Returns the commands applied, per shard, for the journal.
-pub fn resolve_in_flight(ledgers: &mut [Ledger]) -> Vec<Vec<Command>> {
+/// replay. A reserve whose credit step is on record (for the same body) finishes with that
+/// step's answer; a reserve with no credit step on record is voided (no answer for it ever
+/// left). Then every credit record is forgotten. Returns the commands applied, per shard, in
+/// two phases: every finalize must be durable before any forget is, or a crash between them
+/// would leave a reserve whose credit was forgotten.
+pub fn resolve_in_flight(ledgers: &mut [Ledger]) -> (Vec<Vec<Command>>, Vec<Vec<Command>>) {
     let shard_count = u16::try_from(ledgers.len()).unwrap_or(u16::MAX);
-    let mut logs: Vec<Vec<Command>> = vec![Vec::new(); ledgers.len()];
+    let mut finalizes: Vec<Vec<Command>> = vec![Vec::new(); ledgers.len()];
+    let mut forgets: Vec<Vec<Command>> = vec![Vec::new(); ledgers.len()];
     let reserved: Vec<(usize, Transfer)> = ledgers
         .iter()
         .enumerate()
@@ -946,17 +971,22 @@ pub fn resolve_in_flight(ledgers: &mut [Ledger]) -> Vec<Vec<Command>> {
         .collect();
     for (shard, transfer) in reserved {
         let credit_shard = usize::from(crate::ids::home_shard(transfer.credit_account_id, shard_count).0);
-        let result =
-            ledgers[credit_shard].credits.get(&transfer.id).copied().unwrap_or(TransferResult::Interrupted);
-        ledgers[shard].finalize(transfer.id, result, &mut logs[shard]);
+        let hash = body_hash(&transfer);
+        let result = ledgers
+            .get(credit_shard)
+            .and_then(|ledger| ledger.credits.get(&transfer.id))
+            .filter(|(_, recorded)| *recorded == hash)
+            .map_or(TransferResult::Interrupted, |(result, _)| *result);
+        ledgers[shard].finalize(transfer.id, result, &mut finalizes[shard]);
     }
     for (shard, ledger) in ledgers.iter_mut().enumerate() {
-        let ids: Vec<TransferId> = ledger.credits.keys().copied().collect();
-        for id in ids {
-            ledger.forget(id, &mut logs[shard]);
+        let records: Vec<(TransferId, u64)> =
+            ledger.credits.iter().map(|(id, (_, hash))| (*id, *hash)).collect();
+        for (id, hash) in records {
+            ledger.forget(id, hash, &mut forgets[shard]);
         }
     }
-    logs
+    (finalizes, forgets)
 }
 
 #[cfg(test)]

@@ -14,9 +14,16 @@ pub const JOURNAL_QUEUE_LEN_MAX: usize = 1_024;
 /// Journal growth between two automatic checkpoints: recovery replays at most about this much
 /// (measured: ~3 s per GiB on this project's 2-core machine).
 pub const CHECKPOINT_EVERY_BYTES: u64 = 1024 * 1024 * 1024;
+/// Transfers (journal commands) one shard batch holds at most: about 8 MiB of frame, far below
+/// the journal's 64 MiB record limit.
+pub const SHARD_BATCH_TRANSFERS_MAX: usize = 65_536;
 /// Transfers in one submission at most.
 pub const SUBMIT_LEN_MAX: usize = 8_190;
 
 const _: () = assert!(GROUP_LEN_MAX as u64 <= SEGMENT_LEN_MAX);
+// A batch of the largest messages: SUBMIT_LEN_MAX over the transfer bound, then one more
+// submission, at ~130 bytes a command, must fit a journal record.
+const _: () =
+    assert!((SHARD_BATCH_TRANSFERS_MAX + SUBMIT_LEN_MAX) * 256 <= crate::journal::frame::RECORD_LEN_MAX);
 const _: () = assert!(SUBMIT_LEN_MAX <= u32::MAX as usize);
 const _: () = assert!(SHARD_COUNT_MAX <= u16::MAX as usize);

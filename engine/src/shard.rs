@@ -43,7 +43,10 @@ pub enum ShardMessage {
         result: TransferResult,
         credit_shard: ShardId,
     },
-    Forget(TransferId),
+    Forget {
+        id: TransferId,
+        body_hash: u64,
+    },
     LookupAccounts {
         ids: Vec<crate::ids::AccountId>,
         reply: oneshot::Sender<Vec<Option<Account>>>,
@@ -58,6 +61,17 @@ pub enum ShardMessage {
     Shutdown,
 }
 
+impl ShardMessage {
+    /// How many journal commands the message can produce at most.
+    fn weight(&self) -> usize {
+        match self {
+            ShardMessage::Submit { transfers, .. } => transfers.len(),
+            ShardMessage::CreateAccounts { accounts, .. } => accounts.len(),
+            _ => 1,
+        }
+    }
+}
+
 impl std::fmt::Debug for ShardMessage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let name = match self {
@@ -65,7 +79,7 @@ impl std::fmt::Debug for ShardMessage {
             ShardMessage::CreateAccounts { .. } => "CreateAccounts",
             ShardMessage::Credit { .. } => "Credit",
             ShardMessage::Finalize { .. } => "Finalize",
-            ShardMessage::Forget(_) => "Forget",
+            ShardMessage::Forget { .. } => "Forget",
             ShardMessage::LookupAccounts { .. } => "LookupAccounts",
             ShardMessage::LookupTransfers { .. } => "LookupTransfers",
             ShardMessage::Checkpoint { .. } => "Checkpoint",
@@ -99,7 +113,7 @@ pub struct Shard {
 enum Forward {
     Credit(ShardId, Transfer, Waiter),
     Finalize(ShardId, TransferId, TransferResult),
-    Forget(ShardId, TransferId),
+    Forget(ShardId, TransferId, u64),
 }
 
 impl Shard {
@@ -127,10 +141,16 @@ impl Shard {
                     Err(_) => break,
                 },
             };
+            // Bounded by messages and by transfers, so one batch's frame stays far below the
+            // journal's record size limit.
+            let mut weight = first.as_ref().map_or(0, ShardMessage::weight);
             batch.extend(first);
-            while batch.len() < self.batch_len_max {
+            while batch.len() < self.batch_len_max && weight < crate::limits::SHARD_BATCH_TRANSFERS_MAX {
                 match self.inbox.try_recv() {
-                    Ok(message) => batch.push(message),
+                    Ok(message) => {
+                        weight += message.weight();
+                        batch.push(message);
+                    }
                     Err(_) => break,
                 }
             }
@@ -175,15 +195,16 @@ impl Shard {
                         forwards.push(Forward::Finalize(debit_shard, transfer.id, result));
                     }
                     ShardMessage::Finalize { id, result, credit_shard } => {
-                        self.ledger.finalize(id, result, &mut log);
+                        if let Some(body_hash) = self.ledger.finalize_hash(id, result, &mut log) {
+                            forwards.push(Forward::Forget(credit_shard, id, body_hash));
+                        }
                         if let Some(waiters) = in_flight.remove(&id) {
                             completions.push(Completion::Results(
                                 waiters.into_iter().map(|w| (w, result)).collect(),
                             ));
                         }
-                        forwards.push(Forward::Forget(credit_shard, id));
                     }
-                    ShardMessage::Forget(id) => self.ledger.forget(id, &mut log),
+                    ShardMessage::Forget { id, body_hash } => self.ledger.forget(id, body_hash, &mut log),
                     ShardMessage::LookupAccounts { ids, reply } => {
                         let found = ids.iter().map(|id| self.ledger.account(*id).copied()).collect();
                         completions.push(Completion::AccountLookup(reply, found));
@@ -220,7 +241,9 @@ impl Shard {
                         .send(ShardMessage::Credit { transfer, debit_shard: shard, waiter }),
                     Forward::Finalize(to, id, result) => self.peers[usize::from(to.0)]
                         .send(ShardMessage::Finalize { id, result, credit_shard: shard }),
-                    Forward::Forget(to, id) => self.peers[usize::from(to.0)].send(ShardMessage::Forget(id)),
+                    Forward::Forget(to, id, body_hash) => {
+                        self.peers[usize::from(to.0)].send(ShardMessage::Forget { id, body_hash })
+                    }
                 };
             }
         }

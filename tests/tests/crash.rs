@@ -252,7 +252,7 @@ fn trace(journal: &Path, id: u128) -> anyhow::Result<Vec<(u64, u16, String)>> {
                         t.id.0 == id
                     }
                     LedgerCommand::Finalize { id: other, .. }
-                    | LedgerCommand::Forget(other)
+                    | LedgerCommand::Forget { id: other, .. }
                     | LedgerCommand::Expire(other) => other.0 == id,
                     LedgerCommand::CreateAccount(_) => false,
                 };

@@ -254,6 +254,10 @@ impl SegmentFile {
             let file = OpenOptions::new().append(true).open(&path).map_err(io_error(&path))?;
             let len = file.metadata().map_err(io_error(&path))?.len();
             if start + len == position && len > 0 {
+                // What recovery read may have come from the page cache of a process that died
+                // before its fdatasync: make it durable before anything is answered from it.
+                file.sync_all().map_err(|source| JournalError::SyncFailed { path: path.clone(), source })?;
+                sync_dir(&config.dir)?;
                 return Ok(SegmentFile { file, path, start, len });
             }
         }

@@ -46,7 +46,7 @@ pub enum WalCommand {
     Reserve(WalTransfer),
     Credit(WalTransfer),
     Finalize { id: u128, result: u8 },
-    Forget(u128),
+    Forget { id: u128, body_hash: u64 },
     Expire(u128),
 }
 
@@ -78,7 +78,7 @@ pub struct WalShardState {
     pub transfers: Vec<WalStoredTransfer>,
     /// Final transfers: id and `ledger::Done` bits (body hash and state).
     pub done: Vec<(u128, u64)>,
-    pub credits: Vec<(u128, u8)>,
+    pub credits: Vec<(u128, u8, u64)>,
 }
 
 #[derive(Debug, Clone, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
@@ -168,7 +168,7 @@ impl From<&Command> for WalCommand {
             Command::Reserve(t) => WalCommand::Reserve(t.into()),
             Command::Credit(t) => WalCommand::Credit(t.into()),
             Command::Finalize { id, result } => WalCommand::Finalize { id: id.0, result: *result as u8 },
-            Command::Forget(id) => WalCommand::Forget(id.0),
+            Command::Forget { id, body_hash } => WalCommand::Forget { id: id.0, body_hash: *body_hash },
             Command::Expire(id) => WalCommand::Expire(id.0),
         }
     }
@@ -186,7 +186,9 @@ impl TryFrom<&WalCommand> for Command {
                 id: TransferId(*id),
                 result: TransferResult::from_u8(*result).ok_or(DecodeRecordError("result"))?,
             },
-            WalCommand::Forget(id) => Command::Forget(TransferId(*id)),
+            WalCommand::Forget { id, body_hash } => {
+                Command::Forget { id: TransferId(*id), body_hash: *body_hash }
+            }
             WalCommand::Expire(id) => Command::Expire(TransferId(*id)),
         })
     }
@@ -250,7 +252,7 @@ impl WalShardState {
             accounts: ledger.accounts().map(WalAccount::from).collect(),
             transfers: ledger.open_transfers().map(WalStoredTransfer::from).collect(),
             done: ledger.done_transfers().map(|(id, done)| (id.0, done.bits())).collect(),
-            credits: ledger.credit_steps().map(|(id, result)| (id.0, *result as u8)).collect(),
+            credits: ledger.credit_steps().map(|(id, (result, hash))| (id.0, *result as u8, *hash)).collect(),
         }
     }
 
@@ -260,9 +262,9 @@ impl WalShardState {
         let credits = self
             .credits
             .iter()
-            .map(|(id, result)| {
+            .map(|(id, result, hash)| {
                 TransferResult::from_u8(*result)
-                    .map(|result| (TransferId(*id), result))
+                    .map(|result| (TransferId(*id), (result, *hash)))
                     .ok_or(DecodeRecordError("result"))
             })
             .collect::<Result<Vec<_>, _>>()?;

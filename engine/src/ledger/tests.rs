@@ -208,7 +208,7 @@ fn cross_shard_transfer_reserves_credits_and_finalizes() {
     assert_eq!(outcomes[0], Outcome::Wait);
     // A crash now: recovery voids the reserve, since no credit step is on record.
     let mut crashed = ledgers.clone_for_test();
-    let logs = resolve_in_flight(&mut crashed);
+    let (logs, _) = resolve_in_flight(&mut crashed);
     assert_eq!(
         logs[home(debit_id)],
         [Command::Finalize { id: TransferId(7), result: TransferResult::Interrupted }]
@@ -217,12 +217,24 @@ fn cross_shard_transfer_reserves_credits_and_finalizes() {
     // The normal path.
     assert_eq!(ledgers[home(credit_id)].credit(&transfer, &mut log), TransferResult::Ok);
     let mut crashed = ledgers.clone_for_test();
-    let logs = resolve_in_flight(&mut crashed);
+    let (logs, forgets) = resolve_in_flight(&mut crashed);
     assert_eq!(logs[home(debit_id)], [Command::Finalize { id: TransferId(7), result: TransferResult::Ok }]);
+    assert_eq!(forgets[home(credit_id)].len(), 1);
+    // Another transfer reusing the id, from another payer to the same payee shard, is refused
+    // at the credit step instead of being answered with the first one's result.
+    let reuse = Transfer { amount: 5, ..transfer };
+    assert_eq!(ledgers[home(credit_id)].credit(&reuse, &mut log), TransferResult::ExistsWithDifferentBody);
     assert!(ledgers[home(debit_id)].finalize(TransferId(7), TransferResult::Ok, &mut log));
-    ledgers[home(credit_id)].forget(TransferId(7), &mut log);
+    ledgers[home(credit_id)].forget(TransferId(7), engine_hash(&reuse), &mut log);
+    assert_eq!(ledgers[home(credit_id)].credit_steps().count(), 1, "a forget for another body is ignored");
+    ledgers[home(credit_id)].forget(TransferId(7), engine_hash(&transfer), &mut log);
+    assert_eq!(ledgers[home(credit_id)].credit_steps().count(), 0);
     assert_eq!(ledgers[home(debit_id)].account(AccountId(debit_id)).map(Account::balance_posted), Some(40));
     assert_eq!(ledgers[home(credit_id)].account(AccountId(credit_id)).map(Account::balance_posted), Some(60));
+}
+
+fn engine_hash(transfer: &Transfer) -> u64 {
+    body_hash(transfer)
 }
 
 trait CloneForTest {
