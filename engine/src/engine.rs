@@ -111,6 +111,7 @@ struct Inner {
     /// An exclusive lock on `data_dir/LOCK`, released at shutdown: two engines appending to one
     /// journal would corrupt it.
     lock: Mutex<Option<std::fs::File>>,
+    checkpointer: Mutex<Option<JoinHandle<()>>>,
 }
 
 #[derive(Debug, Clone)]
@@ -202,9 +203,18 @@ impl Engine {
                 last_now: last_now[index],
                 stats: shard_stats,
             };
+            let journal_state = state.clone();
             let handle = std::thread::Builder::new()
                 .name(format!("qepik-shard-{index}"))
-                .spawn(move || shard.run())
+                .spawn(move || {
+                    // A panicking shard is a broken invariant: stop the whole engine rather than
+                    // run on with one shard gone and other shards' steps waiting on it.
+                    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| shard.run()));
+                    if outcome.is_err() {
+                        tracing::error!(shard = index, "shard panicked; the engine stops");
+                        journal_state.mark_failed();
+                    }
+                })
                 .map_err(|error| EngineError::Config(format!("cannot start a shard thread: {error}")))?;
             threads.push(handle);
         }
@@ -225,14 +235,16 @@ impl Engine {
                 stopped: AtomicBool::new(false),
                 recovery: report,
                 lock: Mutex::new(Some(lock)),
+                checkpointer: Mutex::new(None),
             }),
         };
         if config.checkpoint_every_bytes > 0 {
-            spawn_checkpointer(
+            let handle = spawn_checkpointer(
                 Arc::downgrade(&engine.inner),
                 checkpoint_from,
                 config.checkpoint_every_bytes,
             )?;
+            *engine.inner.checkpointer.lock().unwrap_or_else(|p| p.into_inner()) = Some(handle);
         }
         Ok(engine)
     }
@@ -491,6 +503,10 @@ impl Engine {
         if self.inner.stopped.swap(true, Ordering::AcqRel) {
             return;
         }
+        // The checkpointer sees `stopped` within one tick; a checkpoint under way ends first.
+        if let Some(checkpointer) = self.inner.checkpointer.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _panicked = checkpointer.join();
+        }
         for shard in &self.inner.shards {
             let _stopped_already = shard.send(ShardMessage::Shutdown);
         }
@@ -533,7 +549,11 @@ impl Drop for Inner {
 
 /// Writes a checkpoint whenever the journal has grown by `every` bytes. Holds only a weak
 /// reference, so it never keeps the engine alive; it ends when the engine stops.
-fn spawn_checkpointer(inner: std::sync::Weak<Inner>, mut last: u64, every: u64) -> Result<(), EngineError> {
+fn spawn_checkpointer(
+    inner: std::sync::Weak<Inner>,
+    mut last: u64,
+    every: u64,
+) -> Result<JoinHandle<()>, EngineError> {
     std::thread::Builder::new()
         .name("qepik-checkpoint".into())
         .spawn(move || {
@@ -561,7 +581,6 @@ fn spawn_checkpointer(inner: std::sync::Weak<Inner>, mut last: u64, every: u64) 
                 }
             }
         })
-        .map(|_detached| ())
         .map_err(|error| EngineError::Config(format!("cannot start the checkpoint thread: {error}")))
 }
 

@@ -827,12 +827,19 @@ impl Ledger {
                     }
                 }
                 Command::Transfer(transfer) => {
+                    // A record applied twice would post twice: ids are checked as when live.
+                    if self.existing(transfer).is_some() {
+                        return Err(diverged("transfer", transfer.id, "id already applied"));
+                    }
                     let result = self.apply_local(transfer, now, None);
                     if !result.is_ok() {
                         return Err(diverged("transfer", transfer.id, result));
                     }
                 }
                 Command::Reserve(transfer) => {
+                    if self.existing(transfer).is_some() {
+                        return Err(diverged("reserve", transfer.id, "id already applied"));
+                    }
                     let result = self.reserve(transfer, now);
                     if !result.is_ok() {
                         return Err(diverged("reserve", transfer.id, result));

@@ -83,6 +83,12 @@ impl JournalState {
         self.advanced.notify_all();
     }
 
+    /// Marks the journal failed from outside the writer (a shard that panicked): every caller
+    /// then gets `Stopped`.
+    pub fn mark_failed(&self) {
+        self.fail();
+    }
+
     fn fail(&self) {
         self.failed.store(true, Ordering::Release);
         let _guard = self.lock.lock();
