@@ -49,9 +49,15 @@ impl Journal {
             let mut frames = Vec::new();
             let mut offset = 0;
             while offset < bytes.len() {
-                let FrameRead::Frame { payload, len, .. } = read_frame(&bytes[offset..]) else {
+                let FrameRead::Frame { version, payload, len } = read_frame(&bytes[offset..]) else {
                     anyhow::bail!("{} is damaged at {offset}", path.display());
                 };
+                // Group headers (one per group commit) are frames that hold no record.
+                if version == engine::journal::frame::GROUP_VERSION {
+                    frames.push(Frame { start: offset, end: offset + len, posted: Vec::new() });
+                    offset += len;
+                    continue;
+                }
                 let mut posted = Vec::new();
                 if let WalRecord::Batch { commands, .. } = decode_record(payload)? {
                     for command in &commands {

@@ -9,6 +9,28 @@ pub const HEADER_LEN: usize = 12;
 /// No record is larger; a length beyond it is corruption, not a reason to allocate.
 pub const RECORD_LEN_MAX: usize = 64 * 1024 * 1024;
 
+/// The version byte of a group header: the frame the writer puts before each group commit,
+/// holding the length of the frames that follow it. Recovery uses it to tell a torn group (a
+/// hole anywhere in the last, never-synced write) from corruption of synced data.
+pub const GROUP_VERSION: u8 = 0xFF;
+/// A group header's size: header (12) + version (1) + body length (8).
+pub const GROUP_HEADER_LEN: usize = HEADER_LEN + 1 + 8;
+
+/// Writes a group header for `body_len` bytes of frames into `out[..GROUP_HEADER_LEN]`.
+pub fn write_group_header(out: &mut [u8], body_len: u64) {
+    let mut header = Vec::with_capacity(GROUP_HEADER_LEN);
+    write_frame(&mut header, GROUP_VERSION, &body_len.to_le_bytes());
+    out[..GROUP_HEADER_LEN].copy_from_slice(&header);
+}
+
+/// The body length a group header frame declares, if `payload` is one.
+pub fn group_body_len(version: u8, payload: &[u8]) -> Option<u64> {
+    if version != GROUP_VERSION {
+        return None;
+    }
+    payload.try_into().ok().map(u64::from_le_bytes)
+}
+
 /// Appends one frame holding `payload` to `out`.
 pub fn write_frame(out: &mut Vec<u8>, version: u8, payload: &[u8]) {
     let len = u32::try_from(payload.len() + 1).unwrap_or(u32::MAX);

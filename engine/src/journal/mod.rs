@@ -192,6 +192,8 @@ pub fn scan<E: From<JournalError>>(
         {
             end.shard_count = Some(shard_count);
         }
+        // The end of the group the scan is in: damage before it is inside that group.
+        let mut group_end = 0_usize;
         while offset < bytes.len() {
             let corrupt = |reason: String| JournalError::Corrupt {
                 segment: path.clone(),
@@ -199,6 +201,14 @@ pub fn scan<E: From<JournalError>>(
                 reason,
             };
             match frame::read_frame(&bytes[offset..]) {
+                FrameRead::Frame { version, payload, len } if version == frame::GROUP_VERSION => {
+                    let body = frame::group_body_len(version, payload).unwrap_or(0);
+                    group_end = offset
+                        .saturating_add(len)
+                        .saturating_add(usize::try_from(body).unwrap_or(usize::MAX));
+                    offset += len;
+                    end.position = start + offset as u64;
+                }
                 FrameRead::Frame { version, payload, len } => {
                     if version != FORMAT_VERSION {
                         return Err(corrupt(format!("unknown format version {version}")).into());
@@ -215,7 +225,10 @@ pub fn scan<E: From<JournalError>>(
                         FrameRead::Corrupt(reason) => reason,
                         _ => "incomplete record",
                     };
-                    let tail = index == last && !frame::any_valid_frame(&bytes[offset + 1..]);
+                    // A hole inside the last group (written, never synced whole) is a torn tail
+                    // even with valid-looking frames after it inside that group.
+                    let after = if offset < group_end { group_end } else { offset + 1 };
+                    let tail = index == last && !frame::any_valid_frame(bytes.get(after..).unwrap_or(&[]));
                     if !tail {
                         return Err(corrupt(reason.to_string()).into());
                     }
@@ -312,10 +325,12 @@ pub fn spawn_writer<T: Send + 'static>(
             let mut buffer: Vec<u8> = Vec::with_capacity(config.group_len_max * 2);
             let mut completions: Vec<(u64, T)> = Vec::new();
             while let Ok(first) = batches.recv() {
+                // Room for the group header, filled in once the group's length is known.
                 buffer.clear();
+                buffer.resize(frame::GROUP_HEADER_LEN, 0);
                 let mut push = |batch: JournalBatch<T>, buffer: &mut Vec<u8>| {
                     buffer.extend_from_slice(&batch.frames);
-                    completions.push((segment.end() + buffer.len() as u64, batch.completion));
+                    completions.push((buffer.len() as u64, batch.completion));
                 };
                 push(first, &mut buffer);
                 while buffer.len() < config.group_len_max {
@@ -324,14 +339,25 @@ pub fn spawn_writer<T: Send + 'static>(
                         Err(_) => break,
                     }
                 }
+                let body_len = (buffer.len() - frame::GROUP_HEADER_LEN) as u64;
+                if body_len == 0 {
+                    // Only completions (lookups, checkpoint marks): nothing to write.
+                    buffer.clear();
+                    for (offset, _) in completions.iter_mut() {
+                        *offset = 0;
+                    }
+                } else {
+                    frame::write_group_header(&mut buffer, body_len);
+                }
+                let group_start = segment.end();
                 if let Err(error) = write_group(&mut segment, &buffer, &state) {
                     tracing::error!(%error, "journal write failed; the engine stops");
                     state.fail();
                     return Err(error);
                 }
                 state.advance(segment.end());
-                for (position, completion) in completions.drain(..) {
-                    on_durable(position, completion);
+                for (offset, completion) in completions.drain(..) {
+                    on_durable(group_start + offset, completion);
                 }
                 if segment.len >= config.segment_len_max {
                     segment = SegmentFile::create(&config, segment.end()).inspect_err(|_| state.fail())?;
@@ -402,6 +428,10 @@ pub fn read_range(dir: &Path, from: u64, to: u64) -> Result<(Vec<(u64, WalRecord
                 reason,
             };
             match frame::read_frame(&bytes[offset..]) {
+                FrameRead::Frame { version: frame::GROUP_VERSION, len, .. } => {
+                    offset += len;
+                    position = start + offset_in_file + offset as u64;
+                }
                 FrameRead::Frame { payload, len, .. } => {
                     let record = record::decode_record(payload)
                         .map_err(|error| corrupt(format!("undecodable record: {error}")))?;
@@ -419,4 +449,77 @@ pub fn read_range(dir: &Path, from: u64, to: u64) -> Result<(Vec<(u64, WalRecord
         }
     }
     Ok((records, position))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(shard: u16) -> Vec<u8> {
+        let bytes = record::encode(&WalRecord::Batch { shard, timestamp: 1, commands: Vec::new() })
+            .map(|bytes| bytes.to_vec())
+            .unwrap_or_default();
+        let mut framed = Vec::new();
+        frame::write_frame(&mut framed, FORMAT_VERSION, &bytes);
+        framed
+    }
+
+    /// A segment: meta, then groups of records; returns the bytes and each record's start.
+    fn segment(groups: &[usize]) -> (Vec<u8>, Vec<usize>) {
+        let meta =
+            record::encode(&WalRecord::Meta { shard_count: 1 }).map(|b| b.to_vec()).unwrap_or_default();
+        let mut bytes = Vec::new();
+        frame::write_frame(&mut bytes, FORMAT_VERSION, &meta);
+        let mut starts = Vec::new();
+        for records in groups {
+            let body: Vec<Vec<u8>> = (0..*records).map(|_| record(0)).collect();
+            let body_len: usize = body.iter().map(Vec::len).sum();
+            let mut header = vec![0_u8; frame::GROUP_HEADER_LEN];
+            frame::write_group_header(&mut header, body_len as u64);
+            bytes.extend_from_slice(&header);
+            for framed in body {
+                starts.push(bytes.len());
+                bytes.extend_from_slice(&framed);
+            }
+        }
+        (bytes, starts)
+    }
+
+    fn scan_dir(bytes: &[u8]) -> (Result<ScanEnd, JournalError>, usize, tempfile::TempDir) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        fs::write(segment_path(dir.path(), 0), bytes).expect("write");
+        let mut visited = 0;
+        let end = scan::<JournalError>(dir.path(), 0, TailRepair::Truncate, |_, record| {
+            if matches!(record, WalRecord::Batch { .. }) {
+                visited += 1;
+            }
+            Ok(())
+        });
+        (end, visited, dir)
+    }
+
+    #[test]
+    fn a_hole_inside_the_last_group_is_a_torn_tail() {
+        let (mut bytes, starts) = segment(&[1, 2]);
+        // The last group's first record lost a page; its second record looks whole.
+        let hole = starts[1] + 3;
+        bytes[hole..hole + 4].fill(0);
+        let (end, visited, _dir) = scan_dir(&bytes);
+        let end = end.expect("a torn last group must not stop start-up");
+        assert_eq!(visited, 1, "only the record of the first, whole group is replayed");
+        assert_eq!(end.position, starts[1] as u64);
+        assert_eq!(end.torn_bytes, (bytes.len() - starts[1]) as u64);
+    }
+
+    #[test]
+    fn a_hole_before_a_later_group_is_corruption() {
+        let (mut bytes, starts) = segment(&[2, 1]);
+        let hole = starts[0] + 3;
+        bytes[hole..hole + 4].fill(0);
+        let (end, _, _dir) = scan_dir(&bytes);
+        match end {
+            Err(JournalError::Corrupt { offset, .. }) => assert_eq!(offset, starts[0] as u64),
+            other => panic!("expected corruption, got {other:?}"),
+        }
+    }
 }
