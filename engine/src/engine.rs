@@ -286,35 +286,12 @@ impl Engine {
         &self,
         accounts: Vec<Account>,
     ) -> Result<Vec<CreateAccountResult>, EngineError> {
-        let n = usize::from(self.inner.shard_count);
-        let mut per_shard: Vec<Vec<(usize, Account)>> = vec![Vec::new(); n];
-        for (index, account) in accounts.iter().enumerate() {
-            if account.id.is_spread() {
-                for shard in per_shard.iter_mut() {
-                    shard.push((index, *account));
-                }
-            } else {
-                per_shard[usize::from(home_shard(account.id, self.inner.shard_count).0)]
-                    .push((index, *account));
-            }
-        }
+        let pending = self.fan_out(
+            &accounts,
+            |a| a.id,
+            |accounts, reply| ShardMessage::CreateAccounts { accounts, reply },
+        )?;
         let mut results = vec![CreateAccountResult::Ok; accounts.len()];
-        let mut pending = Vec::new();
-        for (shard, items) in per_shard.into_iter().enumerate() {
-            if items.is_empty() {
-                continue;
-            }
-            let (tx, rx) = oneshot::channel();
-            let indexes: Vec<usize> = items.iter().map(|(i, _)| *i).collect();
-            self.send(
-                shard_id(shard),
-                ShardMessage::CreateAccounts {
-                    accounts: items.into_iter().map(|(_, a)| a).collect(),
-                    reply: tx,
-                },
-            )?;
-            pending.push((indexes, rx));
-        }
         for (indexes, rx) in pending {
             let answers = rx.await.map_err(|_| EngineError::Stopped)?;
             for (index, answer) in indexes.into_iter().zip(answers) {
@@ -325,6 +302,42 @@ impl Engine {
             }
         }
         Ok(results)
+    }
+
+    /// Sends each item to the shard that owns its account (a spread account's item to every
+    /// shard). Returns, per shard asked, the indexes of its items and the receiver of its answers.
+    #[allow(clippy::type_complexity)]
+    fn fan_out<T: Copy, R>(
+        &self,
+        items: &[T],
+        account: impl Fn(&T) -> AccountId,
+        message: impl Fn(Vec<T>, oneshot::Sender<Vec<R>>) -> ShardMessage,
+    ) -> Result<Vec<(Vec<usize>, oneshot::Receiver<Vec<R>>)>, EngineError> {
+        let n = self.inner.shard_count;
+        let mut per_shard: Vec<(Vec<usize>, Vec<T>)> = (0..n).map(|_| (Vec::new(), Vec::new())).collect();
+        for (index, item) in items.iter().enumerate() {
+            let id = account(item);
+            let shards = if id.is_spread() {
+                0..usize::from(n)
+            } else {
+                let home = usize::from(home_shard(id, n).0);
+                home..home + 1
+            };
+            for shard in shards {
+                per_shard[shard].0.push(index);
+                per_shard[shard].1.push(*item);
+            }
+        }
+        let mut pending = Vec::new();
+        for (shard, (indexes, items)) in per_shard.into_iter().enumerate() {
+            if items.is_empty() {
+                continue;
+            }
+            let (tx, rx) = oneshot::channel();
+            self.send(shard_id(shard), message(items, tx))?;
+            pending.push((indexes, rx));
+        }
+        Ok(pending)
     }
 
     /// Submits transfers; one result per transfer, each given only once its records are durable.
@@ -385,34 +398,9 @@ impl Engine {
     /// The accounts with these ids (a spread account summed over its shards), as of the last
     /// durable batch of each shard.
     pub async fn lookup_accounts(&self, ids: &[AccountId]) -> Result<Vec<Option<Account>>, EngineError> {
-        let n = usize::from(self.inner.shard_count);
-        let mut per_shard: Vec<Vec<(usize, AccountId)>> = vec![Vec::new(); n];
-        for (index, id) in ids.iter().enumerate() {
-            if id.is_spread() {
-                for shard in per_shard.iter_mut() {
-                    shard.push((index, *id));
-                }
-            } else {
-                per_shard[usize::from(home_shard(*id, self.inner.shard_count).0)].push((index, *id));
-            }
-        }
+        let pending =
+            self.fan_out(ids, |id| *id, |ids, reply| ShardMessage::LookupAccounts { ids, reply })?;
         let mut found: Vec<Option<Account>> = vec![None; ids.len()];
-        let mut pending = Vec::new();
-        for (shard, items) in per_shard.into_iter().enumerate() {
-            if items.is_empty() {
-                continue;
-            }
-            let (tx, rx) = oneshot::channel();
-            let indexes: Vec<usize> = items.iter().map(|(i, _)| *i).collect();
-            self.send(
-                shard_id(shard),
-                ShardMessage::LookupAccounts {
-                    ids: items.into_iter().map(|(_, id)| id).collect(),
-                    reply: tx,
-                },
-            )?;
-            pending.push((indexes, rx));
-        }
         for (indexes, rx) in pending {
             let answers = rx.await.map_err(|_| EngineError::Stopped)?;
             for (index, answer) in indexes.into_iter().zip(answers) {

@@ -348,25 +348,7 @@ fn rss_mib() -> u64 {
         .map_or(0, |kib| kib / 1024)
 }
 
-/// Runs a future to completion on this thread; the engine's futures need no runtime.
-fn block_on<F: std::future::Future>(future: F) -> F::Output {
-    use std::task::{Context, Poll, Wake, Waker};
-    struct ThreadWaker(std::thread::Thread);
-    impl Wake for ThreadWaker {
-        fn wake(self: Arc<Self>) {
-            self.0.unpark();
-        }
-    }
-    let waker = Waker::from(Arc::new(ThreadWaker(std::thread::current())));
-    let mut context = Context::from_waker(&waker);
-    let mut future = std::pin::pin!(future);
-    loop {
-        if let Poll::Ready(output) = future.as_mut().poll(&mut context) {
-            return output;
-        }
-        std::thread::park();
-    }
-}
+use engine::reply::block_on;
 
 #[derive(Debug, clap::Args)]
 pub struct RecoverArgs {

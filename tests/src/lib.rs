@@ -54,25 +54,7 @@ pub fn funding(wallet: u64, amount: u64) -> Transfer {
 
 const FUNDING_BIT: u128 = 1 << 100;
 
-/// Runs a future to completion on this thread; the engine's futures need no runtime.
-pub fn block_on<F: Future>(future: F) -> F::Output {
-    use std::task::{Context, Wake, Waker};
-    struct ThreadWaker(std::thread::Thread);
-    impl Wake for ThreadWaker {
-        fn wake(self: std::sync::Arc<Self>) {
-            self.0.unpark();
-        }
-    }
-    let waker = Waker::from(std::sync::Arc::new(ThreadWaker(std::thread::current())));
-    let mut context = Context::from_waker(&waker);
-    let mut future = std::pin::pin!(future);
-    loop {
-        if let Poll::Ready(output) = future.as_mut().poll(&mut context) {
-            return output;
-        }
-        std::thread::park();
-    }
-}
+pub use engine::reply::block_on;
 
 /// Runs many futures at once on this thread and returns their outputs in order: how a test
 /// keeps hundreds of submissions in flight without a runtime.
