@@ -439,19 +439,22 @@ impl Engine {
         Ok(found)
     }
 
-    /// Blocking: from async code, call it through `spawn_blocking`.
     /// Sums of all accounts per currency: the double-entry check. Exact once no cross-shard
     /// transfer is in flight (during one, the debit is pending while the credit is posted).
+    /// Blocking: from async code, call it through `spawn_blocking`.
     pub fn totals(&self) -> Result<FxHashMap<Currency, Totals>, EngineError> {
-        let states = self.capture()?;
+        // Each shard sums its own accounts; only the sums cross threads.
+        let mut pending = Vec::new();
+        for shard in 0..self.inner.shard_count {
+            let (tx, rx) = oneshot::channel();
+            self.send(ShardId(shard), ShardMessage::Totals { reply: tx })?;
+            pending.push(rx);
+        }
         let mut totals: FxHashMap<Currency, Totals> = FxHashMap::default();
-        for (_, state) in &states {
-            let mut ledger = Ledger::new(ShardId(0), 1);
-            state
-                .restore_into(&mut ledger)
-                .map_err(|error| EngineError::InvalidRecord { position: 0, reason: error.to_string() })?;
-            for (currency, part) in ledger.totals() {
-                totals.entry(currency).or_default().merge(&part);
+        for rx in pending {
+            let part = crate::reply::block_on(rx).map_err(|_| EngineError::Stopped)?;
+            for (currency, sums) in part {
+                totals.entry(currency).or_default().merge(&sums);
             }
         }
         Ok(totals)

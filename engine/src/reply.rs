@@ -72,6 +72,10 @@ pub enum Completion {
     AccountLookup(oneshot::Sender<Vec<Option<Account>>>, Vec<Option<Account>>),
     Transfers(oneshot::Sender<Vec<Option<TransferStatus>>>, Vec<Option<TransferStatus>>),
     Checkpoint(crossbeam_channel::Sender<(ShardId, WalShardState)>, ShardId, Box<WalShardState>),
+    Totals(
+        oneshot::Sender<rustc_hash::FxHashMap<crate::money::Currency, crate::ledger::Totals>>,
+        rustc_hash::FxHashMap<crate::money::Currency, crate::ledger::Totals>,
+    ),
     /// Recovery waits on this for its own records to be durable.
     Signal(crossbeam_channel::Sender<u64>),
 }
@@ -97,6 +101,9 @@ impl Completion {
             Completion::Checkpoint(reply, shard, mut state) => {
                 state.position = position;
                 let _gone = reply.send((shard, *state));
+            }
+            Completion::Totals(reply, totals) => {
+                let _gone = reply.send(totals);
             }
             Completion::Signal(reply) => {
                 let _gone = reply.send(position);

@@ -58,6 +58,10 @@ pub enum ShardMessage {
     Checkpoint {
         reply: crossbeam_channel::Sender<(ShardId, WalShardState)>,
     },
+    /// Per-currency sums of this shard's accounts.
+    Totals {
+        reply: oneshot::Sender<FxHashMap<crate::money::Currency, crate::ledger::Totals>>,
+    },
     Shutdown,
 }
 
@@ -83,6 +87,7 @@ impl std::fmt::Debug for ShardMessage {
             ShardMessage::LookupAccounts { .. } => "LookupAccounts",
             ShardMessage::LookupTransfers { .. } => "LookupTransfers",
             ShardMessage::Checkpoint { .. } => "Checkpoint",
+            ShardMessage::Totals { .. } => "Totals",
             ShardMessage::Shutdown => "Shutdown",
         };
         f.write_str(name)
@@ -214,6 +219,9 @@ impl Shard {
                         completions.push(Completion::Transfers(reply, found));
                     }
                     ShardMessage::Checkpoint { reply } => checkpoints.push(reply),
+                    ShardMessage::Totals { reply } => {
+                        completions.push(Completion::Totals(reply, self.ledger.totals()));
+                    }
                     ShardMessage::Shutdown => running = false,
                 }
             }
