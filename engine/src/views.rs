@@ -120,7 +120,7 @@ impl Trees {
             in_flight.insert(&id.to_be_bytes(), encode_transfer(&t, at).to_vec());
         }
         for (t, at, record_end) in posted {
-            let mut value = Vec::with_capacity(8 + 80);
+            let mut value = Vec::with_capacity(8 + TRANSFER_VALUE_LEN);
             value.extend_from_slice(&record_end.to_be_bytes());
             value.extend_from_slice(&encode_transfer(&t, at));
             transfers.insert(&t.id.0.to_be_bytes(), value);
@@ -176,9 +176,12 @@ fn history_value(t: &Transfer, debit: bool, pending: bool) -> [u8; 21] {
     value
 }
 
+/// The views' copy of a transfer: its fields (81 bytes) and the time it was applied (8).
+const TRANSFER_VALUE_LEN: usize = 89;
+
 /// A compact fixed layout for the views' copy of a transfer (the journal keeps the original).
-fn encode_transfer(t: &Transfer, at: u64) -> [u8; 107] {
-    let mut out = [0_u8; 107];
+fn encode_transfer(t: &Transfer, at: u64) -> [u8; TRANSFER_VALUE_LEN] {
+    let mut out = [0_u8; TRANSFER_VALUE_LEN];
     out[0..16].copy_from_slice(&t.id.0.to_be_bytes());
     out[16..24].copy_from_slice(&t.debit_account_id.0.to_be_bytes());
     out[24..32].copy_from_slice(&t.credit_account_id.0.to_be_bytes());
