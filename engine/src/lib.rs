@@ -17,8 +17,11 @@ pub mod journal;
 pub mod ledger;
 pub mod limits;
 pub mod money;
+pub mod msisdn;
 pub mod reply;
+pub mod secret;
 pub mod shard;
+pub mod tariff;
 pub mod transfer;
 pub mod views;
 
