@@ -16,6 +16,11 @@ impl AccountKind {
     pub const EMONEY_ISSUANCE: AccountKind = AccountKind(6);
     pub const ATM_CLEARING: AccountKind = AccountKind(7);
     pub const SUSPENSE: AccountKind = AccountKind(8);
+    /// What the issuer owes an agent in commissions (a spread account per agent).
+    pub const AGENT_COMMISSION: AccountKind = AccountKind(9);
+    pub const KIOSK_FLOAT: AccountKind = AccountKind(10);
+    pub const POST_OFFICE_FLOAT: AccountKind = AccountKind(11);
+    pub const ATM_NETWORK_FLOAT: AccountKind = AccountKind(12);
 }
 
 /// Constraints on an account, as bits so that they journal compactly.

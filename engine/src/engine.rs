@@ -372,7 +372,7 @@ impl Engine {
                     index: u32::try_from(index).unwrap_or(u32::MAX),
                 })
                 .collect();
-            self.send(ShardId(0), ShardMessage::Submit { transfers, waiters })?;
+            self.send(ShardId(0), ShardMessage::Submit { transfers, waiters, authorization: None })?;
             return Ok(rx);
         }
         let mut per_shard: Vec<(Vec<Transfer>, Vec<Waiter>)> =
@@ -389,10 +389,61 @@ impl Engine {
         }
         for (shard, (transfers, waiters)) in per_shard.into_iter().enumerate() {
             if !transfers.is_empty() {
-                self.send(shard_id(shard), ShardMessage::Submit { transfers, waiters })?;
+                self.send(shard_id(shard), ShardMessage::Submit { transfers, waiters, authorization: None })?;
             }
         }
         Ok(rx)
+    }
+
+    /// Submits the transfers of one customer operation to the shard of wallet `msisdn`, which
+    /// first checks `authorization` (PIN, OTP, step-up) and then applies them in the same step.
+    /// The first transfer must debit an account of that shard (the wallet, usually).
+    pub async fn submit_authorized(
+        &self,
+        authorization: crate::wallet::Authorization,
+        transfers: Vec<Transfer>,
+    ) -> Result<Vec<TransferResult>, EngineError> {
+        if transfers.len() > limits::SUBMIT_LEN_MAX {
+            return Err(EngineError::SubmissionTooLarge {
+                len: transfers.len(),
+                max: limits::SUBMIT_LEN_MAX,
+            });
+        }
+        let (gather, rx) = Gather::new(transfers.len());
+        let waiters = (0..transfers.len())
+            .map(|index| Waiter { gather: gather.clone(), index: u32::try_from(index).unwrap_or(u32::MAX) })
+            .collect();
+        let shard = crate::ids::wallet_shard(authorization.msisdn, self.inner.shard_count);
+        self.send(shard, ShardMessage::Submit { transfers, waiters, authorization: Some(authorization) })?;
+        rx.await.map_err(|_| EngineError::Stopped)
+    }
+
+    /// Sends a request about one wallet to its shard; changes are journaled before the answer.
+    pub async fn wallet_request(
+        &self,
+        request: crate::wallet::WalletRequest,
+    ) -> Result<crate::wallet::WalletReply, EngineError> {
+        let (tx, rx) = oneshot::channel();
+        let shard = crate::ids::wallet_shard(request.msisdn(), self.inner.shard_count);
+        self.send(shard, ShardMessage::Wallet { request, reply: tx })?;
+        rx.await.map_err(|_| EngineError::Stopped)
+    }
+
+    /// Makes `policy` every shard's policy, journaling it where it differs.
+    pub async fn set_policy(&self, policy: crate::wallet::Policy) -> Result<(), EngineError> {
+        let mut pending = Vec::new();
+        for shard in 0..self.inner.shard_count {
+            let (tx, rx) = oneshot::channel();
+            self.send(
+                ShardId(shard),
+                ShardMessage::SetPolicy { policy: Box::new(policy.clone()), reply: tx },
+            )?;
+            pending.push(rx);
+        }
+        for rx in pending {
+            rx.await.map_err(|_| EngineError::Stopped)?;
+        }
+        Ok(())
     }
 
     /// The accounts with these ids (a spread account summed over its shards), as of the last

@@ -12,6 +12,17 @@ use std::fmt;
 pub struct AccountId(pub u64);
 
 const SPREAD_BIT: u64 = 1 << 63;
+/// Bits 56..63 of a non-spread id name its class; bits 50..56 a currency; bits 0..50 a subject
+/// (an MSISDN's E.164 digits, below 10^15 < 2^50, or an agent's number).
+const CLASS_SHIFT: u32 = 56;
+const CURRENCY_SHIFT: u32 = 50;
+const SUBJECT_MASK: u64 = (1 << CURRENCY_SHIFT) - 1;
+const CURRENCY_MASK: u64 = 0x3F << CURRENCY_SHIFT;
+/// A wallet's account: subject is the MSISDN.
+pub const CLASS_WALLET: u8 = 1;
+/// An agent's float account (purpose 0) and commission account (purpose 1): subject is
+/// `agent << 1 | purpose`.
+pub const CLASS_AGENT: u8 = 2;
 
 impl AccountId {
     /// A system account spread over every shard; `n` must fit in 63 bits.
@@ -26,6 +37,58 @@ impl AccountId {
     pub const fn is_zero(self) -> bool {
         self.0 == 0
     }
+
+    /// The account of the wallet `msisdn` (E.164 digits as a number) in `currency`. Every
+    /// currency's account of one wallet lives on the same shard as the wallet's record.
+    pub fn wallet(msisdn: u64, currency: crate::money::Currency) -> AccountId {
+        AccountId(
+            (u64::from(CLASS_WALLET) << CLASS_SHIFT)
+                | (u64::from(currency as u8) << CURRENCY_SHIFT)
+                | (msisdn & SUBJECT_MASK),
+        )
+    }
+
+    /// An agent's float (`commission == false`) or commission account in `currency`; both live
+    /// on one shard. `agent` must be below 2^49.
+    pub fn agent(agent: u64, commission: bool, currency: crate::money::Currency) -> AccountId {
+        let subject = ((agent << 1) | u64::from(commission)) & SUBJECT_MASK;
+        AccountId(
+            (u64::from(CLASS_AGENT) << CLASS_SHIFT) | (u64::from(currency as u8) << CURRENCY_SHIFT) | subject,
+        )
+    }
+
+    fn class(self) -> u8 {
+        if self.is_spread() { 0 } else { u8::try_from(self.0 >> CLASS_SHIFT).unwrap_or(0) }
+    }
+
+    /// The MSISDN of a wallet account.
+    pub fn wallet_msisdn(self) -> Option<u64> {
+        (self.class() == CLASS_WALLET).then_some(self.0 & SUBJECT_MASK)
+    }
+
+    /// The currency a wallet or agent account id names.
+    pub fn currency(self) -> Option<crate::money::Currency> {
+        if matches!(self.class(), CLASS_WALLET | CLASS_AGENT) {
+            crate::money::Currency::from_u8(u8::try_from((self.0 & CURRENCY_MASK) >> CURRENCY_SHIFT).ok()?)
+        } else {
+            None
+        }
+    }
+
+    /// What places the account on a shard: the id without its currency for wallets and agents
+    /// (and without the purpose bit for agents), so that each one's accounts sit together.
+    fn placement_key(self) -> u64 {
+        match self.class() {
+            CLASS_WALLET => self.0 & !CURRENCY_MASK,
+            CLASS_AGENT => self.0 & !CURRENCY_MASK & !1,
+            _ => self.0,
+        }
+    }
+}
+
+/// The shard that keeps the record of wallet `msisdn` (with all its accounts).
+pub fn wallet_shard(msisdn: u64, shard_count: u16) -> ShardId {
+    home_shard(AccountId::wallet(msisdn, crate::money::Currency::Azn), shard_count)
 }
 
 impl fmt::Display for AccountId {
@@ -50,7 +113,7 @@ pub struct ShardId(pub u16);
 /// The shard that owns a non-spread account. Stable for a given shard count, which is why the
 /// journal records the count and refuses to open with another.
 pub fn home_shard(account: AccountId, shard_count: u16) -> ShardId {
-    let mixed = account.0.wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29);
+    let mixed = account.placement_key().wrapping_mul(0x9E37_79B9_7F4A_7C15).rotate_left(29);
     let shard = mixed % u64::from(shard_count.max(1));
     ShardId(u16::try_from(shard).unwrap_or(0))
 }
@@ -98,6 +161,27 @@ mod tests {
             assert_eq!(route(wallet, fee, 4), Route::Local(home_shard(wallet, 4)));
             assert_eq!(route(fee, wallet, 4), Route::Local(home_shard(wallet, 4)));
         }
+    }
+
+    #[test]
+    fn a_wallets_accounts_share_a_shard() {
+        use crate::money::Currency;
+        for msisdn in 994_501_234_500..994_501_234_600 {
+            let azn = AccountId::wallet(msisdn, Currency::Azn);
+            let usd = AccountId::wallet(msisdn, Currency::Usd);
+            assert_ne!(azn, usd);
+            assert_eq!(home_shard(azn, 7), home_shard(usd, 7));
+            assert_eq!(home_shard(azn, 7), wallet_shard(msisdn, 7));
+            assert_eq!(azn.wallet_msisdn(), Some(msisdn));
+            assert_eq!(usd.currency(), Some(Currency::Usd));
+            let float = AccountId::agent(msisdn % 1000, false, Currency::Azn);
+            let commission = AccountId::agent(msisdn % 1000, true, Currency::Azn);
+            assert_ne!(float, commission);
+            assert_eq!(home_shard(float, 7), home_shard(commission, 7));
+            assert_eq!(float.wallet_msisdn(), None);
+        }
+        assert_eq!(AccountId(5).wallet_msisdn(), None);
+        assert_eq!(AccountId::spread(AccountId::wallet(1, Currency::Azn).0).wallet_msisdn(), None);
     }
 
     #[test]

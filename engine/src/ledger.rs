@@ -16,10 +16,14 @@ use std::collections::BTreeSet;
 
 use rustc_hash::FxHashMap;
 
-use crate::account::{Account, AccountFlags, CreateAccountResult};
+use crate::account::{Account, AccountFlags, AccountKind, CreateAccountResult};
 use crate::ids::{AccountId, Route, ShardId, TransferId, route};
 use crate::money::Currency;
 use crate::transfer::{Transfer, TransferFlags, TransferResult};
+use crate::wallet::{
+    self, Authorization, Evidence, LimitHit, Outflow, Policy, Tag, WalletAccountView, WalletCommand,
+    WalletRefusal, WalletReply, WalletRequest, WalletState, WalletView,
+};
 
 const NS_PER_S: u64 = 1_000_000_000;
 
@@ -60,6 +64,9 @@ pub struct StoredTransfer {
     pub state: TransferState,
     /// For holds with a timeout: when the hold voids itself (ns); 0 otherwise.
     pub expires_at: u64,
+    /// For a member of a linked chain in flight to another shard: the chain's cross-shard
+    /// transfer, whose finalize posts or voids this one too. Zero otherwise.
+    pub parent: TransferId,
 }
 
 /// What a lookup finds of an accepted transfer: its state, and while it is an open hold or in
@@ -72,7 +79,7 @@ pub struct TransferStatus {
 
 /// A state change of one shard, as journaled. Replaying a shard's commands in order from an
 /// empty (or checkpointed) ledger rebuilds its state exactly.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Command {
     CreateAccount(Account),
     /// A transfer applied within this shard (plain, pending, post or void; linked chains appear
@@ -80,6 +87,12 @@ pub enum Command {
     Transfer(Transfer),
     /// The debit step of a cross-shard transfer.
     Reserve(Transfer),
+    /// A member of a linked chain whose cross-shard transfer is `parent`: held (both pending
+    /// columns) until the parent's finalize posts or voids the whole chain.
+    ReserveLinked {
+        transfer: Transfer,
+        parent: TransferId,
+    },
     /// The credit step of a cross-shard transfer; its outcome is recomputed on replay.
     Credit(Transfer),
     /// The end of a cross-shard transfer on its debit shard: `Ok` posts, any other code voids.
@@ -95,6 +108,8 @@ pub enum Command {
     },
     /// A hold reached its timeout.
     Expire(TransferId),
+    /// A change of wallet state or policy.
+    Wallet(Box<WalletCommand>),
 }
 
 /// What became of one submitted transfer.
@@ -107,6 +122,11 @@ pub enum Outcome {
     },
     /// A duplicate of a cross-shard transfer still in flight: answer when it finishes.
     Wait,
+    /// A member of a linked chain whose cross-shard transfer `parent` is in flight: `Ok` if the
+    /// parent posts, `LinkedEventFailed` if it is voided.
+    Linked {
+        parent: TransferId,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -193,6 +213,7 @@ enum Undo {
     Done(TransferId),
     ExpiryAdded(u64, TransferId),
     ExpiryRemoved(u64, TransferId),
+    Outflow(AccountId, Option<Outflow>),
 }
 
 #[derive(Debug)]
@@ -209,6 +230,13 @@ pub struct Ledger {
     /// Keyed by id, with the body hash: a transfer reusing the id with another body must not be
     /// answered with this one's result.
     credits: FxHashMap<TransferId, (TransferResult, u64)>,
+    /// Cross-shard transfers of linked chains in flight, with their chain's other members.
+    linked: FxHashMap<TransferId, Vec<TransferId>>,
+    /// Wallet records of the MSISDNs whose accounts live here.
+    wallets: FxHashMap<u64, WalletState>,
+    /// Outflow counters per wallet account.
+    outflow: FxHashMap<AccountId, Outflow>,
+    policy: Policy,
 }
 
 impl Ledger {
@@ -221,6 +249,10 @@ impl Ledger {
             done: FxHashMap::default(),
             expiries: BTreeSet::new(),
             credits: FxHashMap::default(),
+            linked: FxHashMap::default(),
+            wallets: FxHashMap::default(),
+            outflow: FxHashMap::default(),
+            policy: Policy::default(),
         }
     }
 
@@ -307,9 +339,41 @@ impl Ledger {
             .filter(|t| t.state == TransferState::Pending && t.expires_at != 0)
             .map(|t| (t.expires_at, t.transfer.id))
             .collect();
+        self.linked.clear();
+        for t in open.iter().filter(|t| t.parent.0 != 0) {
+            self.linked.entry(t.parent).or_default().push(t.transfer.id);
+        }
         self.open = open.into_iter().map(|t| (t.transfer.id, t)).collect();
         self.done = done.into_iter().collect();
         self.credits = credits.into_iter().collect();
+    }
+
+    /// Restores the wallet tables of a checkpoint.
+    pub fn restore_wallets(
+        &mut self,
+        policy: Policy,
+        wallets: Vec<WalletState>,
+        outflow: Vec<(AccountId, Outflow)>,
+    ) {
+        self.policy = policy;
+        self.wallets = wallets.into_iter().map(|w| (w.msisdn, w)).collect();
+        self.outflow = outflow.into_iter().collect();
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    pub fn wallet(&self, msisdn: u64) -> Option<&WalletState> {
+        self.wallets.get(&msisdn)
+    }
+
+    pub fn wallets(&self) -> impl Iterator<Item = &WalletState> {
+        self.wallets.values()
+    }
+
+    pub fn outflows(&self) -> impl Iterator<Item = (&AccountId, &Outflow)> {
+        self.outflow.iter()
     }
 
     pub fn create_account(
@@ -406,14 +470,14 @@ impl Ledger {
         }
         match route {
             Route::Local(_) => {
-                let result = self.apply_local(transfer, now, None);
+                let result = self.apply_local(transfer, now, None, None);
                 if result.is_ok() {
                     log.push(Command::Transfer(*transfer));
                 }
                 Outcome::Done(result)
             }
             Route::Cross { credit, .. } => {
-                let result = self.reserve(transfer, now);
+                let result = self.reserve(transfer, now, None);
                 if result.is_ok() {
                     log.push(Command::Reserve(*transfer));
                     Outcome::Forward { credit_shard: credit }
@@ -431,11 +495,30 @@ impl Ledger {
         outcomes: &mut Vec<Outcome>,
         log: &mut Vec<Command>,
     ) {
+        // A retry of a chain still in flight waits for it, member by member.
+        if let Some(Outcome::Wait | Outcome::Linked { .. }) = self.existing(&chain[0]) {
+            outcomes.extend(
+                chain.iter().map(|t| {
+                    self.existing(t).unwrap_or(Outcome::Done(TransferResult::ExistsWithDifferentBody))
+                }),
+            );
+            return;
+        }
+        // The one member, if any, that credits an account on another shard.
+        let remote = chain.iter().position(|t| {
+            t.flags.is_plain() && self.is_here(t.debit_account_id) && !self.is_here(t.credit_account_id)
+        });
+        let parent = remote.map(|index| chain[index].id);
         let mut undo = Vec::new();
         let mut failed: Option<(usize, TransferResult)> = None;
         let mut applied = Vec::with_capacity(chain.len());
         for (position, transfer) in chain.iter().enumerate() {
-            let result = self.chain_member(transfer, now, &mut undo, &mut applied);
+            let role = match (remote, parent) {
+                (Some(index), _) if index == position => Role::Remote,
+                (_, Some(parent)) => Role::Member(parent),
+                _ => Role::Local,
+            };
+            let result = self.chain_member(transfer, role, now, &mut undo, &mut applied);
             if !result.is_ok() {
                 failed = Some((position, result));
                 break;
@@ -443,8 +526,23 @@ impl Ledger {
         }
         match failed {
             None => {
-                log.extend(applied.into_iter().map(Command::Transfer));
-                outcomes.extend(chain.iter().map(|_| Outcome::Done(TransferResult::Ok)));
+                log.append(&mut applied);
+                match (remote, parent) {
+                    (Some(index), Some(parent)) => {
+                        let credit_shard =
+                            crate::ids::home_shard(chain[index].credit_account_id, self.shard_count);
+                        self.linked
+                            .insert(parent, chain.iter().filter(|t| t.id != parent).map(|t| t.id).collect());
+                        outcomes.extend(chain.iter().map(|t| {
+                            if t.id == parent {
+                                Outcome::Forward { credit_shard }
+                            } else {
+                                Outcome::Linked { parent }
+                            }
+                        }));
+                    }
+                    _ => outcomes.extend(chain.iter().map(|_| Outcome::Done(TransferResult::Ok))),
+                }
             }
             Some((failed_at, result)) => {
                 self.rollback(undo);
@@ -459,10 +557,17 @@ impl Ledger {
         }
     }
 
+    fn is_here(&self, account: AccountId) -> bool {
+        account.is_spread() || crate::ids::home_shard(account, self.shard_count) == self.shard
+    }
+
     /// The answer for a transfer whose id this shard accepted before, if it did.
     fn existing(&self, transfer: &Transfer) -> Option<Outcome> {
         if let Some(open) = self.open.get(&transfer.id) {
             return Some(match (open.transfer == *transfer, open.state) {
+                (true, TransferState::Reserved) if open.parent.0 != 0 => {
+                    Outcome::Linked { parent: open.parent }
+                }
                 (true, TransferState::Reserved) => Outcome::Wait,
                 (true, _) => Outcome::Done(TransferResult::Ok),
                 (false, _) => Outcome::Done(TransferResult::ExistsWithDifferentBody),
@@ -479,19 +584,24 @@ impl Ledger {
     fn chain_member(
         &mut self,
         transfer: &Transfer,
+        role: Role,
         now: u64,
         undo: &mut Vec<Undo>,
-        applied: &mut Vec<Transfer>,
+        applied: &mut Vec<Command>,
     ) -> TransferResult {
         if let Err(result) = validate(transfer) {
             return result;
         }
         // The whole chain runs on the shard of its first member, so every member's accounts
-        // must live here; checked before the id, in `TransferResult` order.
-        let here = |account: AccountId| {
-            account.is_spread() || crate::ids::home_shard(account, self.shard_count) == self.shard
+        // must live here, except the credit account of the one plain member that crosses, and
+        // then every member must be plain. Checked before the id, in `TransferResult` order.
+        let local = self.is_here(transfer.debit_account_id) && self.is_here(transfer.credit_account_id);
+        let allowed = match role {
+            Role::Local => local,
+            Role::Member(_) => local && transfer.flags.is_plain(),
+            Role::Remote => true,
         };
-        if !here(transfer.debit_account_id) || !here(transfer.credit_account_id) {
+        if !allowed {
             return TransferResult::CrossShardMustBePlain;
         }
         match self.existing(transfer) {
@@ -499,9 +609,17 @@ impl Ledger {
             Some(_) => return TransferResult::ExistsWithDifferentBody,
             None => {}
         }
-        let result = self.apply_local(transfer, now, Some(undo));
+        let result = match role {
+            Role::Local => self.apply_local(transfer, now, Some(undo), None),
+            Role::Member(parent) => self.apply_local(transfer, now, Some(undo), Some(parent)),
+            Role::Remote => self.reserve(transfer, now, Some(undo)),
+        };
         if result.is_ok() {
-            applied.push(*transfer);
+            applied.push(match role {
+                Role::Local => Command::Transfer(*transfer),
+                Role::Member(parent) => Command::ReserveLinked { transfer: *transfer, parent },
+                Role::Remote => Command::Reserve(*transfer),
+            });
         }
         result
     }
@@ -527,13 +645,26 @@ impl Ledger {
                 Undo::ExpiryRemoved(at, id) => {
                     self.expiries.insert((at, id));
                 }
+                Undo::Outflow(account, Some(previous)) => {
+                    self.outflow.insert(account, previous);
+                }
+                Undo::Outflow(account, None) => {
+                    self.outflow.remove(&account);
+                }
             }
         }
     }
 
     /// A transfer whose accounts both live here. Checks everything, then changes state; on any
-    /// refusal nothing changed.
-    fn apply_local(&mut self, transfer: &Transfer, now: u64, undo: Option<&mut Vec<Undo>>) -> TransferResult {
+    /// refusal nothing changed. With a `parent`, the transfer is a member of a linked chain in
+    /// flight to another shard: held in both pending columns until the parent's finalize.
+    fn apply_local(
+        &mut self,
+        transfer: &Transfer,
+        now: u64,
+        undo: Option<&mut Vec<Undo>>,
+        parent: Option<TransferId>,
+    ) -> TransferResult {
         if transfer.flags.contains(TransferFlags::POST_PENDING)
             || transfer.flags.contains(TransferFlags::VOID_PENDING)
         {
@@ -554,14 +685,28 @@ impl Ledger {
         if debit.currency != transfer.currency || credit.currency != transfer.currency {
             return TransferResult::CurrencyMismatch;
         }
-        let pending = transfer.flags.contains(TransferFlags::PENDING);
+        let pending = transfer.flags.contains(TransferFlags::PENDING) || parent.is_some();
         if let Err(result) = check_debit(debit, transfer.amount, pending) {
             return result;
         }
         if let Err(result) = check_credit(credit, transfer.amount, pending) {
             return result;
         }
-        let expires_at = if pending && transfer.timeout_s != 0 {
+        // A chain member is posted by its parent's finalize: its posted columns need room too.
+        if parent.is_some()
+            && (debit.debits_posted.checked_add(transfer.amount).is_none()
+                || credit.credits_posted.checked_add(transfer.amount).is_none())
+        {
+            return TransferResult::OverflowsDebits;
+        }
+        let outflow = match wallet_debit(&self.policy, &self.wallets, &self.outflow, debit, transfer, now) {
+            Ok(outflow) => outflow,
+            Err(result) => return result,
+        };
+        if let Err(result) = wallet_credit(&self.policy, &self.wallets, credit, transfer) {
+            return result;
+        }
+        let expires_at = if transfer.flags.contains(TransferFlags::PENDING) && transfer.timeout_s != 0 {
             match u64::from(transfer.timeout_s).checked_mul(NS_PER_S).and_then(|ns| ns.checked_add(now)) {
                 Some(at) => at,
                 None => return TransferResult::OverflowsTimeout,
@@ -576,6 +721,9 @@ impl Ledger {
             if expires_at != 0 {
                 undo.push(Undo::ExpiryAdded(expires_at, transfer.id));
             }
+            if outflow.is_some() {
+                undo.push(Undo::Outflow(debit.id, self.outflow.get(&debit.id).copied()));
+            }
         }
         // Checked above: neither column overflows.
         if pending {
@@ -585,19 +733,41 @@ impl Ledger {
             debit.debits_posted += transfer.amount;
             credit.credits_posted += transfer.amount;
         }
+        if let Some(outflow) = outflow {
+            self.outflow.insert(debit.id, outflow);
+        }
         if pending {
             if expires_at != 0 {
                 self.expiries.insert((expires_at, transfer.id));
             }
-            let state = TransferState::Pending;
+            let state = if parent.is_some() { TransferState::Reserved } else { TransferState::Pending };
             self.open.insert(
                 transfer.id,
-                StoredTransfer { transfer: *transfer, timestamp: now, state, expires_at },
+                StoredTransfer {
+                    transfer: *transfer,
+                    timestamp: now,
+                    state,
+                    expires_at,
+                    parent: parent.unwrap_or(TransferId(0)),
+                },
             );
         } else {
             self.done.insert(transfer.id, Done::new(body_hash(transfer), TransferState::Posted));
         }
         TransferResult::Ok
+    }
+
+    /// Gives back the outflow a held or reserved debit counted, when it is voided, expired or
+    /// (for `amount` less than held) partly posted.
+    fn release_outflow(&mut self, held: &StoredTransfer, amount: u64, operation: bool) {
+        let t = &held.transfer;
+        if t.debit_account_id.wallet_msisdn().is_none() || wallet::exempt(t.code) {
+            return;
+        }
+        let counted_at = self.policy.windows(held.timestamp);
+        if let Some(outflow) = self.outflow.get_mut(&t.debit_account_id) {
+            outflow.release(counted_at, amount, operation && wallet::counts_as_operation(t.code));
+        }
     }
 
     fn resolve_pending(
@@ -665,6 +835,15 @@ impl Ledger {
             if hold.expires_at != 0 {
                 undo.push(Undo::ExpiryRemoved(hold.expires_at, held.id));
             }
+            undo.push(Undo::Outflow(
+                held.debit_account_id,
+                self.outflow.get(&held.debit_account_id).copied(),
+            ));
+        }
+        if !post {
+            self.release_outflow(&hold, held.amount, true);
+        } else if amount < held.amount {
+            self.release_outflow(&hold, held.amount - amount, false);
         }
         self.accounts.insert(new_debit.id, new_debit);
         self.accounts.insert(new_credit.id, new_credit);
@@ -679,7 +858,7 @@ impl Ledger {
     }
 
     /// The debit step of a cross-shard transfer: the amount becomes a pending debit.
-    fn reserve(&mut self, transfer: &Transfer, now: u64) -> TransferResult {
+    fn reserve(&mut self, transfer: &Transfer, now: u64, undo: Option<&mut Vec<Undo>>) -> TransferResult {
         let Some(debit) = self.accounts.get_mut(&transfer.debit_account_id) else {
             return TransferResult::DebitAccountNotFound;
         };
@@ -693,7 +872,19 @@ impl Ledger {
         if debit.debits_posted.checked_add(transfer.amount).is_none() {
             return TransferResult::OverflowsDebits;
         }
+        let outflow = match wallet_debit(&self.policy, &self.wallets, &self.outflow, debit, transfer, now) {
+            Ok(outflow) => outflow,
+            Err(result) => return result,
+        };
+        if let Some(undo) = undo {
+            undo.push(Undo::Account(*debit));
+            undo.push(Undo::Open(transfer.id, None));
+            undo.push(Undo::Outflow(debit.id, self.outflow.get(&debit.id).copied()));
+        }
         debit.debits_pending += transfer.amount;
+        if let Some(outflow) = outflow {
+            self.outflow.insert(transfer.debit_account_id, outflow);
+        }
         self.open.insert(
             transfer.id,
             StoredTransfer {
@@ -701,6 +892,7 @@ impl Ledger {
                 timestamp: now,
                 state: TransferState::Reserved,
                 expires_at: 0,
+                parent: TransferId(0),
             },
         );
         TransferResult::Ok
@@ -729,6 +921,9 @@ impl Ledger {
         if let Err(result) = check_credit(credit, transfer.amount, false) {
             return result;
         }
+        if let Err(result) = wallet_credit(&self.policy, &self.wallets, credit, transfer) {
+            return result;
+        }
         credit.credits_posted += transfer.amount;
         TransferResult::Ok
     }
@@ -747,7 +942,7 @@ impl Ledger {
         log: &mut Vec<Command>,
     ) -> Option<u64> {
         let stored = self.open.get(&id).copied()?;
-        if stored.state != TransferState::Reserved {
+        if stored.state != TransferState::Reserved || stored.parent.0 != 0 {
             return None;
         }
         let amount = stored.transfer.amount;
@@ -758,11 +953,43 @@ impl Ledger {
         if result.is_ok() {
             debit.debits_posted = debit.debits_posted.checked_add(amount)?;
             self.done.insert(id, Done::new(hash, TransferState::Posted));
+        } else {
+            self.release_outflow(&stored, amount, true);
         }
         // Refused transfers are not stored: the id is free for a retry, as with any refusal.
         self.open.remove(&id);
+        for member in self.linked.remove(&id).unwrap_or_default() {
+            self.finish_member(member, result.is_ok());
+        }
         log.push(Command::Finalize { id, result });
         Some(hash)
+    }
+
+    /// Posts or releases a member of a linked chain whose cross-shard transfer finished.
+    fn finish_member(&mut self, id: TransferId, post: bool) {
+        let Some(stored) = self.open.remove(&id) else {
+            return;
+        };
+        let t = stored.transfer;
+        for (account, debit) in [(t.debit_account_id, true), (t.credit_account_id, false)] {
+            if let Some(account) = self.accounts.get_mut(&account) {
+                let (pending, posted) = if debit {
+                    (&mut account.debits_pending, &mut account.debits_posted)
+                } else {
+                    (&mut account.credits_pending, &mut account.credits_posted)
+                };
+                // The member's apply checked both columns; saturating keeps a bug from panicking.
+                *pending = pending.saturating_sub(t.amount);
+                if post {
+                    *posted = posted.saturating_add(t.amount);
+                }
+            }
+        }
+        if post {
+            self.done.insert(id, Done::new(body_hash(&t), TransferState::Posted));
+        } else {
+            self.release_outflow(&stored, t.amount, true);
+        }
     }
 
     pub fn forget(&mut self, id: TransferId, body_hash: u64, log: &mut Vec<Command>) {
@@ -801,6 +1028,7 @@ impl Ledger {
             return false;
         }
         let held = stored.transfer;
+        self.release_outflow(&stored, held.amount, true);
         if let Some(debit) = self.accounts.get_mut(&held.debit_account_id) {
             debit.debits_pending -= held.amount;
         }
@@ -811,6 +1039,318 @@ impl Ledger {
         self.open.remove(&id);
         self.done.insert(id, Done::new(body_hash(&held), TransferState::PendingExpired));
         true
+    }
+
+    /// Checks a submission's authorization on the wallet's shard, before its transfers, in the
+    /// same step: the PIN (a wrong one is counted, and blocks the wallet at the policy's limit),
+    /// the OTP (used up if right), and the step-up rule. The evidence is journaled.
+    pub fn authorize(
+        &mut self,
+        auth: &Authorization,
+        batch: &[Transfer],
+        now: u64,
+        log: &mut Vec<Command>,
+    ) -> Result<(), TransferResult> {
+        let Some(wallet) = self.wallets.get(&auth.msisdn) else {
+            return Err(TransferResult::AuthWalletNotFound);
+        };
+        if wallet.blocked() {
+            return Err(TransferResult::AuthWalletBlocked);
+        }
+        let mut methods = 0;
+        if let Some(pin) = auth.pin {
+            match self.check_pin(auth.msisdn, &pin, now, log) {
+                Ok(()) => methods |= Evidence::PIN,
+                Err(WalletRefusal::PinNotSet) => return Err(TransferResult::PinNotSet),
+                Err(WalletRefusal::Blocked) => return Err(TransferResult::AuthWalletBlocked),
+                Err(_) => return Err(TransferResult::PinInvalid),
+            }
+        }
+        if let Some(otp) = auth.otp {
+            match self.check_otp(auth.msisdn, &otp, now, log) {
+                Ok(()) => methods |= Evidence::OTP,
+                Err(_) => return Err(TransferResult::OtpInvalid),
+            }
+        }
+        let largest = batch
+            .iter()
+            .filter(|t| t.debit_account_id.wallet_msisdn() == Some(auth.msisdn))
+            .filter(|t| wallet::counts_as_operation(t.code))
+            .map(|t| t.amount)
+            .max()
+            .unwrap_or(0);
+        if largest > auth.step_up_above && methods & Evidence::OTP == 0 {
+            return Err(TransferResult::StepUpRequired);
+        }
+        if methods != 0
+            && let Some(first) = batch.first()
+        {
+            let evidence =
+                Evidence { msisdn: auth.msisdn, transfer: first.id.0, methods, channel: auth.channel };
+            self.record(WalletCommand::Evidence(evidence), now, log);
+        }
+        Ok(())
+    }
+
+    /// Applies a wallet command and journals it: the live path, so that replay (which applies
+    /// the same command) reaches the same state.
+    fn record(&mut self, command: WalletCommand, now: u64, log: &mut Vec<Command>) {
+        self.apply_wallet(&command, now);
+        log.push(Command::Wallet(Box::new(command)));
+    }
+
+    fn check_pin(
+        &mut self,
+        msisdn: u64,
+        pin: &Tag,
+        now: u64,
+        log: &mut Vec<Command>,
+    ) -> Result<(), WalletRefusal> {
+        let wallet = self.wallets.get(&msisdn).ok_or(WalletRefusal::NotFound)?;
+        if wallet.blocked() {
+            return Err(WalletRefusal::Blocked);
+        }
+        let stored = wallet.pin.ok_or(WalletRefusal::PinNotSet)?;
+        if stored.ct_eq(pin) {
+            if wallet.pin_failures > 0 {
+                self.record(WalletCommand::PinReset { msisdn }, now, log);
+            }
+            return Ok(());
+        }
+        let failures = wallet.pin_failures.saturating_add(1);
+        self.record(WalletCommand::PinFailed { msisdn }, now, log);
+        Err(WalletRefusal::PinInvalid { remaining: self.policy.pin_attempts_max.saturating_sub(failures) })
+    }
+
+    fn check_otp(
+        &mut self,
+        msisdn: u64,
+        otp: &Tag,
+        now: u64,
+        log: &mut Vec<Command>,
+    ) -> Result<(), WalletRefusal> {
+        let wallet = self.wallets.get(&msisdn).ok_or(WalletRefusal::NotFound)?;
+        let live = wallet.otp.ok_or(WalletRefusal::OtpNotIssued)?;
+        if now >= live.expires_at {
+            return Err(WalletRefusal::OtpExpired);
+        }
+        if live.tag.ct_eq(otp) {
+            self.record(WalletCommand::OtpUsed { msisdn }, now, log);
+            return Ok(());
+        }
+        let attempts = live.attempts.saturating_add(1);
+        self.record(WalletCommand::OtpFailed { msisdn }, now, log);
+        Err(WalletRefusal::OtpInvalid { remaining: self.policy.otp_attempts_max.saturating_sub(attempts) })
+    }
+
+    /// Answers a live wallet request; every change is journaled through `log`.
+    pub fn wallet_request(
+        &mut self,
+        request: WalletRequest,
+        now: u64,
+        log: &mut Vec<Command>,
+    ) -> WalletReply {
+        match self.wallet_request_inner(request, now, log) {
+            Ok(reply) => reply,
+            Err(refusal) => WalletReply::Refused(refusal),
+        }
+    }
+
+    fn wallet_request_inner(
+        &mut self,
+        request: WalletRequest,
+        now: u64,
+        log: &mut Vec<Command>,
+    ) -> Result<WalletReply, WalletRefusal> {
+        let msisdn = request.msisdn();
+        if let WalletRequest::Register { currencies, tier, pin, language, actor, .. } = request {
+            if self.wallets.contains_key(&msisdn) {
+                return Err(WalletRefusal::Exists);
+            }
+            self.policy.tier(tier).ok_or(WalletRefusal::UnknownTier)?;
+            self.record(WalletCommand::Register { msisdn, tier, pin, language, actor }, now, log);
+            for currency in currencies {
+                let account = Account {
+                    id: AccountId::wallet(msisdn, currency),
+                    currency,
+                    kind: AccountKind::WALLET,
+                    flags: AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS,
+                    debits_pending: 0,
+                    debits_posted: 0,
+                    credits_pending: 0,
+                    credits_posted: 0,
+                    timestamp: now,
+                };
+                // `Exists` (an account made before its wallet record) is fine: same fields.
+                let _ = self.create_account(account, now, log);
+            }
+            return Ok(WalletReply::Done);
+        }
+        let wallet = self.wallets.get(&msisdn).ok_or(WalletRefusal::NotFound)?;
+        match request {
+            WalletRequest::Register { .. } => Err(WalletRefusal::Exists),
+            WalletRequest::Identify { tier, profile, actor, .. } => {
+                self.policy.tier(tier).ok_or(WalletRefusal::UnknownTier)?;
+                self.record(WalletCommand::Profile { msisdn, profile, actor }, now, log);
+                self.record(WalletCommand::SetTier { msisdn, tier, actor }, now, log);
+                Ok(WalletReply::Done)
+            }
+            WalletRequest::UpdateProfile { profile, actor, .. } => {
+                self.record(WalletCommand::Profile { msisdn, profile, actor }, now, log);
+                Ok(WalletReply::Done)
+            }
+            WalletRequest::SetPin { old, new, actor, .. } => {
+                let staff = actor.kind == wallet::Actor::STAFF;
+                if !staff && wallet.pin.is_some() {
+                    match old {
+                        Some(old) => self.check_pin(msisdn, &old, now, log)?,
+                        None => return Err(WalletRefusal::PinInvalid { remaining: 0 }),
+                    }
+                } else if !staff && wallet.blocked() {
+                    return Err(WalletRefusal::Blocked);
+                }
+                self.record(WalletCommand::SetPin { msisdn, pin: new, actor }, now, log);
+                Ok(WalletReply::Done)
+            }
+            WalletRequest::VerifyPin { pin, .. } => {
+                self.check_pin(msisdn, &pin, now, log)?;
+                Ok(WalletReply::Done)
+            }
+            WalletRequest::Block { actor, .. } => {
+                if wallet.flags & WalletState::STAFF_BLOCKED == 0 {
+                    let flag = WalletState::STAFF_BLOCKED;
+                    self.record(WalletCommand::Block { msisdn, flag, actor }, now, log);
+                }
+                Ok(WalletReply::Done)
+            }
+            WalletRequest::Unblock { actor, .. } => {
+                if wallet.flags != 0 || wallet.pin_failures != 0 {
+                    self.record(WalletCommand::Unblock { msisdn, actor }, now, log);
+                }
+                Ok(WalletReply::Done)
+            }
+            WalletRequest::SetLanguage { language, .. } => {
+                if wallet.language != language {
+                    self.record(WalletCommand::SetLanguage { msisdn, language }, now, log);
+                }
+                Ok(WalletReply::Done)
+            }
+            WalletRequest::IssueOtp { nonce, tag, ttl_s, .. } => {
+                let window = u64::from(self.policy.otp_send_window_s) * NS_PER_S;
+                let recent: Vec<u64> =
+                    wallet.otp_sent.iter().copied().filter(|at| at + window > now).collect();
+                if recent.len() >= usize::from(self.policy.otp_sends_max) {
+                    let oldest = recent.first().copied().unwrap_or(now);
+                    let wait_ns = (oldest + window).saturating_sub(now);
+                    let retry_after_s = u32::try_from(wait_ns.div_ceil(NS_PER_S)).unwrap_or(u32::MAX);
+                    return Err(WalletRefusal::OtpRateLimited { retry_after_s });
+                }
+                let expires_at = now.saturating_add(u64::from(ttl_s) * NS_PER_S);
+                self.record(WalletCommand::OtpIssued { msisdn, nonce, tag, expires_at }, now, log);
+                Ok(WalletReply::Done)
+            }
+            WalletRequest::VerifyOtp { tag, .. } => {
+                self.check_otp(msisdn, &tag, now, log)?;
+                Ok(WalletReply::Done)
+            }
+            WalletRequest::Get { .. } => Ok(WalletReply::Found(Box::new(self.wallet_view(msisdn, now)?))),
+        }
+    }
+
+    /// A wallet with its accounts, limits and current counters.
+    pub fn wallet_view(&self, msisdn: u64, now: u64) -> Result<WalletView, WalletRefusal> {
+        let state = self.wallets.get(&msisdn).ok_or(WalletRefusal::NotFound)?.clone();
+        let windows = self.policy.windows(now);
+        let tier = self.policy.tier(state.tier);
+        let accounts = Currency::ALL
+            .iter()
+            .filter_map(|currency| {
+                let account = *self.accounts.get(&AccountId::wallet(msisdn, *currency))?;
+                Some(WalletAccountView {
+                    account,
+                    limits: tier.map_or(wallet::Limits::NONE, |t| t.limits(*currency)),
+                    outflow: self.outflow.get(&account.id).copied().unwrap_or_default().current(windows),
+                })
+            })
+            .collect();
+        Ok(WalletView { state, accounts })
+    }
+
+    /// Replaces the policy (journaled), if it differs.
+    pub fn set_policy(&mut self, policy: Policy, now: u64, log: &mut Vec<Command>) {
+        if self.policy != policy {
+            self.record(WalletCommand::SetPolicy(Box::new(policy)), now, log);
+        }
+    }
+
+    /// The effect of one wallet command, live and at replay alike.
+    fn apply_wallet(&mut self, command: &WalletCommand, now: u64) {
+        if let WalletCommand::SetPolicy(policy) = command {
+            self.policy = (**policy).clone();
+            return;
+        }
+        if let WalletCommand::Register { msisdn, tier, pin, language, .. } = command {
+            self.wallets.insert(
+                *msisdn,
+                WalletState {
+                    msisdn: *msisdn,
+                    tier: *tier,
+                    flags: 0,
+                    language: *language,
+                    pin: *pin,
+                    pin_failures: 0,
+                    created_at: now,
+                    otp: None,
+                    otp_sent: Vec::new(),
+                },
+            );
+            return;
+        }
+        let Some(wallet) = command.msisdn().and_then(|msisdn| self.wallets.get_mut(&msisdn)) else {
+            return;
+        };
+        match command {
+            WalletCommand::SetTier { tier, .. } => wallet.tier = *tier,
+            WalletCommand::SetPin { pin, .. } => {
+                wallet.pin = Some(*pin);
+                wallet.pin_failures = 0;
+            }
+            WalletCommand::PinFailed { .. } => {
+                wallet.pin_failures = wallet.pin_failures.saturating_add(1);
+                if wallet.pin_failures >= self.policy.pin_attempts_max {
+                    wallet.flags |= WalletState::PIN_BLOCKED;
+                }
+            }
+            WalletCommand::PinReset { .. } => wallet.pin_failures = 0,
+            WalletCommand::Block { flag, .. } => wallet.flags |= *flag,
+            WalletCommand::Unblock { .. } => {
+                wallet.flags = 0;
+                wallet.pin_failures = 0;
+            }
+            WalletCommand::SetLanguage { language, .. } => wallet.language = *language,
+            WalletCommand::OtpIssued { tag, expires_at, .. } => {
+                wallet.otp = Some(wallet::OtpState { tag: *tag, expires_at: *expires_at, attempts: 0 });
+                wallet.otp_sent.push(now);
+                let keep = usize::from(self.policy.otp_sends_max.max(1));
+                if wallet.otp_sent.len() > keep {
+                    let excess = wallet.otp_sent.len() - keep;
+                    wallet.otp_sent.drain(..excess);
+                }
+            }
+            WalletCommand::OtpFailed { .. } => {
+                if let Some(otp) = &mut wallet.otp {
+                    otp.attempts = otp.attempts.saturating_add(1);
+                    if otp.attempts >= self.policy.otp_attempts_max {
+                        wallet.otp = None;
+                    }
+                }
+            }
+            WalletCommand::OtpUsed { .. } => wallet.otp = None,
+            WalletCommand::Profile { .. }
+            | WalletCommand::Evidence(_)
+            | WalletCommand::Register { .. }
+            | WalletCommand::SetPolicy(_) => {}
+        }
     }
 
     /// Applies journaled commands again, at recovery. Each must have the effect it had the first
@@ -831,16 +1371,27 @@ impl Ledger {
                     if self.existing(transfer).is_some() {
                         return Err(diverged("transfer", transfer.id, "id already applied"));
                     }
-                    let result = self.apply_local(transfer, now, None);
+                    let result = self.apply_local(transfer, now, None, None);
                     if !result.is_ok() {
                         return Err(diverged("transfer", transfer.id, result));
                     }
                 }
+                Command::ReserveLinked { transfer, parent } => {
+                    if self.existing(transfer).is_some() {
+                        return Err(diverged("linked reserve", transfer.id, "id already applied"));
+                    }
+                    let result = self.apply_local(transfer, now, None, Some(*parent));
+                    if !result.is_ok() {
+                        return Err(diverged("linked reserve", transfer.id, result));
+                    }
+                    self.linked.entry(*parent).or_default().push(transfer.id);
+                }
+                Command::Wallet(command) => self.apply_wallet(command, now),
                 Command::Reserve(transfer) => {
                     if self.existing(transfer).is_some() {
                         return Err(diverged("reserve", transfer.id, "id already applied"));
                     }
-                    let result = self.reserve(transfer, now);
+                    let result = self.reserve(transfer, now, None);
                     if !result.is_ok() {
                         return Err(diverged("reserve", transfer.id, result));
                     }
@@ -955,6 +1506,87 @@ fn check_credit(credit: &Account, amount: u64, pending: bool) -> Result<(), Tran
     Ok(())
 }
 
+/// The wallet policy for a debit: the debit wallet's counters with this leg added, or the
+/// refusal. `None`: not a wallet, or a leg exempt from limits.
+fn wallet_debit(
+    policy: &Policy,
+    wallets: &FxHashMap<u64, WalletState>,
+    outflow: &FxHashMap<AccountId, Outflow>,
+    debit: &Account,
+    transfer: &Transfer,
+    now: u64,
+) -> Result<Option<Outflow>, TransferResult> {
+    let Some(msisdn) = debit.id.wallet_msisdn() else {
+        return Ok(None);
+    };
+    if wallet::exempt(transfer.code) {
+        return Ok(None);
+    }
+    // A wallet account without a wallet record was made by hand: no policy to apply.
+    let Some(wallet) = wallets.get(&msisdn) else {
+        return Ok(None);
+    };
+    if wallet.blocked() {
+        return Err(TransferResult::DebitWalletBlocked);
+    }
+    let limits = policy.tier(wallet.tier).map_or(wallet::Limits::NONE, |t| t.limits(transfer.currency));
+    let current = outflow.get(&debit.id).copied().unwrap_or_default();
+    current
+        .add(policy.windows(now), &limits, transfer.amount, wallet::counts_as_operation(transfer.code))
+        .map(Some)
+        .map_err(limit_result)
+}
+
+/// The wallet policy for a credit: a staff block, and the tier's maximum balance.
+fn wallet_credit(
+    policy: &Policy,
+    wallets: &FxHashMap<u64, WalletState>,
+    credit: &Account,
+    transfer: &Transfer,
+) -> Result<(), TransferResult> {
+    let Some(msisdn) = credit.id.wallet_msisdn() else {
+        return Ok(());
+    };
+    if wallet::exempt(transfer.code) {
+        return Ok(());
+    }
+    let Some(wallet) = wallets.get(&msisdn) else {
+        return Ok(());
+    };
+    if wallet.flags & WalletState::STAFF_BLOCKED != 0 {
+        return Err(TransferResult::CreditWalletBlocked);
+    }
+    let limits = policy.tier(wallet.tier).map_or(wallet::Limits::NONE, |t| t.limits(transfer.currency));
+    let held =
+        u128::from(credit.credits_posted) + u128::from(credit.credits_pending) + u128::from(transfer.amount);
+    if held.saturating_sub(u128::from(credit.debits_posted)) > u128::from(limits.max_balance) {
+        return Err(TransferResult::LimitMaxBalance);
+    }
+    Ok(())
+}
+
+fn limit_result(hit: LimitHit) -> TransferResult {
+    match hit {
+        LimitHit::PerOperation => TransferResult::LimitPerOperation,
+        LimitHit::DailyAmount => TransferResult::LimitDailyAmount,
+        LimitHit::DailyCount => TransferResult::LimitDailyCount,
+        LimitHit::MonthlyAmount => TransferResult::LimitMonthlyAmount,
+        LimitHit::MonthlyCount => TransferResult::LimitMonthlyCount,
+        LimitHit::MaxBalance => TransferResult::LimitMaxBalance,
+    }
+}
+
+/// What a member of a linked chain is to the chain.
+#[derive(Debug, Clone, Copy)]
+enum Role {
+    /// Both accounts here, in a chain that stays here.
+    Local,
+    /// Both accounts here, in a chain whose transfer `parent` crosses to another shard.
+    Member(TransferId),
+    /// The chain's one transfer to a credit account on another shard.
+    Remote,
+}
+
 /// Finishes every cross-shard transfer caught in flight, across all shards' ledgers, after
 /// replay. A reserve whose credit step is on record (for the same body) finishes with that
 /// step's answer; a reserve with no credit step on record is voided (no answer for it ever
@@ -972,7 +1604,7 @@ pub fn resolve_in_flight(ledgers: &mut [Ledger]) -> (Vec<Vec<Command>>, Vec<Vec<
             ledger
                 .open
                 .values()
-                .filter(|t| t.state == TransferState::Reserved)
+                .filter(|t| t.state == TransferState::Reserved && t.parent.0 == 0)
                 .map(move |t| (shard, t.transfer))
         })
         .collect();

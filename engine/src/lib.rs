@@ -11,6 +11,7 @@
 pub mod account;
 pub mod checkpoint;
 pub mod clock;
+pub mod domain;
 mod engine;
 pub mod ids;
 pub mod journal;
@@ -24,8 +25,10 @@ pub mod shard;
 pub mod tariff;
 pub mod transfer;
 pub mod views;
+pub mod wallet;
 
 pub use account::{Account, AccountFlags, AccountKind, CreateAccountResult};
+pub use domain::{Domain, DomainConfig, OpError};
 pub use engine::{Engine, EngineConfig, EngineError, RecoveryReport};
 pub use ids::{AccountId, ShardId, TransferId};
 pub use ledger::{Ledger, StoredTransfer, Totals, TransferState, TransferStatus};

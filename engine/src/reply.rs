@@ -78,6 +78,7 @@ pub enum Completion {
     ),
     /// Recovery waits on this for its own records to be durable.
     Signal(crossbeam_channel::Sender<u64>),
+    Wallet(oneshot::Sender<crate::wallet::WalletReply>, crate::wallet::WalletReply),
 }
 
 impl Completion {
@@ -107,6 +108,9 @@ impl Completion {
             }
             Completion::Signal(reply) => {
                 let _gone = reply.send(position);
+            }
+            Completion::Wallet(reply, answer) => {
+                let _gone = reply.send(answer);
             }
         }
     }

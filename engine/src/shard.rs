@@ -21,11 +21,23 @@ use crate::journal::record::{self, FORMAT_VERSION, WalCommand, WalRecord, WalSha
 use crate::ledger::{Command, Ledger, Outcome, TransferStatus};
 use crate::reply::{Completion, Waiter};
 use crate::transfer::{Transfer, TransferResult};
+use crate::wallet::{Authorization, Policy, WalletReply, WalletRequest};
 
 pub enum ShardMessage {
     Submit {
         transfers: Vec<Transfer>,
         waiters: Vec<Waiter>,
+        /// Checked on this shard before the transfers, in the same step; a failure refuses all.
+        authorization: Option<Authorization>,
+    },
+    Wallet {
+        request: WalletRequest,
+        reply: oneshot::Sender<WalletReply>,
+    },
+    /// Journals a new policy if it differs from the shard's.
+    SetPolicy {
+        policy: Box<Policy>,
+        reply: oneshot::Sender<WalletReply>,
     },
     CreateAccounts {
         accounts: Vec<Account>,
@@ -80,6 +92,8 @@ impl std::fmt::Debug for ShardMessage {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let name = match self {
             ShardMessage::Submit { .. } => "Submit",
+            ShardMessage::Wallet { .. } => "Wallet",
+            ShardMessage::SetPolicy { .. } => "SetPolicy",
             ShardMessage::CreateAccounts { .. } => "CreateAccounts",
             ShardMessage::Credit { .. } => "Credit",
             ShardMessage::Finalize { .. } => "Finalize",
@@ -128,7 +142,9 @@ impl Shard {
         let mut log: Vec<Command> = Vec::new();
         let mut outcomes: Vec<Outcome> = Vec::new();
         let mut forwards: Vec<Forward> = Vec::new();
-        let mut in_flight: FxHashMap<TransferId, Vec<Waiter>> = FxHashMap::default();
+        // Waiters on a cross-shard transfer in flight: retries of it (`false`), and the other
+        // members of its linked chain (`true`), who hear `Ok` or `LinkedEventFailed`.
+        let mut in_flight: FxHashMap<TransferId, Vec<(Waiter, bool)>> = FxHashMap::default();
         let mut frames = Vec::new();
         let mut running = true;
         while running {
@@ -168,8 +184,17 @@ impl Shard {
             self.stats.messages.fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
             for message in batch.drain(..) {
                 match message {
-                    ShardMessage::Submit { transfers, waiters } => {
+                    ShardMessage::Submit { transfers, waiters, authorization } => {
                         outcomes.clear();
+                        let authorized = match &authorization {
+                            Some(auth) => self.ledger.authorize(auth, &transfers, now, &mut log),
+                            None => Ok(()),
+                        };
+                        if let Err(result) = authorized {
+                            let refused = waiters.into_iter().map(|waiter| (waiter, result)).collect();
+                            completions.push(Completion::Results(refused));
+                            continue;
+                        }
                         self.ledger.submit(&transfers, now, &mut outcomes, &mut log);
                         let mut done = Vec::new();
                         for ((transfer, waiter), outcome) in
@@ -180,7 +205,12 @@ impl Shard {
                                 Outcome::Forward { credit_shard } => {
                                     forwards.push(Forward::Credit(credit_shard, *transfer, waiter));
                                 }
-                                Outcome::Wait => in_flight.entry(transfer.id).or_default().push(waiter),
+                                Outcome::Wait => {
+                                    in_flight.entry(transfer.id).or_default().push((waiter, false))
+                                }
+                                Outcome::Linked { parent } => {
+                                    in_flight.entry(parent).or_default().push((waiter, true));
+                                }
                             }
                         }
                         if !done.is_empty() {
@@ -204,8 +234,16 @@ impl Shard {
                             forwards.push(Forward::Forget(credit_shard, id, body_hash));
                         }
                         if let Some(waiters) = in_flight.remove(&id) {
+                            let member_result = if result.is_ok() {
+                                TransferResult::Ok
+                            } else {
+                                TransferResult::LinkedEventFailed
+                            };
                             completions.push(Completion::Results(
-                                waiters.into_iter().map(|w| (w, result)).collect(),
+                                waiters
+                                    .into_iter()
+                                    .map(|(w, member)| (w, if member { member_result } else { result }))
+                                    .collect(),
                             ));
                         }
                     }
@@ -217,6 +255,14 @@ impl Shard {
                     ShardMessage::LookupTransfers { ids, reply } => {
                         let found = ids.iter().map(|id| self.ledger.transfer_status(*id)).collect();
                         completions.push(Completion::Transfers(reply, found));
+                    }
+                    ShardMessage::Wallet { request, reply } => {
+                        let answer = self.ledger.wallet_request(request, now, &mut log);
+                        completions.push(Completion::Wallet(reply, answer));
+                    }
+                    ShardMessage::SetPolicy { policy, reply } => {
+                        self.ledger.set_policy(*policy, now, &mut log);
+                        completions.push(Completion::Wallet(reply, WalletReply::Done));
                     }
                     ShardMessage::Checkpoint { reply } => checkpoints.push(reply),
                     ShardMessage::Totals { reply } => {

@@ -89,6 +89,17 @@ pub enum TransferResult {
     /// A cross-shard transfer caught in flight by a crash and voided by recovery before any
     /// reply left; a retry with the same id executes afresh.
     Interrupted,
+    /// The submission's authorization failed (see `wallet::Authorization`): checked before any
+    /// of its transfers, and every transfer of the submission gets the same code.
+    AuthWalletNotFound,
+    /// The authorizing wallet is blocked (wrong PINs, or by staff).
+    AuthWalletBlocked,
+    PinNotSet,
+    PinInvalid,
+    /// The OTP is wrong, expired, used, or was never issued.
+    OtpInvalid,
+    /// The amount needs an OTP as well as the PIN.
+    StepUpRequired,
     IdMustNotBeZero,
     UnknownFlags,
     FlagsAreMutuallyExclusive,
@@ -99,8 +110,9 @@ pub enum TransferResult {
     AccountsMustBeDifferent,
     AccountIdMustNotBeZero,
     AmountMustNotBeZero,
-    /// A pending, posting or voiding transfer, or a linked chain, whose accounts live on more
-    /// than one shard (see ARCHITECTURE.md: such flows use spread system accounts).
+    /// A pending, posting or voiding transfer whose accounts live on two shards, or a linked
+    /// chain that leaves its first transfer's shard other than through one plain transfer to a
+    /// credit account elsewhere (see ARCHITECTURE.md).
     CrossShardMustBePlain,
     /// The id was used before with a different body.
     ExistsWithDifferentBody,
@@ -125,15 +137,33 @@ pub enum TransferResult {
     /// The debit account would be debited beyond its credits: insufficient funds.
     ExceedsCredits,
     ExceedsDebits,
+    /// The debit wallet is blocked (wrong PINs, or by staff).
+    DebitWalletBlocked,
+    /// The credit wallet is blocked by staff.
+    CreditWalletBlocked,
+    /// Above the debit wallet's tier's maximum per operation.
+    LimitPerOperation,
+    LimitDailyAmount,
+    LimitDailyCount,
+    LimitMonthlyAmount,
+    LimitMonthlyCount,
+    /// The credit wallet's balance would exceed its tier's maximum.
+    LimitMaxBalance,
 }
 
 impl TransferResult {
     /// Every result, indexed by its numeric code.
-    pub const ALL: [TransferResult; 36] = [
+    pub const ALL: [TransferResult; 50] = [
         TransferResult::Ok,
         TransferResult::LinkedEventFailed,
         TransferResult::LinkedEventChainOpen,
         TransferResult::Interrupted,
+        TransferResult::AuthWalletNotFound,
+        TransferResult::AuthWalletBlocked,
+        TransferResult::PinNotSet,
+        TransferResult::PinInvalid,
+        TransferResult::OtpInvalid,
+        TransferResult::StepUpRequired,
         TransferResult::IdMustNotBeZero,
         TransferResult::UnknownFlags,
         TransferResult::FlagsAreMutuallyExclusive,
@@ -166,6 +196,14 @@ impl TransferResult {
         TransferResult::OverflowsTimeout,
         TransferResult::ExceedsCredits,
         TransferResult::ExceedsDebits,
+        TransferResult::DebitWalletBlocked,
+        TransferResult::CreditWalletBlocked,
+        TransferResult::LimitPerOperation,
+        TransferResult::LimitDailyAmount,
+        TransferResult::LimitDailyCount,
+        TransferResult::LimitMonthlyAmount,
+        TransferResult::LimitMonthlyCount,
+        TransferResult::LimitMaxBalance,
     ];
 
     pub fn from_u8(code: u8) -> Option<TransferResult> {
@@ -184,6 +222,12 @@ impl TransferResult {
             LinkedEventFailed => "linked_event_failed",
             LinkedEventChainOpen => "linked_event_chain_open",
             Interrupted => "interrupted",
+            AuthWalletNotFound => "auth_wallet_not_found",
+            AuthWalletBlocked => "auth_wallet_blocked",
+            PinNotSet => "pin_not_set",
+            PinInvalid => "pin_invalid",
+            OtpInvalid => "otp_invalid",
+            StepUpRequired => "step_up_required",
             IdMustNotBeZero => "id_must_not_be_zero",
             UnknownFlags => "unknown_flags",
             FlagsAreMutuallyExclusive => "flags_are_mutually_exclusive",
@@ -216,6 +260,14 @@ impl TransferResult {
             OverflowsTimeout => "overflows_timeout",
             ExceedsCredits => "exceeds_credits",
             ExceedsDebits => "exceeds_debits",
+            DebitWalletBlocked => "debit_wallet_blocked",
+            CreditWalletBlocked => "credit_wallet_blocked",
+            LimitPerOperation => "limit_per_operation",
+            LimitDailyAmount => "limit_daily_amount",
+            LimitDailyCount => "limit_daily_count",
+            LimitMonthlyAmount => "limit_monthly_amount",
+            LimitMonthlyCount => "limit_monthly_count",
+            LimitMaxBalance => "limit_max_balance",
         }
     }
 }

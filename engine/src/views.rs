@@ -84,6 +84,8 @@ impl Trees {
         // Reserves read in this pass: their finalize often follows in the same pass, before the
         // `in_flight` batch reaches the tree.
         let mut reserved: rustc_hash::FxHashMap<u128, (Transfer, u64)> = rustc_hash::FxHashMap::default();
+        // Members of linked chains whose cross-shard transfer (the key) is in flight.
+        let mut members: rustc_hash::FxHashMap<u128, Vec<(Transfer, u64)>> = rustc_hash::FxHashMap::default();
         let mut posted = Vec::new();
         for (record_end, record) in records {
             let WalRecord::Batch { timestamp, commands, .. } = record else {
@@ -98,6 +100,9 @@ impl Trees {
                     Command::Reserve(t) => {
                         reserved.insert(t.id.0, (t, *timestamp));
                     }
+                    Command::ReserveLinked { transfer, parent } => {
+                        members.entry(parent.0).or_default().push((transfer, *timestamp));
+                    }
                     Command::Finalize { id, result } => {
                         // Almost every reserve is finalized within the pass that read it; only
                         // the others touch the `in_flight` tree, which keeps its writes few.
@@ -108,8 +113,15 @@ impl Trees {
                                 self.in_flight.get(id.0.to_be_bytes())?.as_deref().and_then(decode_transfer)
                             }
                         };
-                        if let (true, Some((t, at))) = (result.is_ok(), found) {
-                            posted.push((t, at, *record_end));
+                        // The chain's other members, read in this pass or parked by an earlier one.
+                        let mut chain = members.remove(&id.0).unwrap_or_default();
+                        for entry in self.in_flight.scan_prefix(member_prefix(id.0)) {
+                            let (key, value) = entry?;
+                            in_flight.remove(key);
+                            chain.extend(decode_transfer(&value));
+                        }
+                        if result.is_ok() {
+                            posted.extend(found.into_iter().chain(chain).map(|(t, at)| (t, at, *record_end)));
                         }
                     }
                     _ => {}
@@ -118,6 +130,13 @@ impl Trees {
         }
         for (id, (t, at)) in reserved {
             in_flight.insert(&id.to_be_bytes(), encode_transfer(&t, at).to_vec());
+        }
+        for (parent, chain) in members {
+            for (t, at) in chain {
+                let mut key = member_prefix(parent).to_vec();
+                key.extend_from_slice(&t.id.0.to_be_bytes());
+                in_flight.insert(key, encode_transfer(&t, at).to_vec());
+            }
         }
         for (t, at, record_end) in posted {
             let mut value = Vec::with_capacity(8 + TRANSFER_VALUE_LEN);
@@ -154,6 +173,15 @@ impl Trees {
             })?;
         Ok(())
     }
+}
+
+/// Members of a chain in flight are parked in `in_flight` under `m`, their parent's id, then
+/// their own, so that the parent's finalize finds them with one prefix scan.
+fn member_prefix(parent: u128) -> [u8; 17] {
+    let mut key = [0_u8; 17];
+    key[0] = b'm';
+    key[1..].copy_from_slice(&parent.to_be_bytes());
+    key
 }
 
 fn history_key(account: AccountId, at: u64, id: TransferId) -> [u8; 32] {

@@ -10,7 +10,7 @@ use crate::money::Currency;
 use crate::transfer::{Transfer, TransferFlags, TransferResult};
 
 /// Bumped whenever the layout below changes; a reader refuses versions it does not know.
-pub const FORMAT_VERSION: u8 = 1;
+pub const FORMAT_VERSION: u8 = 2;
 
 #[derive(Debug, Clone, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct WalTransfer {
@@ -48,6 +48,8 @@ pub enum WalCommand {
     Finalize { id: u128, result: u8 },
     Forget { id: u128, body_hash: u64 },
     Expire(u128),
+    ReserveLinked { transfer: WalTransfer, parent: u128 },
+    Wallet(Box<crate::wallet::WalletCommand>),
 }
 
 #[derive(Debug, Clone, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
@@ -64,6 +66,7 @@ pub struct WalStoredTransfer {
     timestamp: u64,
     state: u8,
     expires_at: u64,
+    parent: u128,
 }
 
 /// One shard's whole state in a checkpoint.
@@ -79,6 +82,9 @@ pub struct WalShardState {
     /// Final transfers: id and `ledger::Done` bits (body hash and state).
     pub done: Vec<(u128, u64)>,
     pub credits: Vec<(u128, u8, u64)>,
+    pub policy: crate::wallet::Policy,
+    pub wallets: Vec<crate::wallet::WalletState>,
+    pub outflow: Vec<(u64, crate::wallet::Outflow)>,
 }
 
 #[derive(Debug, Clone, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
@@ -170,6 +176,10 @@ impl From<&Command> for WalCommand {
             Command::Finalize { id, result } => WalCommand::Finalize { id: id.0, result: *result as u8 },
             Command::Forget { id, body_hash } => WalCommand::Forget { id: id.0, body_hash: *body_hash },
             Command::Expire(id) => WalCommand::Expire(id.0),
+            Command::ReserveLinked { transfer, parent } => {
+                WalCommand::ReserveLinked { transfer: transfer.into(), parent: parent.0 }
+            }
+            Command::Wallet(command) => WalCommand::Wallet(command.clone()),
         }
     }
 }
@@ -190,6 +200,10 @@ impl TryFrom<&WalCommand> for Command {
                 Command::Forget { id: TransferId(*id), body_hash: *body_hash }
             }
             WalCommand::Expire(id) => Command::Expire(TransferId(*id)),
+            WalCommand::ReserveLinked { transfer, parent } => {
+                Command::ReserveLinked { transfer: transfer.try_into()?, parent: TransferId(*parent) }
+            }
+            WalCommand::Wallet(command) => Command::Wallet(command.clone()),
         })
     }
 }
@@ -201,6 +215,7 @@ impl From<&StoredTransfer> for WalStoredTransfer {
             timestamp: s.timestamp,
             state: s.state as u8,
             expires_at: s.expires_at,
+            parent: s.parent.0,
         }
     }
 }
@@ -213,6 +228,7 @@ impl TryFrom<&WalStoredTransfer> for StoredTransfer {
             timestamp: s.timestamp,
             state: TransferState::from_u8(s.state).ok_or(DecodeRecordError("state"))?,
             expires_at: s.expires_at,
+            parent: TransferId(s.parent),
         })
     }
 }
@@ -253,6 +269,9 @@ impl WalShardState {
             transfers: ledger.open_transfers().map(WalStoredTransfer::from).collect(),
             done: ledger.done_transfers().map(|(id, done)| (id.0, done.bits())).collect(),
             credits: ledger.credit_steps().map(|(id, (result, hash))| (id.0, *result as u8, *hash)).collect(),
+            policy: ledger.policy().clone(),
+            wallets: ledger.wallets().cloned().collect(),
+            outflow: ledger.outflows().map(|(id, outflow)| (id.0, *outflow)).collect(),
         }
     }
 
@@ -278,6 +297,8 @@ impl WalShardState {
             })
             .collect::<Result<Vec<_>, _>>()?;
         ledger.restore(accounts, transfers, done, credits);
+        let outflow = self.outflow.iter().map(|(id, outflow)| (AccountId(*id), *outflow)).collect();
+        ledger.restore_wallets(self.policy.clone(), self.wallets.clone(), outflow);
         Ok(())
     }
 }
