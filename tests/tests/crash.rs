@@ -248,13 +248,14 @@ fn trace(journal: &Path, id: u128) -> anyhow::Result<Vec<(u64, u16, String)>> {
             for command in &commands {
                 let command = LedgerCommand::try_from(command)?;
                 let mentions = match command {
-                    LedgerCommand::Transfer(t) | LedgerCommand::Reserve(t) | LedgerCommand::Credit(t) => {
-                        t.id.0 == id
-                    }
+                    LedgerCommand::Transfer(t)
+                    | LedgerCommand::Reserve(t)
+                    | LedgerCommand::Credit(t)
+                    | LedgerCommand::ReserveLinked { transfer: t, .. } => t.id.0 == id,
                     LedgerCommand::Finalize { id: other, .. }
                     | LedgerCommand::Forget { id: other, .. }
                     | LedgerCommand::Expire(other) => other.0 == id,
-                    LedgerCommand::CreateAccount(_) => false,
+                    LedgerCommand::CreateAccount(_) | LedgerCommand::Wallet(_) => false,
                 };
                 if mentions {
                     found.push((position, shard, format!("{command:?}")));
