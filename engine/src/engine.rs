@@ -429,6 +429,43 @@ impl Engine {
         rx.await.map_err(|_| EngineError::Stopped)
     }
 
+    /// Many wallet requests at once (bulk registration, a migration): one message per shard.
+    /// Answers in the order asked.
+    pub async fn wallet_requests(
+        &self,
+        requests: Vec<crate::wallet::WalletRequest>,
+    ) -> Result<Vec<crate::wallet::WalletReply>, EngineError> {
+        let max = limits::SUBMIT_LEN_MAX / (1 + Currency::ALL.len());
+        if requests.len() > max {
+            return Err(EngineError::SubmissionTooLarge { len: requests.len(), max });
+        }
+        let n = self.inner.shard_count;
+        let len = requests.len();
+        let mut per_shard: Vec<(Vec<usize>, Vec<crate::wallet::WalletRequest>)> =
+            (0..n).map(|_| (Vec::new(), Vec::new())).collect();
+        for (index, request) in requests.into_iter().enumerate() {
+            let slot = &mut per_shard[usize::from(crate::ids::wallet_shard(request.msisdn(), n).0)];
+            slot.0.push(index);
+            slot.1.push(request);
+        }
+        let mut pending = Vec::new();
+        for (shard, (indexes, requests)) in per_shard.into_iter().enumerate() {
+            if requests.is_empty() {
+                continue;
+            }
+            let (tx, rx) = oneshot::channel();
+            self.send(shard_id(shard), ShardMessage::Wallets { requests, reply: tx })?;
+            pending.push((indexes, rx));
+        }
+        let mut answers = vec![crate::wallet::WalletReply::Done; len];
+        for (indexes, rx) in pending {
+            for (index, answer) in indexes.into_iter().zip(rx.await.map_err(|_| EngineError::Stopped)?) {
+                answers[index] = answer;
+            }
+        }
+        Ok(answers)
+    }
+
     /// Makes `policy` every shard's policy, journaling it where it differs.
     pub async fn set_policy(&self, policy: crate::wallet::Policy) -> Result<(), EngineError> {
         let mut pending = Vec::new();

@@ -237,6 +237,8 @@ pub struct Ledger {
     /// Outflow counters per wallet account.
     outflow: FxHashMap<AccountId, Outflow>,
     policy: Policy,
+    /// The day and month of the last batch time asked about: a batch asks once per transfer.
+    windows: (u64, wallet::Windows),
 }
 
 impl Ledger {
@@ -253,7 +255,16 @@ impl Ledger {
             wallets: FxHashMap::default(),
             outflow: FxHashMap::default(),
             policy: Policy::default(),
+            windows: (u64::MAX, wallet::Windows { day: 0, month: 0 }),
         }
+    }
+
+    /// The policy's day and month at `now`, cached for the batch.
+    fn windows(&mut self, now: u64) -> wallet::Windows {
+        if self.windows.0 != now {
+            self.windows = (now, self.policy.windows(now));
+        }
+        self.windows.1
     }
 
     pub fn with_capacity(shard: ShardId, shard_count: u16, accounts: usize, transfers: usize) -> Self {
@@ -356,6 +367,7 @@ impl Ledger {
         outflow: Vec<(AccountId, Outflow)>,
     ) {
         self.policy = policy;
+        self.windows.0 = u64::MAX;
         self.wallets = wallets.into_iter().map(|w| (w.msisdn, w)).collect();
         self.outflow = outflow.into_iter().collect();
     }
@@ -674,6 +686,7 @@ impl Ledger {
         if transfer.debit_account_id == transfer.credit_account_id {
             return TransferResult::AccountsMustBeDifferent;
         }
+        let windows = self.windows(now);
         let [debit, credit] =
             self.accounts.get_disjoint_mut([&transfer.debit_account_id, &transfer.credit_account_id]);
         let Some(debit) = debit else {
@@ -699,7 +712,8 @@ impl Ledger {
         {
             return TransferResult::OverflowsDebits;
         }
-        let outflow = match wallet_debit(&self.policy, &self.wallets, &self.outflow, debit, transfer, now) {
+        let outflow = match wallet_debit(&self.policy, &self.wallets, &self.outflow, debit, transfer, windows)
+        {
             Ok(outflow) => outflow,
             Err(result) => return result,
         };
@@ -859,6 +873,7 @@ impl Ledger {
 
     /// The debit step of a cross-shard transfer: the amount becomes a pending debit.
     fn reserve(&mut self, transfer: &Transfer, now: u64, undo: Option<&mut Vec<Undo>>) -> TransferResult {
+        let windows = self.windows(now);
         let Some(debit) = self.accounts.get_mut(&transfer.debit_account_id) else {
             return TransferResult::DebitAccountNotFound;
         };
@@ -872,7 +887,8 @@ impl Ledger {
         if debit.debits_posted.checked_add(transfer.amount).is_none() {
             return TransferResult::OverflowsDebits;
         }
-        let outflow = match wallet_debit(&self.policy, &self.wallets, &self.outflow, debit, transfer, now) {
+        let outflow = match wallet_debit(&self.policy, &self.wallets, &self.outflow, debit, transfer, windows)
+        {
             Ok(outflow) => outflow,
             Err(result) => return result,
         };
@@ -1287,6 +1303,7 @@ impl Ledger {
     fn apply_wallet(&mut self, command: &WalletCommand, now: u64) {
         if let WalletCommand::SetPolicy(policy) = command {
             self.policy = (**policy).clone();
+            self.windows.0 = u64::MAX;
             return;
         }
         if let WalletCommand::Register { msisdn, tier, pin, language, .. } = command {
@@ -1514,7 +1531,7 @@ fn wallet_debit(
     outflow: &FxHashMap<AccountId, Outflow>,
     debit: &Account,
     transfer: &Transfer,
-    now: u64,
+    windows: wallet::Windows,
 ) -> Result<Option<Outflow>, TransferResult> {
     let Some(msisdn) = debit.id.wallet_msisdn() else {
         return Ok(None);
@@ -1532,7 +1549,7 @@ fn wallet_debit(
     let limits = policy.tier(wallet.tier).map_or(wallet::Limits::NONE, |t| t.limits(transfer.currency));
     let current = outflow.get(&debit.id).copied().unwrap_or_default();
     current
-        .add(policy.windows(now), &limits, transfer.amount, wallet::counts_as_operation(transfer.code))
+        .add(windows, &limits, transfer.amount, wallet::counts_as_operation(transfer.code))
         .map(Some)
         .map_err(limit_result)
 }

@@ -79,6 +79,7 @@ pub enum Completion {
     /// Recovery waits on this for its own records to be durable.
     Signal(crossbeam_channel::Sender<u64>),
     Wallet(oneshot::Sender<crate::wallet::WalletReply>, crate::wallet::WalletReply),
+    Wallets(oneshot::Sender<Vec<crate::wallet::WalletReply>>, Vec<crate::wallet::WalletReply>),
 }
 
 impl Completion {
@@ -111,6 +112,9 @@ impl Completion {
             }
             Completion::Wallet(reply, answer) => {
                 let _gone = reply.send(answer);
+            }
+            Completion::Wallets(reply, answers) => {
+                let _gone = reply.send(answers);
             }
         }
     }

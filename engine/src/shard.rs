@@ -34,6 +34,11 @@ pub enum ShardMessage {
         request: WalletRequest,
         reply: oneshot::Sender<WalletReply>,
     },
+    /// Many wallet requests at once (bulk registration), answered together.
+    Wallets {
+        requests: Vec<WalletRequest>,
+        reply: oneshot::Sender<Vec<WalletReply>>,
+    },
     /// Journals a new policy if it differs from the shard's.
     SetPolicy {
         policy: Box<Policy>,
@@ -83,6 +88,10 @@ impl ShardMessage {
         match self {
             ShardMessage::Submit { transfers, .. } => transfers.len(),
             ShardMessage::CreateAccounts { accounts, .. } => accounts.len(),
+            // A registration journals the wallet and one account per currency.
+            ShardMessage::Wallets { requests, .. } => {
+                requests.len() * (1 + crate::money::Currency::ALL.len())
+            }
             _ => 1,
         }
     }
@@ -93,6 +102,7 @@ impl std::fmt::Debug for ShardMessage {
         let name = match self {
             ShardMessage::Submit { .. } => "Submit",
             ShardMessage::Wallet { .. } => "Wallet",
+            ShardMessage::Wallets { .. } => "Wallets",
             ShardMessage::SetPolicy { .. } => "SetPolicy",
             ShardMessage::CreateAccounts { .. } => "CreateAccounts",
             ShardMessage::Credit { .. } => "Credit",
@@ -259,6 +269,13 @@ impl Shard {
                     ShardMessage::Wallet { request, reply } => {
                         let answer = self.ledger.wallet_request(request, now, &mut log);
                         completions.push(Completion::Wallet(reply, answer));
+                    }
+                    ShardMessage::Wallets { requests, reply } => {
+                        let answers = requests
+                            .into_iter()
+                            .map(|request| self.ledger.wallet_request(request, now, &mut log))
+                            .collect();
+                        completions.push(Completion::Wallets(reply, answers));
                     }
                     ShardMessage::SetPolicy { policy, reply } => {
                         self.ledger.set_policy(*policy, now, &mut log);

@@ -15,10 +15,51 @@ use rand::{Rng, SeedableRng};
 
 /// Funds every wallet; large enough that random transfers almost never run a wallet dry.
 const FUNDING_MINOR: u64 = 10_000_000;
-const ISSUANCE: AccountId = AccountId::spread(1);
+const ISSUANCE: AccountId = engine::domain::system::EMONEY_ISSUANCE;
 /// The hot account: a spread system account (say, a biller's settlement account).
-const HOT: AccountId = AccountId::spread(2);
+const HOT: AccountId = AccountId::spread(10);
 const SETUP_BATCH: usize = 8_190;
+/// Wallet `i`'s number under `--policy full`: +994 50 000 00 00 + i.
+const MSISDN_BASE: u64 = 994_500_000_000;
+
+/// What the engine checks on each transfer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PolicyMode {
+    /// Plain ledger transfers between accounts without wallet records.
+    None,
+    /// MSISDN wallets with tier limits checked on every debit and credit, and every P2P a linked
+    /// chain of the principal and a fee to fee income (two transfers an operation).
+    Full,
+}
+
+impl PolicyMode {
+    fn wallet(self, i: u64) -> AccountId {
+        match self {
+            PolicyMode::None => AccountId(i),
+            PolicyMode::Full => AccountId::wallet(MSISDN_BASE + i, Currency::Azn),
+        }
+    }
+}
+
+/// Limits that a random workload does not reach (the checks run; they rarely refuse), in one
+/// tier, and the P2P tariff: 0.10 AZN + 0.5 %, at least 0.20, at most 5 AZN.
+fn load_policy() -> engine::wallet::Policy {
+    let mut policy = engine::wallet::Policy::default();
+    let limits = engine::wallet::Limits {
+        max_balance: 1_000_000_00,
+        max_per_operation: 10_000_00,
+        daily_amount: 100_000_00,
+        daily_count: 10_000,
+        monthly_amount: 1_000_000_00,
+        monthly_count: 100_000,
+    };
+    policy.tiers = vec![engine::wallet::Tier {
+        code: 0,
+        name: "load".into(),
+        limits: vec![(Currency::Azn as u8, limits)],
+    }];
+    policy
+}
 
 #[derive(Debug, clap::Args)]
 pub struct Args {
@@ -55,6 +96,9 @@ pub struct Args {
     /// Seed of the random workload.
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// `none`: plain transfers; `full`: wallet policy (tier limits, a fee leg on every P2P).
+    #[arg(long, value_enum, default_value_t = PolicyMode::None)]
+    policy: PolicyMode,
 }
 
 struct Tally {
@@ -67,6 +111,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     ensure!(args.hot_percent <= 100, "--hot-percent must be 0..=100");
     ensure!(args.batch >= 1 && args.batch <= engine::limits::SUBMIT_LEN_MAX, "--batch must be 1..=8190");
     ensure!(args.submitters >= 1, "--submitters must be at least 1");
+    ensure!(
+        args.policy == PolicyMode::None || args.batch * 2 <= engine::limits::SUBMIT_LEN_MAX,
+        "--policy full sends two transfers an operation: --batch must be 1..=4095"
+    );
     let temp;
     let data_dir = match &args.data_dir {
         Some(dir) => dir.clone(),
@@ -84,7 +132,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let engine = Engine::open(config.clone()).context("opening the engine")?;
 
     let setup_started = Instant::now();
-    setup(&engine, args.accounts)?;
+    let domain = match args.policy {
+        PolicyMode::None => None,
+        PolicyMode::Full => Some(open_domain(&engine)?),
+    };
+    setup(&engine, domain.as_ref(), args.accounts)?;
     let setup_s = setup_started.elapsed().as_secs_f64();
     let position_before = engine.journal().durable();
     // Let the views index the setup before the measured run, within the same bound.
@@ -101,8 +153,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             let (engine, stop, tally) = (engine.clone(), stop.clone(), tally.clone());
             let (accounts, batch, hot_percent) = (args.accounts, args.batch, args.hot_percent);
             let seed = args.seed.wrapping_mul(1_000_003).wrapping_add(worker as u64);
+            let domain = domain.clone();
             std::thread::spawn(move || {
-                submitter(&engine, &stop, &tally, worker, seed, accounts, batch, hot_percent)
+                let load = Load { accounts, batch_len: batch, hot_percent, domain };
+                submitter(&engine, &stop, &tally, worker, seed, &load)
             })
         })
         .collect();
@@ -142,7 +196,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         (behind, catch_up_s, caught, views.error(), rate_bytes_per_s)
     });
 
-    let conserved = conserved(&engine, args.accounts)?;
+    let conserved = conserved(&engine, args.policy, args.accounts)?;
     let rss_mib = rss_mib();
     let journal_mib = (journal_end - position_before) as f64 / 1_048_576.0;
     let syncs = engine.journal().syncs.load(Ordering::Relaxed);
@@ -156,9 +210,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     println!("wallets             {}", args.accounts);
     println!("submitters x batch  {} x {}", args.submitters, args.batch);
     println!("hot account share   {} %", args.hot_percent);
+    println!("policy              {:?}", args.policy);
     println!("duration            {elapsed:.2} s");
-    println!("transfers           {} ok, {} refused", ok, refused);
-    println!("throughput          {per_s:.0} transfers/s");
+    let unit = if args.policy == PolicyMode::Full { "operations (P2P + fee chains)" } else { "transfers" };
+    println!("{unit:<19} {} ok, {} refused", ok, refused);
+    println!("throughput          {per_s:.0} {unit}/s");
     println!(
         "latency (per transfer, submit to durable answer)  p50 {} us  p99 {} us  p99.9 {} us  max {} us",
         latency.value_at_quantile(0.50),
@@ -206,6 +262,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     let mut json = serde_json::json!({
         "scenario": "engine",
         "transfers_per_s": transfers_per_s,
+        "policy": format!("{:?}", args.policy).to_lowercase(),
         "p50_us": latency.value_at_quantile(0.50),
         "p99_us": latency.value_at_quantile(0.99),
         "p999_us": latency.value_at_quantile(0.999),
@@ -224,7 +281,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn setup(engine: &Engine, wallets: u64) -> anyhow::Result<()> {
+fn open_domain(engine: &Engine) -> anyhow::Result<engine::Domain> {
+    let secret = engine::secret::ServerSecret::generate();
+    let mut config = engine::DomainConfig::new(Arc::new(secret));
+    config.policy = load_policy();
+    config.tariffs.set(
+        engine::wallet::codes::P2P,
+        engine::tariff::Tariff { fixed: 10, percent_bps: 50, min: 20, max: 500 },
+    )?;
+    Ok(block_on(engine::Domain::open(engine.clone(), config))?)
+}
+
+fn setup(engine: &Engine, domain: Option<&engine::Domain>, wallets: u64) -> anyhow::Result<()> {
     let system = vec![
         Account::new(ISSUANCE, Currency::Azn, AccountKind::EMONEY_ISSUANCE, AccountFlags::empty()),
         Account::new(HOT, Currency::Azn, AccountKind::BILLER_SETTLEMENT, AccountFlags::empty()),
@@ -234,26 +302,56 @@ fn setup(engine: &Engine, wallets: u64) -> anyhow::Result<()> {
         results.iter().all(|r| matches!(r, CreateAccountResult::Ok | CreateAccountResult::Exists)),
         "{results:?}"
     );
+    let mode = if domain.is_some() { PolicyMode::Full } else { PolicyMode::None };
+    // Wallet registrations journal a record and an account each: fewer per message.
+    let step = if domain.is_some() { 2_000 } else { SETUP_BATCH as u64 };
     let mut next = 1;
     while next <= wallets {
-        let end = (next + SETUP_BATCH as u64).min(wallets + 1);
-        let accounts: Vec<Account> = (next..end)
-            .map(|id| {
-                Account::new(
-                    AccountId(id),
-                    Currency::Azn,
-                    AccountKind::WALLET,
-                    AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS,
-                )
-            })
-            .collect();
-        let results = block_on(engine.create_accounts(accounts))?;
-        ensure!(
-            results.iter().all(|r| matches!(r, CreateAccountResult::Ok | CreateAccountResult::Exists)),
-            "{results:?}"
-        );
+        let end = (next + step).min(wallets + 1);
+        if domain.is_some() {
+            let requests = (next..end)
+                .map(|i| engine::wallet::WalletRequest::Register {
+                    msisdn: MSISDN_BASE + i,
+                    currencies: vec![Currency::Azn],
+                    tier: 0,
+                    pin: None,
+                    language: 0,
+                    actor: engine::wallet::Actor::system(),
+                })
+                .collect();
+            let answers = block_on(engine.wallet_requests(requests))?;
+            ensure!(
+                answers.iter().all(|a| matches!(
+                    a,
+                    engine::wallet::WalletReply::Done
+                        | engine::wallet::WalletReply::Refused(engine::wallet::WalletRefusal::Exists)
+                )),
+                "registration failed: {:?}",
+                answers.iter().find(|a| **a != engine::wallet::WalletReply::Done)
+            );
+        } else {
+            let accounts: Vec<Account> = (next..end)
+                .map(|id| {
+                    Account::new(
+                        AccountId(id),
+                        Currency::Azn,
+                        AccountKind::WALLET,
+                        AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS,
+                    )
+                })
+                .collect();
+            let results = block_on(engine.create_accounts(accounts))?;
+            ensure!(
+                results.iter().all(|r| matches!(r, CreateAccountResult::Ok | CreateAccountResult::Exists)),
+                "{results:?}"
+            );
+        }
         let funding: Vec<Transfer> = (next..end)
-            .map(|id| Transfer::new(u128::from(id) << 64, ISSUANCE, AccountId(id), FUNDING_MINOR))
+            .map(|id| {
+                let mut t = Transfer::new(u128::from(id) << 64, ISSUANCE, mode.wallet(id), FUNDING_MINOR);
+                t.code = engine::wallet::codes::ISSUANCE;
+                t
+            })
             .collect();
         let results = engine.submit_blocking(funding)?;
         ensure!(
@@ -266,53 +364,81 @@ fn setup(engine: &Engine, wallets: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What one submitter sends.
+struct Load {
+    accounts: u64,
+    batch_len: usize,
+    hot_percent: u8,
+    domain: Option<engine::Domain>,
+}
+
 fn submitter(
     engine: &Engine,
     stop: &AtomicBool,
     tally: &Tally,
     worker: usize,
     seed: u64,
-    accounts: u64,
-    batch_len: usize,
-    hot_percent: u8,
+    load: &Load,
 ) -> anyhow::Result<Histogram<u64>> {
     let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
     let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
     // Ids: the worker in the high bits and a counter below, so no two transfers share one.
     let mut counter: u128 = 0;
     let base = (u128::from(seed) << 80) | ((worker as u128 + 1) << 64);
+    let accounts = load.accounts;
+    let mode = if load.domain.is_some() { PolicyMode::Full } else { PolicyMode::None };
+    let mut batch = Vec::with_capacity(load.batch_len * 2);
+    // Where each operation's transfers start in the batch.
+    let mut starts = Vec::with_capacity(load.batch_len);
     while !stop.load(Ordering::Acquire) {
-        let batch: Vec<Transfer> = (0..batch_len)
-            .map(|_| {
-                counter += 1;
-                let debit = rng.random_range(1..=accounts);
-                let credit = if rng.random_range(0..100) < hot_percent {
-                    HOT
-                } else {
-                    let mut credit = rng.random_range(1..=accounts);
-                    if credit == debit {
-                        credit = debit % accounts + 1;
-                    }
-                    AccountId(credit)
-                };
-                Transfer::new(base | counter, AccountId(debit), credit, rng.random_range(1..=100))
-            })
-            .collect();
+        batch.clear();
+        starts.clear();
+        for _ in 0..load.batch_len {
+            counter += 1;
+            let debit = rng.random_range(1..=accounts);
+            let credit = if rng.random_range(0..100) < load.hot_percent {
+                HOT
+            } else {
+                let mut credit = rng.random_range(1..=accounts);
+                if credit == debit {
+                    credit = debit % accounts + 1;
+                }
+                mode.wallet(credit)
+            };
+            let amount = rng.random_range(1..=100);
+            starts.push(batch.len());
+            let mut principal = Transfer::new(base | counter, mode.wallet(debit), credit, amount);
+            match &load.domain {
+                None => batch.push(principal),
+                Some(domain) => {
+                    let fee = domain.config().tariffs.fee(engine::wallet::codes::P2P, amount)?;
+                    principal.code = engine::wallet::codes::P2P;
+                    principal.flags = engine::TransferFlags::LINKED;
+                    let mut fee_leg =
+                        Transfer::new(0, mode.wallet(debit), engine::domain::system::FEE_INCOME, fee);
+                    fee_leg.id = engine::domain::leg_id(base | counter, 1);
+                    fee_leg.code = engine::wallet::codes::FEE;
+                    batch.push(principal);
+                    batch.push(fee_leg);
+                }
+            }
+        }
         let sent = Instant::now();
-        let results = engine.submit_blocking(batch)?;
+        let results = engine.submit_blocking(std::mem::take(&mut batch))?;
         let micros = u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX).max(1);
-        latency.record_n(micros, results.len() as u64)?;
-        let ok = results.iter().filter(|r| **r == TransferResult::Ok).count() as u64;
+        latency.record_n(micros, starts.len() as u64)?;
+        // An operation is ok when its first transfer is (a chain commits whole).
+        let ok = starts.iter().filter(|start| results[**start] == TransferResult::Ok).count() as u64;
         tally.ok.fetch_add(ok, Ordering::Relaxed);
-        tally.refused.fetch_add(results.len() as u64 - ok, Ordering::Relaxed);
+        tally.refused.fetch_add(starts.len() as u64 - ok, Ordering::Relaxed);
+        batch = Vec::with_capacity(load.batch_len * 2);
     }
     Ok(latency)
 }
 
 /// Nothing created or destroyed: debits equal credits per currency, no wallet below zero, and
-/// wallets plus the hot account hold exactly what issuance put in.
-fn conserved(engine: &Engine, wallets: u64) -> anyhow::Result<bool> {
+/// wallets plus the hot account plus fee income hold exactly what issuance put in.
+fn conserved(engine: &Engine, mode: PolicyMode, wallets: u64) -> anyhow::Result<bool> {
     let totals = engine.totals()?;
     let balanced = totals.values().all(|t| t.balanced());
     let mut held: i128 = 0;
@@ -320,19 +446,20 @@ fn conserved(engine: &Engine, wallets: u64) -> anyhow::Result<bool> {
     let mut next = 1;
     while next <= wallets {
         let end = (next + 65_536).min(wallets + 1);
-        let ids: Vec<AccountId> = (next..end).map(AccountId).collect();
+        let ids: Vec<AccountId> = (next..end).map(|i| mode.wallet(i)).collect();
         for account in block_on(engine.lookup_accounts(&ids))?.into_iter().flatten() {
             negative |= account.balance_posted() < 0 || account.debits_pending != 0;
             held += account.balance_posted();
         }
         next = end;
     }
-    let system = block_on(engine.lookup_accounts(&[HOT, ISSUANCE]))?;
+    let system = block_on(engine.lookup_accounts(&[HOT, ISSUANCE, engine::domain::system::FEE_INCOME]))?;
     let hot = system[0].map_or(0, |a| a.balance_posted());
     let issued = system[1].map_or(0, |a| -a.balance_posted());
+    let fees = system[2].map_or(0, |a| a.balance_posted());
     Ok(balanced
         && !negative
-        && held + hot == issued
+        && held + hot + fees == issued
         && issued == i128::from(wallets) * i128::from(FUNDING_MINOR))
 }
 

@@ -299,3 +299,85 @@ fn final_transfers_are_remembered_by_body_hash() {
     }
     assert_eq!(balance(&ledger, 2), 10);
 }
+
+#[test]
+fn a_chain_crossing_shards_posts_or_voids_as_one_and_replays() {
+    let shards = 2_u16;
+    let (a, b) = (1..)
+        .flat_map(|a| (1..50).map(move |b| (a, b)))
+        .find(|(a, b)| matches!(route(AccountId(*a), AccountId(*b), shards), Route::Cross { .. }))
+        .expect("two accounts on different shards");
+    let fee = AccountId::spread(77);
+    let home = |id| usize::from(crate::ids::home_shard(AccountId(id), shards).0);
+    let (da, db) = (home(a), home(b));
+    let mut ledgers = vec![Ledger::new(ShardId(0), shards), Ledger::new(ShardId(1), shards)];
+    let mut log = Vec::new();
+    let mut funded = wallet(a);
+    funded.credits_posted = 100;
+    ledgers[da].restore(vec![funded], vec![], vec![], vec![]);
+    ledgers[db].create_account(wallet(b), NOW, &mut log);
+    for ledger in &mut ledgers {
+        ledger.create_account(issuance(fee.0), NOW, &mut log);
+    }
+    let principal =
+        Transfer { flags: TransferFlags::LINKED, ..Transfer::new(7, AccountId(a), AccountId(b), 60) };
+    let fee_leg = Transfer::new(8, AccountId(a), fee, 5);
+    let mut outcomes = Vec::new();
+    let mut chain_log = Vec::new();
+    ledgers[da].submit(&[principal, fee_leg], NOW, &mut outcomes, &mut chain_log);
+    assert!(matches!(outcomes[0], Outcome::Forward { .. }), "{outcomes:?}");
+    assert_eq!(outcomes[1], Outcome::Linked { parent: TransferId(7) });
+    let payer = |l: &Ledger| l.account(AccountId(a)).copied().expect("payer");
+    assert_eq!((payer(&ledgers[da]).debits_pending, payer(&ledgers[da]).debits_posted), (65, 0));
+    // A retry of the whole chain while in flight waits for it.
+    outcomes.clear();
+    ledgers[da].submit(&[principal, fee_leg], NOW, &mut outcomes, &mut log);
+    assert_eq!(outcomes, [Outcome::Wait, Outcome::Linked { parent: TransferId(7) }]);
+    // The same chain overdrawing is refused whole, leaving nothing behind.
+    let greedy = [
+        Transfer { flags: TransferFlags::LINKED, ..Transfer::new(17, AccountId(a), AccountId(b), 30) },
+        Transfer::new(18, AccountId(a), fee, 10),
+    ];
+    outcomes.clear();
+    ledgers[da].submit(&greedy, NOW, &mut outcomes, &mut log);
+    assert_eq!(
+        outcomes,
+        [Outcome::Done(TransferResult::LinkedEventFailed), Outcome::Done(TransferResult::ExceedsCredits)]
+    );
+    assert_eq!(payer(&ledgers[da]).debits_pending, 65);
+
+    // A crash before the credit step: recovery voids the chain, the fee leg too.
+    let mut crashed = ledgers.clone_for_test();
+    let (finalizes, _) = resolve_in_flight(&mut crashed);
+    assert_eq!(finalizes[da], [Command::Finalize { id: TransferId(7), result: TransferResult::Interrupted }]);
+    assert_eq!((payer(&crashed[da]).debits_pending, payer(&crashed[da]).debits_posted), (0, 0));
+    assert_eq!(crashed[da].transfer_state(TransferId(8)), None, "a voided member is not stored");
+    let totals: Totals =
+        crashed.iter().flat_map(|l| l.totals().into_values()).fold(Totals::default(), |mut t, s| {
+            t.merge(&s);
+            t
+        });
+    assert_eq!(totals.debits_pending, totals.credits_pending);
+
+    // A refused credit step voids the chain; an accepted one posts it.
+    let mut refused = ledgers.clone_for_test();
+    refused[da].finalize(TransferId(7), TransferResult::CreditAccountBlocked, &mut log);
+    assert_eq!((payer(&refused[da]).debits_pending, payer(&refused[da]).debits_posted), (0, 0));
+    assert_eq!(refused[da].account(fee).map(|f| f.credits_pending), Some(0));
+    assert_eq!(ledgers[db].credit(&principal, &mut log), TransferResult::Ok);
+    let mut finalize_log = Vec::new();
+    assert!(ledgers[da].finalize(TransferId(7), TransferResult::Ok, &mut finalize_log));
+    assert_eq!((payer(&ledgers[da]).debits_pending, payer(&ledgers[da]).debits_posted), (0, 65));
+    assert_eq!(ledgers[da].account(fee).map(Account::balance_posted), Some(5));
+    assert_eq!(ledgers[da].transfer_state(TransferId(8)), Some(TransferState::Posted));
+
+    // Replaying the debit shard's commands from its starting state reaches the same state.
+    let mut replayed = Ledger::new(ShardId(u16::try_from(da).expect("shard")), shards);
+    replayed.restore(vec![funded], vec![], vec![], vec![]);
+    replayed.create_account(issuance(fee.0), NOW, &mut Vec::new());
+    replayed.replay(&chain_log, NOW).expect("chain replays");
+    replayed.replay(&finalize_log, NOW).expect("finalize replays");
+    assert_eq!(replayed.account(AccountId(a)), ledgers[da].account(AccountId(a)));
+    assert_eq!(replayed.account(fee), ledgers[da].account(fee));
+    assert_eq!(replayed.transfer_state(TransferId(8)), Some(TransferState::Posted));
+}
