@@ -88,6 +88,8 @@ pub enum OpError {
     Refused(TransferResult),
     #[error("amount must be positive")]
     ZeroAmount,
+    #[error("the customer's PIN or OTP is required")]
+    AuthenticationRequired,
     #[error("the OTP lifetime must be 1..={OTP_TTL_MAX_S} s")]
     OtpTtl,
     #[error(transparent)]
@@ -103,6 +105,7 @@ impl OpError {
             OpError::Wallet(r) => r.code(),
             OpError::Limit { result, .. } | OpError::Refused(result) => result.code(),
             OpError::ZeroAmount => "amount_must_not_be_zero",
+            OpError::AuthenticationRequired => "authentication_required",
             OpError::OtpTtl => "otp_ttl",
             OpError::Engine(_) => "engine_unavailable",
         }
@@ -388,9 +391,9 @@ impl Domain {
         if fee > 0 {
             chain.push(leg(op, 1, debit, system::FEE_INCOME, fee, codes::FEE));
         }
-        let authorization = self.authorization(from, &auth);
+        let authorization = self.authorization(from, &auth)?;
         let results = self.engine.submit_authorized(authorization, link(chain)).await?;
-        self.outcome(from, &results).await?;
+        self.outcome(from, to, &results).await?;
         Ok(Receipt { id: TransferId(op), amount, fee, commission: 0 })
     }
 
@@ -437,7 +440,7 @@ impl Domain {
             ));
         }
         let results = self.engine.submit(link(chain)).await?;
-        self.outcome(to, &results).await?;
+        self.outcome(to, to, &results).await?;
         Ok(Receipt { id: TransferId(op), amount: credited, fee, commission })
     }
 
@@ -468,25 +471,31 @@ impl Domain {
                 codes::COMMISSION,
             ));
         }
-        let authorization = self.authorization(from, &auth);
+        let authorization = self.authorization(from, &auth)?;
         let results = self.engine.submit_authorized(authorization, link(chain)).await?;
-        self.outcome(from, &results).await?;
+        self.outcome(from, from, &results).await?;
         Ok(Receipt { id: TransferId(op), amount, fee, commission })
     }
 
-    fn authorization(&self, msisdn: Msisdn, auth: &CustomerAuth<'_>) -> Authorization {
-        Authorization {
+    /// The customer's proof, as tags. An operation without a PIN or an OTP is refused here:
+    /// the ledger would otherwise take the absence of proof for a trusted caller.
+    fn authorization(&self, msisdn: Msisdn, auth: &CustomerAuth<'_>) -> Result<Authorization, OpError> {
+        if auth.pin.is_none() && auth.otp.is_none() {
+            return Err(OpError::AuthenticationRequired);
+        }
+        Ok(Authorization {
             msisdn: msisdn.get(),
             pin: auth.pin.map(|pin| self.pin_tag(msisdn, pin)),
             otp: auth.otp.map(|code| self.otp_tag(msisdn, code)),
             channel: auth.channel,
             step_up_above: self.config.step_up_above,
-        }
+        })
     }
 
     /// Turns a chain's results into the operation's answer; a limit refusal says how much
-    /// remains under the limit that refused it.
-    async fn outcome(&self, wallet: Msisdn, results: &[TransferResult]) -> Result<(), OpError> {
+    /// remains under the limit that refused it (the payer's outflow limits, the payee's maximum
+    /// balance).
+    async fn outcome(&self, payer: Msisdn, payee: Msisdn, results: &[TransferResult]) -> Result<(), OpError> {
         use TransferResult as R;
         let Err(result) = first_refusal(results) else {
             return Ok(());
@@ -501,7 +510,7 @@ impl Domain {
             | R::LimitMonthlyAmount
             | R::LimitMonthlyCount
             | R::LimitMaxBalance => {
-                let view = self.wallet(wallet).await?;
+                let view = self.wallet(if result == R::LimitMaxBalance { payee } else { payer }).await?;
                 let Some(account) = view.accounts.iter().find(|a| a.account.currency == Currency::Azn) else {
                     return Err(OpError::Refused(result));
                 };

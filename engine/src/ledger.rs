@@ -520,6 +520,17 @@ impl Ledger {
         let remote = chain.iter().position(|t| {
             t.flags.is_plain() && self.is_here(t.debit_account_id) && !self.is_here(t.credit_account_id)
         });
+        // A retry of a chain that crossed and finished: its crossing transfer is final here, and
+        // must not be forwarded again (the credit shard forgot it, and would credit twice).
+        if let Some(index) = remote
+            && let Some(Outcome::Done(_)) = self.existing(&chain[index])
+        {
+            outcomes.extend(chain.iter().map(|t| match self.existing(t) {
+                Some(Outcome::Done(result)) => Outcome::Done(result),
+                _ => Outcome::Done(TransferResult::ExistsWithDifferentBody),
+            }));
+            return;
+        }
         let parent = remote.map(|index| chain[index].id);
         let mut undo = Vec::new();
         let mut failed: Option<(usize, TransferResult)> = None;

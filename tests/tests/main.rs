@@ -9,8 +9,10 @@
 //!   what it was told must hold after each recovery.
 //! - `torn_tail`: journals cut at every offset of their last records, and bit flips: a torn tail
 //!   is cut off, damage before valid records refuses to open.
+//! - `wallet`: the wallet domain on a real engine: fees, limits, PINs, OTPs, restarts, secrets.
 
 mod crash;
 mod engine;
 mod model;
 mod torn_tail;
+mod wallet;
