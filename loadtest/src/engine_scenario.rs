@@ -46,11 +46,11 @@ impl PolicyMode {
 fn load_policy() -> engine::wallet::Policy {
     let mut policy = engine::wallet::Policy::default();
     let limits = engine::wallet::Limits {
-        max_balance: 1_000_000_00,
-        max_per_operation: 10_000_00,
-        daily_amount: 100_000_00,
+        max_balance: 100_000_000,
+        max_per_operation: 1_000_000,
+        daily_amount: 10_000_000,
         daily_count: 10_000,
-        monthly_amount: 1_000_000_00,
+        monthly_amount: 100_000_000,
         monthly_count: 100_000,
     };
     policy.tiers = vec![engine::wallet::Tier {
