@@ -88,6 +88,9 @@ pub enum OpError {
     Refused(TransferResult),
     #[error("amount must be positive")]
     ZeroAmount,
+    /// An account the operation needed could not be created (it exists with other fields).
+    #[error("account creation refused: {0:?}")]
+    AccountCreation(CreateAccountResult),
     #[error("the customer's PIN or OTP is required")]
     AuthenticationRequired,
     #[error("the OTP lifetime must be 1..={OTP_TTL_MAX_S} s")]
@@ -105,6 +108,7 @@ impl OpError {
             OpError::Wallet(r) => r.code(),
             OpError::Limit { result, .. } | OpError::Refused(result) => result.code(),
             OpError::ZeroAmount => "amount_must_not_be_zero",
+            OpError::AccountCreation(_) => "account_creation_refused",
             OpError::AuthenticationRequired => "authentication_required",
             OpError::OtpTtl => "otp_ttl",
             OpError::Engine(_) => "engine_unavailable",
@@ -214,7 +218,7 @@ impl Domain {
             (system::ATM_CLEARING, AccountKind::ATM_CLEARING),
         ];
         let accounts =
-            system.iter().map(|(id, kind)| plain_account(*id, *kind, AccountFlags::empty())).collect();
+            system.iter().map(|(id, kind)| azn_account(*id, *kind, AccountFlags::empty())).collect();
         check_created(engine.create_accounts(accounts).await?)?;
         engine.set_policy(config.policy.clone()).await?;
         Ok(Domain { engine, config: Arc::new(config) })
@@ -354,13 +358,10 @@ impl Domain {
 
     /// Creates an agent's float and commission accounts.
     pub async fn create_agent(&self, agent: u64, kind: AgentKind) -> Result<(), OpError> {
-        let float = plain_account(
-            agent_float(agent),
-            kind.float_kind(),
-            AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS,
-        );
+        let float =
+            azn_account(agent_float(agent), kind.float_kind(), AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS);
         let commission =
-            plain_account(agent_commission(agent), AccountKind::AGENT_COMMISSION, AccountFlags::empty());
+            azn_account(agent_commission(agent), AccountKind::AGENT_COMMISSION, AccountFlags::empty());
         check_created(self.engine.create_accounts(vec![float, commission]).await?)
     }
 
@@ -383,37 +384,33 @@ impl Domain {
         amount: u64,
         auth: CustomerAuth<'_>,
     ) -> Result<Receipt, OpError> {
-        positive(amount)?;
-        let fee = self.config.tariffs.fee(codes::P2P, amount)?;
         let (debit, credit) =
             (AccountId::wallet(from.get(), Currency::Azn), AccountId::wallet(to.get(), Currency::Azn));
-        let mut chain = vec![leg(op, 0, debit, credit, amount, codes::P2P)];
-        if fee > 0 {
-            chain.push(leg(op, 1, debit, system::FEE_INCOME, fee, codes::FEE));
-        }
+        let (chain, fee) = self.payment_chain(op, debit, credit, amount, codes::P2P)?;
         let authorization = self.authorization(from, &auth)?;
-        let results = self.engine.submit_authorized(authorization, link(chain)).await?;
+        let results = self.engine.submit_authorized(authorization, chain).await?;
         self.outcome(from, to, &results).await?;
         Ok(Receipt { id: TransferId(op), amount, fee, commission: 0 })
     }
 
-    /// Builds the P2P chain without submitting it (the load tool submits chains in batches).
-    pub fn p2p_chain(
+    /// The linked chain of a payment of `code` from `debit` to `credit` and the payer's fee
+    /// under the tariff of `code`, and that fee. `p2p` submits it with the customer's
+    /// authorization; the load tool submits such chains in batches.
+    pub fn payment_chain(
         &self,
         op: u128,
-        from: Msisdn,
-        to: Msisdn,
+        debit: AccountId,
+        credit: AccountId,
         amount: u64,
-    ) -> Result<Vec<Transfer>, OpError> {
+        code: u16,
+    ) -> Result<(Vec<Transfer>, u64), OpError> {
         positive(amount)?;
-        let fee = self.config.tariffs.fee(codes::P2P, amount)?;
-        let (debit, credit) =
-            (AccountId::wallet(from.get(), Currency::Azn), AccountId::wallet(to.get(), Currency::Azn));
-        let mut chain = vec![leg(op, 0, debit, credit, amount, codes::P2P)];
+        let fee = self.config.tariffs.fee(code, amount)?;
+        let mut chain = vec![leg(op, 0, debit, credit, amount, code)];
         if fee > 0 {
             chain.push(leg(op, 1, debit, system::FEE_INCOME, fee, codes::FEE));
         }
-        Ok(link(chain))
+        Ok((link(chain), fee))
     }
 
     /// An agent takes cash and credits the wallet from its float; a customer fee (if the tariff
@@ -534,24 +531,14 @@ fn positive(amount: u64) -> Result<(), OpError> {
     if amount == 0 { Err(OpError::ZeroAmount) } else { Ok(()) }
 }
 
-fn plain_account(id: AccountId, kind: AccountKind, flags: AccountFlags) -> Account {
-    Account {
-        id,
-        currency: Currency::Azn,
-        kind,
-        flags,
-        debits_pending: 0,
-        debits_posted: 0,
-        credits_pending: 0,
-        credits_posted: 0,
-        timestamp: 0,
-    }
+fn azn_account(id: AccountId, kind: AccountKind, flags: AccountFlags) -> Account {
+    Account::new(id, Currency::Azn, kind, flags)
 }
 
 fn check_created(results: Vec<CreateAccountResult>) -> Result<(), OpError> {
     match results.into_iter().find(|r| !matches!(r, CreateAccountResult::Ok | CreateAccountResult::Exists)) {
         None => Ok(()),
-        Some(_) => Err(OpError::Refused(TransferResult::DebitAccountNotFound)),
+        Some(result) => Err(OpError::AccountCreation(result)),
     }
 }
 

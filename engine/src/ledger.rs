@@ -1197,17 +1197,12 @@ impl Ledger {
             self.policy.tier(tier).ok_or(WalletRefusal::UnknownTier)?;
             self.record(WalletCommand::Register { msisdn, tier, pin, language, actor }, now, log);
             for currency in currencies {
-                let account = Account {
-                    id: AccountId::wallet(msisdn, currency),
+                let account = Account::new(
+                    AccountId::wallet(msisdn, currency),
                     currency,
-                    kind: AccountKind::WALLET,
-                    flags: AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS,
-                    debits_pending: 0,
-                    debits_posted: 0,
-                    credits_pending: 0,
-                    credits_posted: 0,
-                    timestamp: now,
-                };
+                    AccountKind::WALLET,
+                    AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS,
+                );
                 // `Exists` (an account made before its wallet record) is fine: same fields.
                 let _ = self.create_account(account, now, log);
             }

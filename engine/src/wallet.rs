@@ -633,14 +633,6 @@ pub struct WalletAccountView {
 }
 
 impl WalletAccountView {
-    /// What the wallet may still send today in this currency, the tightest of the amount limits
-    /// and its available balance.
-    pub fn remaining_today(&self) -> u64 {
-        let by_day = self.limits.daily_amount.saturating_sub(self.outflow.day_amount);
-        let by_month = self.limits.monthly_amount.saturating_sub(self.outflow.month_amount);
-        by_day.min(by_month)
-    }
-
     /// How much more the wallet may receive before its maximum balance.
     pub fn room_to_receive(&self) -> u64 {
         let a = &self.account;

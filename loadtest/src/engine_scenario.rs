@@ -407,19 +407,12 @@ fn submitter(
             };
             let amount = rng.random_range(1..=100);
             starts.push(batch.len());
-            let mut principal = Transfer::new(base | counter, mode.wallet(debit), credit, amount);
+            let (op, debit) = (base | counter, mode.wallet(debit));
             match &load.domain {
-                None => batch.push(principal),
+                None => batch.push(Transfer::new(op, debit, credit, amount)),
                 Some(domain) => {
-                    let fee = domain.config().tariffs.fee(engine::wallet::codes::P2P, amount)?;
-                    principal.code = engine::wallet::codes::P2P;
-                    principal.flags = engine::TransferFlags::LINKED;
-                    let mut fee_leg =
-                        Transfer::new(0, mode.wallet(debit), engine::domain::system::FEE_INCOME, fee);
-                    fee_leg.id = engine::domain::leg_id(base | counter, 1);
-                    fee_leg.code = engine::wallet::codes::FEE;
-                    batch.push(principal);
-                    batch.push(fee_leg);
+                    let code = engine::wallet::codes::P2P;
+                    batch.extend(domain.payment_chain(op, debit, credit, amount, code)?.0);
                 }
             }
         }
