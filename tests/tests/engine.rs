@@ -426,3 +426,43 @@ fn recovery_finishes_a_transfer_caught_between_its_credit_and_its_finalize() -> 
     anyhow::ensure!(engine.submit_blocking(vec![transfer])? == [TransferResult::Ok]);
     assert_balanced(&engine)
 }
+
+/// A linked chain that leaves its shard through one transfer posts every member together, the
+/// views index every member (the held ones once the crossing transfer finalizes), and a
+/// voided chain leaves nothing indexed.
+#[test]
+fn a_chain_crossing_shards_is_indexed_whole_by_the_views() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let engine = open(dir.path(), 2)?;
+    world(&engine, 20, 1_000)?;
+    let (a, b) = cross_shard_pair(20, 2)?;
+    let linked = |t: Transfer| Transfer { flags: TransferFlags::LINKED, ..t };
+    // The second leg credits the spread issuance account, local to the payer's shard.
+    let chain = vec![linked(Transfer::new(501, a, b, 300)), Transfer::new(502, a, ISSUANCE, 7)];
+    assert_eq!(engine.submit_blocking(chain.clone())?, [TransferResult::Ok, TransferResult::Ok]);
+    // Overdrawn by its second leg: refused whole.
+    let refused = vec![linked(Transfer::new(503, a, b, 600)), Transfer::new(504, a, ISSUANCE, 200)];
+    assert_eq!(
+        engine.submit_blocking(refused.clone())?,
+        [TransferResult::LinkedEventFailed, TransferResult::ExceedsCredits]
+    );
+    assert_eq!(balance(&engine, a)?.balance_posted(), 1_000 - 307);
+    assert_eq!(balance(&engine, b)?.balance_posted(), 1_300);
+    assert!(engine.totals()?.values().all(|t| t.balanced()));
+    let views = engine.views().context("views are on")?;
+    anyhow::ensure!(
+        views.wait_for(engine.journal().durable(), Duration::from_secs(10)),
+        "{:?}",
+        views.error()
+    );
+    for transfer in &chain {
+        let indexed = views.transfer(transfer.id)?.with_context(|| format!("{} not indexed", transfer.id))?;
+        assert_eq!(indexed.1, *transfer);
+    }
+    for transfer in &refused {
+        assert!(views.transfer(transfer.id)?.is_none(), "refused {} is indexed", transfer.id);
+    }
+    let lines: Vec<u128> = views.history(a, 0, 100)?.iter().map(|l| l.transfer_id.0).collect();
+    assert!(lines.contains(&501) && lines.contains(&502), "{lines:?}");
+    Ok(())
+}
