@@ -11,6 +11,7 @@ use std::sync::Arc;
 use crate::account::{Account, AccountFlags, AccountKind, CreateAccountResult};
 use crate::engine::{Engine, EngineError};
 use crate::ids::{AccountId, TransferId};
+use crate::ledger::TransferStatus;
 use crate::money::Currency;
 use crate::msisdn::{Msisdn, MsisdnError, NumberingPlan};
 use crate::secret::{OneTimeCode, Pin, SecretError, ServerSecret};
@@ -30,6 +31,8 @@ pub mod system {
     /// Cash-by-code holds and their redemptions, owed to the ATM networks and post offices
     /// that paid the cash, settled from their registers.
     pub const ATM_CLEARING: AccountId = AccountId::spread(3);
+    /// Money in transit of a reversal: every reversal passes through it and leaves it at zero.
+    pub const REVERSALS: AccountId = AccountId::spread(4);
 }
 
 /// OTPs live at most this long, whatever the configuration says.
@@ -51,6 +54,10 @@ pub struct DomainConfig {
     pub otp_ttl_s: u32,
     /// The accounts a new wallet gets.
     pub currencies: Vec<Currency>,
+    /// How long a cash-by-code stays redeemable before its hold voids itself.
+    pub cash_code_ttl_s: u32,
+    /// How long after posting staff may reverse an operation.
+    pub reversal_window_s: u64,
 }
 
 impl DomainConfig {
@@ -64,6 +71,8 @@ impl DomainConfig {
             step_up_above: 500 * 100,
             otp_ttl_s: OTP_TTL_MAX_S,
             currencies: vec![Currency::Azn],
+            cash_code_ttl_s: 30 * 60,
+            reversal_window_s: 7 * 24 * 3600,
         }
     }
 }
@@ -95,6 +104,23 @@ pub enum OpError {
     AuthenticationRequired,
     #[error("the OTP lifetime must be 1..={OTP_TTL_MAX_S} s")]
     OtpTtl,
+    #[error("the cash-code lifetime must be 1 s or more")]
+    CashCodeTtl,
+    #[error("only ATM networks and post offices redeem cash codes")]
+    NotARedeemer,
+    #[error("no such operation")]
+    OperationNotFound,
+    /// The operation is posted but the views have not indexed it yet: retry shortly.
+    #[error("the operation is not indexed yet; retry")]
+    NotIndexedYet,
+    #[error("operations of this kind cannot be reversed")]
+    NotReversible,
+    #[error("the reversal window of {window_s} s has passed")]
+    ReversalWindowPassed { window_s: u64 },
+    #[error("the views are not running")]
+    ViewsUnavailable,
+    #[error("views: {0}")]
+    Views(String),
     #[error(transparent)]
     Engine(#[from] EngineError),
 }
@@ -111,6 +137,14 @@ impl OpError {
             OpError::AccountCreation(_) => "account_creation_refused",
             OpError::AuthenticationRequired => "authentication_required",
             OpError::OtpTtl => "otp_ttl",
+            OpError::CashCodeTtl => "cash_code_ttl",
+            OpError::NotARedeemer => "not_a_redeemer",
+            OpError::OperationNotFound => "operation_not_found",
+            OpError::NotIndexedYet => "not_indexed_yet",
+            OpError::NotReversible => "not_reversible",
+            OpError::ReversalWindowPassed { .. } => "reversal_window_passed",
+            OpError::ViewsUnavailable => "views_unavailable",
+            OpError::Views(_) => "views_error",
             OpError::Engine(_) => "engine_unavailable",
         }
     }
@@ -173,6 +207,29 @@ pub struct Receipt {
     pub commission: u64,
 }
 
+/// A cash-by-code issued: what the customer takes to an ATM or a post office, with the
+/// amount. The code is shown to the customer once and kept nowhere: the ledger holds only the
+/// hold, whose id is a keyed tag of the number and the code.
+#[derive(Debug)]
+pub struct CashCode {
+    pub code: OneTimeCode,
+    pub hold: TransferId,
+    pub amount: u64,
+    pub fee: u64,
+    pub expires_in_s: u32,
+}
+
+/// Digits of a cash code: with the number, the amount and [`Policy::code_attempts_max`]
+/// guesses per wallet before its codes are cancelled (3 by default), a guessing attack on one
+/// wallet succeeds about once in 33 million.
+pub const CASH_CODE_DIGITS: u32 = 8;
+
+/// The id of the reversal of operation `op`: one per operation, so that it is never reversed
+/// twice.
+pub fn reversal_id(op: u128) -> TransferId {
+    leg_id(op, 0x40)
+}
+
 /// An OTP issued: the nonce the notification outbox derives the code from, and its lifetime.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct OtpIssued {
@@ -180,15 +237,7 @@ pub struct OtpIssued {
     pub expires_in_s: u32,
 }
 
-/// The id of leg `leg` (1: fee, 2: commission) of operation `op`, derived so that a retried
-/// operation names the same legs. Leg 0 is the operation's own id.
-pub fn leg_id(op: u128, leg: u8) -> TransferId {
-    if leg == 0 {
-        return TransferId(op);
-    }
-    let mixed = op.rotate_left(64) ^ u128::from(leg).wrapping_mul(0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C835);
-    TransferId(mixed | 1)
-}
+pub use crate::wallet::leg_id;
 
 /// The wallet domain. Cheap to clone.
 #[derive(Clone)]
@@ -209,6 +258,9 @@ impl Domain {
         if config.otp_ttl_s == 0 || config.otp_ttl_s > OTP_TTL_MAX_S {
             return Err(OpError::OtpTtl);
         }
+        if config.cash_code_ttl_s == 0 {
+            return Err(OpError::CashCodeTtl);
+        }
         for tariff in config.tariffs.iter().chain(config.commissions.iter()) {
             tariff.1.validate()?;
         }
@@ -216,6 +268,7 @@ impl Domain {
             (system::FEE_INCOME, AccountKind::FEE_INCOME),
             (system::EMONEY_ISSUANCE, AccountKind::EMONEY_ISSUANCE),
             (system::ATM_CLEARING, AccountKind::ATM_CLEARING),
+            (system::REVERSALS, AccountKind::SUSPENSE),
         ];
         let accounts =
             system.iter().map(|(id, kind)| azn_account(*id, *kind, AccountFlags::empty())).collect();
@@ -472,6 +525,178 @@ impl Domain {
         let results = self.engine.submit_authorized(authorization, link(chain)).await?;
         self.outcome(from, from, &results).await?;
         Ok(Receipt { id: TransferId(op), amount, fee, commission })
+    }
+
+    /// The id of the hold behind a cash code: a keyed tag of the number and the code, so that
+    /// only someone holding both names it.
+    fn code_hold(&self, msisdn: Msisdn, code: &OneTimeCode) -> TransferId {
+        let tag = self.config.secret.code_tag("cash", msisdn.get(), code).0;
+        let mut id = [0_u8; 16];
+        id.copy_from_slice(&tag[..16]);
+        TransferId(u128::from_be_bytes(id) | 1)
+    }
+
+    /// The customer asks for a cash code for `amount` (confirmed by PIN, or OTP): the amount and
+    /// the fee are held on the wallet until the code is redeemed, cancelled, or expires.
+    pub async fn issue_cash_code(
+        &self,
+        msisdn: Msisdn,
+        amount: u64,
+        auth: CustomerAuth<'_>,
+    ) -> Result<CashCode, OpError> {
+        positive(amount)?;
+        let fee = self.config.tariffs.fee(codes::CASH_CODE, amount)?;
+        let authorization = self.authorization(msisdn, &auth)?;
+        let nonce: u128 = rand::random();
+        let code = self.config.secret.derive_code("cash", msisdn.get(), nonce, CASH_CODE_DIGITS);
+        let hold = self.code_hold(msisdn, &code);
+        let ttl_s = self.config.cash_code_ttl_s;
+        let wallet = AccountId::wallet(msisdn.get(), Currency::Azn);
+        // A fresh reference, so that a code colliding with a live one is refused, not merged.
+        let reference: u128 = rand::random();
+        let held = |id: TransferId, credit: AccountId, amount: u64, code: u16| Transfer {
+            id,
+            user_data: reference,
+            timeout_s: ttl_s,
+            flags: TransferFlags::PENDING,
+            ..leg(0, 0, wallet, credit, amount, code)
+        };
+        let mut chain = vec![held(hold, system::ATM_CLEARING, amount, codes::CASH_CODE)];
+        if fee > 0 {
+            let fee_leg = leg_id(hold.0, crate::wallet::CODE_FEE_LEG);
+            chain.push(held(fee_leg, system::FEE_INCOME, fee, codes::FEE));
+        }
+        let results = self.engine.submit_authorized(authorization, link(chain)).await?;
+        self.outcome(msisdn, msisdn, &results).await?;
+        Ok(CashCode { code, hold, amount, fee, expires_in_s: ttl_s })
+    }
+
+    /// An ATM network or a post office pays out a cash code: the hold is posted (to
+    /// [`system::ATM_CLEARING`], owed to the redeemer: `user_data` names it and its device),
+    /// the fee with it, and the redeemer earns its commission. `reference` is the redeemer's
+    /// own id for the redemption: retrying it answers the first result. A wrong code or amount
+    /// counts toward cancelling the wallet's codes.
+    pub async fn redeem_cash_code(
+        &self,
+        reference: u128,
+        redeemer: u64,
+        device: u64,
+        msisdn: Msisdn,
+        code: &OneTimeCode,
+        amount: u64,
+    ) -> Result<Receipt, OpError> {
+        positive(amount)?;
+        let float = self.engine.lookup_accounts(&[agent_float(redeemer)]).await?;
+        let kind = float.first().copied().flatten().map(|a| a.kind);
+        if !matches!(kind, Some(AccountKind::ATM_NETWORK_FLOAT | AccountKind::POST_OFFICE_FLOAT)) {
+            return Err(OpError::NotARedeemer);
+        }
+        let commission = self.config.commissions.fee(codes::CASH_CODE, amount)?;
+        let user_data = (u128::from(redeemer) << 64) | u128::from(device);
+        let resolve = Transfer {
+            user_data,
+            ..leg(reference, 0, system::ATM_CLEARING, system::ATM_CLEARING, 0, codes::CASH_CODE)
+        };
+        let then = (commission > 0).then(|| Transfer {
+            user_data,
+            ..leg(reference, 2, system::FEE_INCOME, agent_commission(redeemer), commission, codes::COMMISSION)
+        });
+        let hold = self.code_hold(msisdn, code);
+        let request =
+            WalletRequest::ResolveCode { msisdn: msisdn.get(), hold, amount, cancel: false, resolve, then };
+        let WalletReply::Transfers(results) = self.request(request).await? else {
+            return Err(OpError::Refused(TransferResult::LinkedEventFailed));
+        };
+        first_refusal(&results)?;
+        Ok(Receipt { id: TransferId(reference), amount, fee: 0, commission })
+    }
+
+    /// The customer cancels a cash code: its hold and fee are voided. Needs the code itself,
+    /// and a wrong one counts like a wrong redemption.
+    pub async fn cancel_cash_code(
+        &self,
+        reference: u128,
+        msisdn: Msisdn,
+        code: &OneTimeCode,
+    ) -> Result<(), OpError> {
+        let hold = self.code_hold(msisdn, code);
+        let resolve = leg(reference, 0, system::ATM_CLEARING, system::ATM_CLEARING, 0, codes::CASH_CODE);
+        let request = WalletRequest::ResolveCode {
+            msisdn: msisdn.get(),
+            hold,
+            amount: 0,
+            cancel: true,
+            resolve,
+            then: None,
+        };
+        let WalletReply::Transfers(results) = self.request(request).await? else {
+            return Err(OpError::Refused(TransferResult::LinkedEventFailed));
+        };
+        first_refusal(&results)
+    }
+
+    /// Where a redemption (or any operation) stands, by its reference.
+    pub async fn operation_status(&self, reference: u128) -> Result<Option<TransferStatus>, OpError> {
+        Ok(self.engine.lookup_transfers(&[TransferId(reference)]).await?.into_iter().next().flatten())
+    }
+
+    /// Staff reverse a posted operation within the reversal window: the principal goes back,
+    /// the fee is refunded and the agent's commission taken back, as one linked chain coded
+    /// [`codes::REVERSAL`] citing `op` in its user data, with the staff member journaled. The
+    /// payee's principal and the fee gather in [`system::REVERSALS`] on the payee's shard and
+    /// leave it for the payer in one transfer, so that the chain crosses shards once and is
+    /// all-or-nothing. An operation is reversed at most once: the reversal's id derives from
+    /// `op`, and a second call answers the first.
+    pub async fn reverse(&self, op: u128, staff: u64) -> Result<Receipt, OpError> {
+        let views = self.engine.views().ok_or(OpError::ViewsUnavailable)?;
+        let indexed = |id: TransferId| views.transfer(id).map_err(|e| OpError::Views(e.to_string()));
+        let Some((_, principal, at)) = indexed(TransferId(op))? else {
+            let known = self.operation_status(op).await?.is_some();
+            return Err(if known { OpError::NotIndexedYet } else { OpError::OperationNotFound });
+        };
+        let reversible = matches!(
+            principal.code,
+            codes::P2P | codes::CASH_IN | codes::CASH_OUT | codes::MERCHANT_PAYMENT | codes::BILL_PAYMENT
+        );
+        if !reversible || !principal.flags.is_plain() {
+            return Err(OpError::NotReversible);
+        }
+        let window_s = self.config.reversal_window_s;
+        let age_ns = self.engine.now_ns().saturating_sub(at);
+        if age_ns / 1_000_000_000 > window_s {
+            return Err(OpError::ReversalWindowPassed { window_s });
+        }
+        let (payer, payee) = (principal.debit_account_id, principal.credit_account_id);
+        let fee = indexed(leg_id(op, 1))?
+            .map(|(_, t, _)| t)
+            .filter(|t| t.user_data == op && t.code == codes::FEE && t.debit_account_id == payer);
+        let commission = indexed(leg_id(op, 2))?
+            .map(|(_, t, _)| t)
+            .filter(|t| t.user_data == op && t.code == codes::COMMISSION);
+        let fee_amount = fee.map_or(0, |t| t.amount);
+        let back = principal.amount.checked_add(fee_amount).ok_or(OpError::NotReversible)?;
+        let rev = reversal_id(op).0;
+        let unwind = |n: u8, debit: AccountId, credit: AccountId, amount: u64| Transfer {
+            user_data: op,
+            currency: principal.currency,
+            ..leg(rev, n, debit, credit, amount, codes::REVERSAL)
+        };
+        let mut chain = vec![unwind(1, payee, system::REVERSALS, principal.amount)];
+        if let Some(fee) = fee {
+            chain.push(unwind(2, fee.credit_account_id, system::REVERSALS, fee.amount));
+        }
+        if let Some(c) = commission {
+            chain.push(unwind(3, c.credit_account_id, c.debit_account_id, c.amount));
+        }
+        chain.push(unwind(0, system::REVERSALS, payer, back));
+        let results = self.engine.submit_as_staff(Actor::staff(staff), link(chain)).await?;
+        first_refusal(&results)?;
+        Ok(Receipt {
+            id: TransferId(rev),
+            amount: principal.amount,
+            fee: fee_amount,
+            commission: commission.map_or(0, |t| t.amount),
+        })
     }
 
     /// The customer's proof, as tags. An operation without a PIN or an OTP is refused here:

@@ -99,6 +99,7 @@ pub struct RecoveryReport {
 #[derive(Debug)]
 struct Inner {
     shards: Vec<Sender<ShardMessage>>,
+    clock: Arc<dyn Clock>,
     shard_count: u16,
     journal: Arc<JournalState>,
     stats: Vec<Arc<ShardStats>>,
@@ -225,6 +226,7 @@ impl Engine {
         let engine = Engine {
             inner: Arc::new(Inner {
                 shards: senders,
+                clock: config.clock.clone(),
                 shard_count: config.shard_count,
                 journal: state,
                 stats,
@@ -414,8 +416,42 @@ impl Engine {
             .map(|index| Waiter { gather: gather.clone(), index: u32::try_from(index).unwrap_or(u32::MAX) })
             .collect();
         let shard = crate::ids::wallet_shard(authorization.msisdn, self.inner.shard_count);
-        self.send(shard, ShardMessage::Submit { transfers, waiters, authorization: Some(authorization) })?;
+        let authorization = Some(crate::wallet::Authority::Customer(authorization));
+        self.send(shard, ShardMessage::Submit { transfers, waiters, authorization })?;
         rx.await.map_err(|_| EngineError::Stopped)
+    }
+
+    /// Submits one operation that staff authorised (a reversal): the staff member is journaled
+    /// with the transfers, in the same record. All of them go to the shard of the first, as one
+    /// chain would.
+    pub async fn submit_as_staff(
+        &self,
+        actor: crate::wallet::Actor,
+        transfers: Vec<Transfer>,
+    ) -> Result<Vec<TransferResult>, EngineError> {
+        if transfers.len() > limits::SUBMIT_LEN_MAX {
+            return Err(EngineError::SubmissionTooLarge {
+                len: transfers.len(),
+                max: limits::SUBMIT_LEN_MAX,
+            });
+        }
+        let Some(first) = transfers.first() else {
+            return Ok(Vec::new());
+        };
+        let n = self.inner.shard_count;
+        let shard = route(first.debit_account_id, first.credit_account_id, n).coordinator();
+        let (gather, rx) = Gather::new(transfers.len());
+        let waiters = (0..transfers.len())
+            .map(|index| Waiter { gather: gather.clone(), index: u32::try_from(index).unwrap_or(u32::MAX) })
+            .collect();
+        let authorization = Some(crate::wallet::Authority::Staff(actor));
+        self.send(shard, ShardMessage::Submit { transfers, waiters, authorization })?;
+        rx.await.map_err(|_| EngineError::Stopped)
+    }
+
+    /// The engine's clock, in nanoseconds since the Unix epoch.
+    pub fn now_ns(&self) -> u64 {
+        self.inner.clock.now_ns()
     }
 
     /// Sends a request about one wallet to its shard; changes are journaled before the answer.

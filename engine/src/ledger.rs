@@ -1276,6 +1276,154 @@ impl Ledger {
                 Ok(WalletReply::Done)
             }
             WalletRequest::Get { .. } => Ok(WalletReply::Found(Box::new(self.wallet_view(msisdn, now)?))),
+            WalletRequest::ResolveCode { hold, amount, cancel, resolve, then, .. } => {
+                if !cancel && wallet.flags & WalletState::STAFF_BLOCKED != 0 {
+                    return Err(WalletRefusal::Blocked);
+                }
+                let held = self.open.get(&hold).map(|open| (open.transfer, open.state, open.expires_at));
+                let chain = match held {
+                    Some((t, TransferState::Pending, expires_at))
+                        if t.debit_account_id.wallet_msisdn() == Some(msisdn)
+                            && t.code == wallet::codes::CASH_CODE
+                            && (cancel || t.amount == amount) =>
+                    {
+                        if expires_at != 0 && now >= expires_at {
+                            return Err(WalletRefusal::CodeExpired);
+                        }
+                        self.code_chain(&t, cancel, &resolve, then)
+                    }
+                    _ => {
+                        // A retried resolution answers as the first did, without counting.
+                        let resolved_as =
+                            if cancel { TransferState::PendingVoided } else { TransferState::PendingPosted };
+                        if let Some(done) = self.done.get(&resolve.id) {
+                            let same = self.done.get(&hold).is_some_and(|h| h.state() == resolved_as)
+                                && done.state() == TransferState::Posted;
+                            return Ok(WalletReply::Transfers(vec![if same {
+                                TransferResult::Ok
+                            } else {
+                                TransferResult::ExistsWithDifferentBody
+                            }]));
+                        }
+                        // A right code, too late: not a guess.
+                        if self.done.get(&hold).is_some_and(|h| h.state() == TransferState::PendingExpired) {
+                            return Err(WalletRefusal::CodeExpired);
+                        }
+                        return Err(self.code_failed(msisdn, now, log));
+                    }
+                };
+                let local =
+                    |t: &Transfer| self.is_here(t.debit_account_id) && self.is_here(t.credit_account_id);
+                if !chain.iter().all(local) {
+                    return Err(WalletRefusal::NotLocal);
+                }
+                let mut outcomes = Vec::with_capacity(chain.len());
+                self.submit(&chain, now, &mut outcomes, log);
+                let results = outcomes
+                    .into_iter()
+                    .map(|outcome| match outcome {
+                        Outcome::Done(result) => result,
+                        // Unreachable with every account local; never an `Ok` that did not happen.
+                        _ => TransferResult::LinkedEventFailed,
+                    })
+                    .collect();
+                Ok(WalletReply::Transfers(results))
+            }
+        }
+    }
+
+    /// The chain that resolves cash-code hold `held`: its post (or void), the post (or void)
+    /// of its fee hold if it has one, then `then` (on a post only).
+    fn code_chain(
+        &self,
+        held: &Transfer,
+        cancel: bool,
+        resolve: &Transfer,
+        then: Option<Transfer>,
+    ) -> Vec<Transfer> {
+        let flags = if cancel { TransferFlags::VOID_PENDING } else { TransferFlags::POST_PENDING };
+        let resolution = |hold: &Transfer, id: TransferId, code: u16| Transfer {
+            id,
+            debit_account_id: hold.debit_account_id,
+            credit_account_id: hold.credit_account_id,
+            amount: if cancel { 0 } else { hold.amount },
+            currency: hold.currency,
+            pending_id: hold.id,
+            user_data: resolve.user_data,
+            timeout_s: 0,
+            code,
+            flags,
+        };
+        let mut chain = vec![resolution(held, resolve.id, resolve.code)];
+        let fee = self
+            .open
+            .get(&wallet::leg_id(held.id.0, wallet::CODE_FEE_LEG))
+            .filter(|fee| fee.state == TransferState::Pending)
+            .filter(|fee| fee.transfer.debit_account_id == held.debit_account_id);
+        if let Some(fee) = fee {
+            let id = wallet::leg_id(resolve.id.0, wallet::CODE_FEE_LEG);
+            chain.push(resolution(&fee.transfer, id, fee.transfer.code));
+        }
+        if !cancel && let Some(then) = then {
+            chain.push(then);
+        }
+        let last = chain.len() - 1;
+        for t in &mut chain[..last] {
+            t.flags = t.flags.union(TransferFlags::LINKED);
+        }
+        chain
+    }
+
+    /// Counts a wrong cash-code guess; at the policy's limit every live code of the wallet is
+    /// cancelled (its holds voided, the money back in the wallet).
+    fn code_failed(&mut self, msisdn: u64, now: u64, log: &mut Vec<Command>) -> WalletRefusal {
+        self.record(WalletCommand::CodeFailed { msisdn }, now, log);
+        let failures = self.wallets.get(&msisdn).map_or(0, |w| w.code_failures);
+        let max = self.policy.code_attempts_max;
+        if failures < max {
+            return WalletRefusal::CodeInvalid { remaining: max - failures };
+        }
+        let holds: Vec<Transfer> = self
+            .open
+            .values()
+            .filter(|open| open.state == TransferState::Pending)
+            .map(|open| open.transfer)
+            .filter(|t| {
+                t.code == wallet::codes::CASH_CODE && t.debit_account_id.wallet_msisdn() == Some(msisdn)
+            })
+            .collect();
+        let mut outcomes = Vec::new();
+        for hold in holds {
+            let fee = wallet::leg_id(hold.id.0, wallet::CODE_FEE_LEG);
+            for pending in [hold.id, fee] {
+                let Some(open) = self.open.get(&pending).filter(|o| o.state == TransferState::Pending) else {
+                    continue;
+                };
+                let void = Transfer {
+                    id: wallet::leg_id(pending.0, wallet::CODE_CANCEL_LEG),
+                    amount: 0,
+                    pending_id: pending,
+                    timeout_s: 0,
+                    flags: TransferFlags::VOID_PENDING,
+                    ..open.transfer
+                };
+                self.submit(&[void], now, &mut outcomes, log);
+            }
+        }
+        self.record(WalletCommand::CodesCancelled { msisdn }, now, log);
+        WalletRefusal::CodeInvalid { remaining: 0 }
+    }
+
+    /// Journals that staff authorised a submission (a reversal), before its transfers.
+    pub fn authorize_staff(
+        &mut self,
+        actor: wallet::Actor,
+        batch: &[Transfer],
+        now: u64,
+        log: &mut Vec<Command>,
+    ) {
+        if let Some(first) = batch.first() {
+            self.record(WalletCommand::StaffAuthorized { actor, transfer: first.id.0 }, now, log);
         }
     }
 
@@ -1325,6 +1473,7 @@ impl Ledger {
                     created_at: now,
                     otp: None,
                     otp_sent: Vec::new(),
+                    code_failures: 0,
                 },
             );
             return;
@@ -1369,8 +1518,11 @@ impl Ledger {
                 }
             }
             WalletCommand::OtpUsed { .. } => wallet.otp = None,
+            WalletCommand::CodeFailed { .. } => wallet.code_failures = wallet.code_failures.saturating_add(1),
+            WalletCommand::CodesCancelled { .. } => wallet.code_failures = 0,
             WalletCommand::Profile { .. }
             | WalletCommand::Evidence(_)
+            | WalletCommand::StaffAuthorized { .. }
             | WalletCommand::Register { .. }
             | WalletCommand::SetPolicy(_) => {}
         }

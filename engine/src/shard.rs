@@ -21,14 +21,14 @@ use crate::journal::record::{self, FORMAT_VERSION, WalCommand, WalRecord, WalSha
 use crate::ledger::{Command, Ledger, Outcome, TransferStatus};
 use crate::reply::{Completion, Waiter};
 use crate::transfer::{Transfer, TransferResult};
-use crate::wallet::{Authorization, Policy, WalletReply, WalletRequest};
+use crate::wallet::{Authority, Policy, WalletReply, WalletRequest};
 
 pub enum ShardMessage {
     Submit {
         transfers: Vec<Transfer>,
         waiters: Vec<Waiter>,
         /// Checked on this shard before the transfers, in the same step; a failure refuses all.
-        authorization: Option<Authorization>,
+        authorization: Option<Authority>,
     },
     Wallet {
         request: WalletRequest,
@@ -197,7 +197,13 @@ impl Shard {
                     ShardMessage::Submit { transfers, waiters, authorization } => {
                         outcomes.clear();
                         let authorized = match &authorization {
-                            Some(auth) => self.ledger.authorize(auth, &transfers, now, &mut log),
+                            Some(Authority::Customer(auth)) => {
+                                self.ledger.authorize(auth, &transfers, now, &mut log)
+                            }
+                            Some(Authority::Staff(actor)) => {
+                                self.ledger.authorize_staff(*actor, &transfers, now, &mut log);
+                                Ok(())
+                            }
                             None => Ok(()),
                         };
                         if let Err(result) = authorized {

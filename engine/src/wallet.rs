@@ -13,7 +13,9 @@
 //! and accounts whose wire forms live in [`crate::journal::record`]: they change with the
 //! product, and one definition is easier to keep right than two.
 
+use crate::ids::TransferId;
 use crate::money::Currency;
+use crate::transfer::Transfer;
 
 /// Operation codes (`Transfer::code`) the policy distinguishes. Other codes count as ordinary
 /// operations.
@@ -378,6 +380,8 @@ pub struct WalletState {
     pub otp: Option<OtpState>,
     /// When the last OTPs were sent (ns), oldest first, at most `otp_sends_max`.
     pub otp_sent: Vec<u64>,
+    /// Wrong cash-by-code redemptions since the wallet's codes were last cancelled for them.
+    pub code_failures: u8,
 }
 
 impl WalletState {
@@ -468,7 +472,22 @@ pub enum WalletCommand {
     OtpUsed {
         msisdn: u64,
     },
+    /// A redemption or cancellation named a cash code of this wallet that is not one of its live
+    /// holds (or the wrong amount): counted toward [`Policy::code_attempts_max`].
+    CodeFailed {
+        msisdn: u64,
+    },
+    /// The wallet's live cash codes were cancelled after too many wrong guesses (their voids
+    /// follow as transfers); the count starts again.
+    CodesCancelled {
+        msisdn: u64,
+    },
     Evidence(crate::wallet::Evidence),
+    /// Staff authorised the operation whose first transfer is `transfer` (a reversal).
+    StaffAuthorized {
+        actor: Actor,
+        transfer: u128,
+    },
     SetPolicy(Box<Policy>),
 }
 
@@ -487,9 +506,11 @@ impl WalletCommand {
             | SetLanguage { msisdn, .. }
             | OtpIssued { msisdn, .. }
             | OtpFailed { msisdn }
-            | OtpUsed { msisdn } => Some(*msisdn),
+            | OtpUsed { msisdn }
+            | CodeFailed { msisdn }
+            | CodesCancelled { msisdn } => Some(*msisdn),
             Evidence(e) => Some(e.msisdn),
-            SetPolicy(_) => None,
+            StaffAuthorized { .. } | SetPolicy(_) => None,
         }
     }
 }
@@ -554,6 +575,21 @@ pub enum WalletRequest {
     Get {
         msisdn: u64,
     },
+    /// Redeems (`cancel` false: posts) or cancels (voids) the cash-by-code hold `hold` of this
+    /// wallet, with its fee hold if it has one. `hold` is derived from the code, so a wrong
+    /// code names no hold of the wallet: that, or an amount other than the held one, counts as
+    /// a wrong guess, and at the policy's limit every live code of the wallet is cancelled.
+    /// `resolve` is the post (or void) of the principal: id, code and user data chosen by the
+    /// caller, accounts and amount taken from the hold. `then` follows it in the same chain
+    /// (the redeeming agent's commission).
+    ResolveCode {
+        msisdn: u64,
+        hold: TransferId,
+        amount: u64,
+        cancel: bool,
+        resolve: Transfer,
+        then: Option<Transfer>,
+    },
 }
 
 impl WalletRequest {
@@ -570,6 +606,7 @@ impl WalletRequest {
             | SetLanguage { msisdn, .. }
             | IssueOtp { msisdn, .. }
             | VerifyOtp { msisdn, .. }
+            | ResolveCode { msisdn, .. }
             | Get { msisdn } => *msisdn,
         }
     }
@@ -598,6 +635,14 @@ pub enum WalletRefusal {
     OtpExpired,
     #[error("wrong OTP; {remaining} attempts remain")]
     OtpInvalid { remaining: u8 },
+    /// Said the same way for a wrong code, a wrong amount and a code already used, so that a
+    /// guesser learns nothing but "no".
+    #[error("no such code for this number and amount; {remaining} attempts remain")]
+    CodeInvalid { remaining: u8 },
+    #[error("the code has expired")]
+    CodeExpired,
+    #[error("the operation's transfers do not all live with the wallet")]
+    NotLocal,
 }
 
 impl WalletRefusal {
@@ -613,6 +658,9 @@ impl WalletRefusal {
             WalletRefusal::OtpNotIssued => "otp_not_issued",
             WalletRefusal::OtpExpired => "otp_expired",
             WalletRefusal::OtpInvalid { .. } => "otp_invalid",
+            WalletRefusal::CodeInvalid { .. } => "code_invalid",
+            WalletRefusal::CodeExpired => "code_expired",
+            WalletRefusal::NotLocal => "not_local",
         }
     }
 }
@@ -647,6 +695,8 @@ pub enum WalletReply {
     Done,
     Found(Box<WalletView>),
     Refused(WalletRefusal),
+    /// The results of the transfers a request submitted (a code's resolution), in order.
+    Transfers(Vec<crate::transfer::TransferResult>),
 }
 
 /// Checks made before a submission's transfers are applied, on the wallet's shard in the same
@@ -660,6 +710,29 @@ pub struct Authorization {
     /// Debits of this wallet above this amount (minor units) need the OTP; `u64::MAX`: never.
     pub step_up_above: u64,
 }
+
+/// Who vouches for a submission: the customer (checked on the wallet's shard) or staff
+/// (journaled with the transfers, for operations only staff may do, such as a reversal).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Authority {
+    Customer(Authorization),
+    Staff(Actor),
+}
+
+/// The id of leg `leg` (1: fee, 2: commission, …) of operation `op`, derived so that a retried
+/// operation names the same legs. Leg 0 is the operation's own id. Never zero.
+pub fn leg_id(op: u128, leg: u8) -> TransferId {
+    if leg == 0 {
+        return TransferId(op);
+    }
+    let mixed = op.rotate_left(64) ^ u128::from(leg).wrapping_mul(0x9E37_79B9_7F4A_7C15_F39C_C060_5CED_C835);
+    TransferId(mixed | 1)
+}
+
+/// Legs of a cash-by-code hold: the principal is the hold itself (leg 0), its fee leg 1.
+pub const CODE_FEE_LEG: u8 = 1;
+/// The void of a hold cancelled after too many wrong guesses is leg 9 of the held transfer.
+pub const CODE_CANCEL_LEG: u8 = 9;
 
 #[cfg(test)]
 mod tests {

@@ -9,8 +9,10 @@
 //!   what it was told must hold after each recovery.
 //! - `torn_tail`: journals cut at every offset of their last records, and bit flips: a torn tail
 //!   is cut off, damage before valid records refuses to open.
+//! - `cash`: cash-by-code (hold, redemption, guessing, expiry, cancel, restart) and reversals.
 //! - `wallet`: the wallet domain on a real engine: fees, limits, PINs, OTPs, restarts, secrets.
 
+mod cash;
 mod crash;
 mod engine;
 mod model;

@@ -22,39 +22,46 @@ use engine::{
 };
 use qepik_tests::block_on;
 
-const NS: u64 = 1_000_000_000;
+pub(crate) const NS: u64 = 1_000_000_000;
 /// 2026-11-23 00:00 UTC, 04:00 in Baku (UTC+4): local midnight is 20 hours later.
-const START_NS: u64 = 1_795_392_000 * NS;
-const STAFF: u64 = 42;
-const AGENT: u64 = 7;
+pub(crate) const START_NS: u64 = 1_795_392_000 * NS;
+pub(crate) const STAFF: u64 = 42;
+pub(crate) const AGENT: u64 = 7;
 /// The P2P tariff of the tests that charge one: 0.10 AZN + 0.5 %, at least 0.20, at most 5.00.
-const P2P_FEE: Tariff = Tariff { fixed: 10, percent_bps: 50, min: 20, max: 500 };
+pub(crate) const P2P_FEE: Tariff = Tariff { fixed: 10, percent_bps: 50, min: 20, max: 500 };
 
-type Configure = fn(&mut DomainConfig) -> anyhow::Result<()>;
+pub(crate) type Configure = fn(&mut DomainConfig) -> anyhow::Result<()>;
 
 /// An engine and its domain on one data directory, with the clock, operation ids and phone
 /// numbers a test draws from.
-struct World {
-    dir: tempfile::TempDir,
-    clock: Arc<ManualClock>,
+pub(crate) struct World {
+    pub(crate) dir: tempfile::TempDir,
+    pub(crate) clock: Arc<ManualClock>,
     shards: u16,
     configure: Configure,
-    engine: Engine,
-    domain: Domain,
+    views: bool,
+    pub(crate) engine: Engine,
+    pub(crate) domain: Domain,
     next_op: Cell<u128>,
     next_number: Cell<u64>,
 }
 
 impl World {
-    fn open(shards: u16, configure: Configure) -> anyhow::Result<World> {
+    pub(crate) fn open(shards: u16, configure: Configure) -> anyhow::Result<World> {
+        World::open_with(shards, configure, false)
+    }
+
+    /// [`World::open`], with the sled views running if `views`.
+    pub(crate) fn open_with(shards: u16, configure: Configure, views: bool) -> anyhow::Result<World> {
         let dir = tempfile::tempdir()?;
         let clock = Arc::new(ManualClock::new(START_NS));
-        let (engine, domain) = start(dir.path(), &clock, shards, configure)?;
+        let (engine, domain) = start(dir.path(), &clock, shards, configure, views)?;
         Ok(World {
             dir,
             clock,
             shards,
             configure,
+            views,
             engine,
             domain,
             next_op: Cell::new(1 << 64),
@@ -63,23 +70,23 @@ impl World {
     }
 
     /// Shuts the engine down and opens the same directory again, with a new domain.
-    fn restart(&mut self) -> anyhow::Result<()> {
+    pub(crate) fn restart(&mut self) -> anyhow::Result<()> {
         self.engine.shutdown();
-        let (engine, domain) = start(self.dir.path(), &self.clock, self.shards, self.configure)?;
+        let (engine, domain) = start(self.dir.path(), &self.clock, self.shards, self.configure, self.views)?;
         self.engine = engine;
         self.domain = domain;
         Ok(())
     }
 
     /// A fresh operation id.
-    fn op(&self) -> u128 {
+    pub(crate) fn op(&self) -> u128 {
         let op = self.next_op.get() + 1;
         self.next_op.set(op);
         op
     }
 
     /// A fresh number whose wallet would live on a shard that `wanted` accepts.
-    fn number(&self, wanted: impl Fn(ShardId) -> bool) -> anyhow::Result<Msisdn> {
+    pub(crate) fn number(&self, wanted: impl Fn(ShardId) -> bool) -> anyhow::Result<Msisdn> {
         for _ in 0..10_000 {
             let n = self.next_number.get();
             self.next_number.set(n + 1);
@@ -92,28 +99,38 @@ impl World {
     }
 
     /// Registers a fresh wallet (tier 0) on a shard that `wanted` accepts.
-    fn wallet(&self, pin: Option<&Pin>, wanted: impl Fn(ShardId) -> bool) -> anyhow::Result<Msisdn> {
+    pub(crate) fn wallet(
+        &self,
+        pin: Option<&Pin>,
+        wanted: impl Fn(ShardId) -> bool,
+    ) -> anyhow::Result<Msisdn> {
         let msisdn = self.number(wanted)?;
         block_on(self.domain.register(msisdn, pin, 1, Actor::customer(msisdn.get())))?;
         Ok(msisdn)
     }
 
     /// Creates agent [`AGENT`] with `float` on its float account.
-    fn agent(&self, float: u64) -> anyhow::Result<()> {
+    pub(crate) fn agent(&self, float: u64) -> anyhow::Result<()> {
         block_on(self.domain.create_agent(AGENT, AgentKind::Agent))?;
         block_on(self.domain.fund_agent(self.op(), AGENT, float))?;
         Ok(())
     }
 
-    fn cash_in(&self, to: Msisdn, amount: u64) -> Result<Receipt, OpError> {
+    pub(crate) fn cash_in(&self, to: Msisdn, amount: u64) -> Result<Receipt, OpError> {
         block_on(self.domain.cash_in(self.op(), AGENT, to, amount))
     }
 
-    fn p2p(&self, from: Msisdn, to: Msisdn, amount: u64, auth: CustomerAuth<'_>) -> Result<Receipt, OpError> {
+    pub(crate) fn p2p(
+        &self,
+        from: Msisdn,
+        to: Msisdn,
+        amount: u64,
+        auth: CustomerAuth<'_>,
+    ) -> Result<Receipt, OpError> {
         block_on(self.domain.p2p(self.op(), from, to, amount, auth))
     }
 
-    fn account(&self, id: AccountId) -> anyhow::Result<Account> {
+    pub(crate) fn account(&self, id: AccountId) -> anyhow::Result<Account> {
         block_on(self.engine.lookup_accounts(&[id]))?
             .pop()
             .flatten()
@@ -121,7 +138,7 @@ impl World {
     }
 
     /// Checks posted balances exactly, and that nothing is left pending.
-    fn check_balances(&self, expected: &[(AccountId, i128)]) -> anyhow::Result<()> {
+    pub(crate) fn check_balances(&self, expected: &[(AccountId, i128)]) -> anyhow::Result<()> {
         let mut found = Vec::new();
         for (id, _) in expected {
             let account = self.account(*id)?;
@@ -133,30 +150,30 @@ impl World {
         Ok(())
     }
 
-    fn assert_balanced(&self) -> anyhow::Result<()> {
+    pub(crate) fn assert_balanced(&self) -> anyhow::Result<()> {
         let totals = self.engine.totals()?;
         assert!(!totals.is_empty() && totals.values().all(|t| t.balanced()), "unbalanced: {totals:?}");
         Ok(())
     }
 
-    fn view(&self, msisdn: Msisdn) -> anyhow::Result<WalletView> {
+    pub(crate) fn view(&self, msisdn: Msisdn) -> anyhow::Result<WalletView> {
         Ok(block_on(self.domain.wallet(msisdn))?)
     }
 
-    fn views(&self, wallets: &[Msisdn]) -> anyhow::Result<Vec<WalletView>> {
+    pub(crate) fn views(&self, wallets: &[Msisdn]) -> anyhow::Result<Vec<WalletView>> {
         wallets.iter().map(|m| self.view(*m)).collect()
     }
 
-    fn azn(&self, msisdn: Msisdn) -> anyhow::Result<WalletAccountView> {
+    pub(crate) fn azn(&self, msisdn: Msisdn) -> anyhow::Result<WalletAccountView> {
         let view = self.view(msisdn)?;
         view.accounts.iter().find(|a| a.account.currency == Currency::Azn).copied().context("no AZN account")
     }
 
-    fn outflow(&self, msisdn: Msisdn) -> anyhow::Result<Outflow> {
+    pub(crate) fn outflow(&self, msisdn: Msisdn) -> anyhow::Result<Outflow> {
         Ok(self.azn(msisdn)?.outflow)
     }
 
-    fn state(&self, msisdn: Msisdn) -> anyhow::Result<WalletState> {
+    pub(crate) fn state(&self, msisdn: Msisdn) -> anyhow::Result<WalletState> {
         Ok(self.view(msisdn)?.state)
     }
 }
@@ -166,10 +183,11 @@ fn start(
     clock: &Arc<ManualClock>,
     shards: u16,
     configure: Configure,
+    views: bool,
 ) -> anyhow::Result<(Engine, Domain)> {
     let mut config = EngineConfig::new(dir);
     config.shard_count = shards;
-    config.views = false;
+    config.views = views;
     config.clock = clock.clone();
     let engine = Engine::open(config)?;
     let mut domain_config = DomainConfig::new(Arc::new(ServerSecret::from_bytes(&[7u8; 32])?));
@@ -178,23 +196,23 @@ fn start(
     Ok((engine, domain))
 }
 
-fn default_config(_: &mut DomainConfig) -> anyhow::Result<()> {
+pub(crate) fn default_config(_: &mut DomainConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn any(_: ShardId) -> bool {
+pub(crate) fn any(_: ShardId) -> bool {
     true
 }
 
-fn wallet_account(msisdn: Msisdn) -> AccountId {
+pub(crate) fn wallet_account(msisdn: Msisdn) -> AccountId {
     AccountId::wallet(msisdn.get(), Currency::Azn)
 }
 
-fn with_pin(pin: &Pin) -> CustomerAuth<'_> {
+pub(crate) fn with_pin(pin: &Pin) -> CustomerAuth<'_> {
     CustomerAuth { pin: Some(pin), otp: None, channel: channels::USSD }
 }
 
-fn with_pin_and_otp<'a>(pin: &'a Pin, otp: &'a OneTimeCode) -> CustomerAuth<'a> {
+pub(crate) fn with_pin_and_otp<'a>(pin: &'a Pin, otp: &'a OneTimeCode) -> CustomerAuth<'a> {
     CustomerAuth { pin: Some(pin), otp: Some(otp), channel: channels::APP }
 }
 
@@ -209,14 +227,14 @@ fn profile() -> Profile {
 }
 
 /// A six-digit code other than `code`.
-fn wrong_code(code: &OneTimeCode) -> anyhow::Result<OneTimeCode> {
+pub(crate) fn wrong_code(code: &OneTimeCode) -> anyhow::Result<OneTimeCode> {
     let digits = if code.expose() == "000000" { "000001" } else { "000000" };
     Ok(OneTimeCode::parse(digits, 6)?)
 }
 
 /// An operation's answer in a form tests compare exactly.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Refusal {
+pub(crate) enum Refusal {
     /// Not refused: the operation went through.
     None,
     Limit(TransferResult, u64),
@@ -227,7 +245,7 @@ enum Refusal {
     Other(&'static str),
 }
 
-fn refusal<T>(result: Result<T, OpError>) -> Refusal {
+pub(crate) fn refusal<T>(result: Result<T, OpError>) -> Refusal {
     match result {
         Ok(_) => Refusal::None,
         Err(OpError::Limit { result, remaining }) => Refusal::Limit(result, remaining),
@@ -239,7 +257,7 @@ fn refusal<T>(result: Result<T, OpError>) -> Refusal {
 }
 
 /// Runs `work(i)` on `threads` threads released together; returns the answers in thread order.
-fn race<T: Send + 'static>(
+pub(crate) fn race<T: Send + 'static>(
     threads: usize,
     work: impl Fn(usize) -> Box<dyn FnOnce() -> T + Send>,
 ) -> anyhow::Result<Vec<T>> {

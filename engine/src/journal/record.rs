@@ -10,7 +10,7 @@ use crate::money::Currency;
 use crate::transfer::{Transfer, TransferFlags, TransferResult};
 
 /// Bumped whenever the layout below changes; a reader refuses versions it does not know.
-pub const FORMAT_VERSION: u8 = 2;
+pub const FORMAT_VERSION: u8 = 3;
 
 #[derive(Debug, Clone, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct WalTransfer {
