@@ -234,9 +234,14 @@ pub struct Ledger {
     linked: FxHashMap<TransferId, Vec<TransferId>>,
     /// Wallet records of the MSISDNs whose accounts live here.
     wallets: FxHashMap<u64, WalletState>,
-    /// Outflow counters per wallet account.
-    outflow: FxHashMap<AccountId, Outflow>,
+    /// What a transfer needs of a wallet account, in one small entry: the tier and flags of its
+    /// wallet (mirrored from the record) and its outflow counters. Made at the account's first
+    /// debit under the policy.
+    hot: FxHashMap<AccountId, Hot>,
     policy: Policy,
+    /// Per currency, the lowest maximum balance of any tier: a credit that leaves a wallet under
+    /// it needs no look at the wallet's tier.
+    min_max_balance: Vec<(Currency, u64)>,
     /// The day and month of the last batch time asked about: a batch asks once per transfer.
     windows: (u64, wallet::Windows),
 }
@@ -253,8 +258,9 @@ impl Ledger {
             credits: FxHashMap::default(),
             linked: FxHashMap::default(),
             wallets: FxHashMap::default(),
-            outflow: FxHashMap::default(),
+            hot: FxHashMap::default(),
             policy: Policy::default(),
+            min_max_balance: min_max_balance(&Policy::default()),
             windows: (u64::MAX, wallet::Windows { day: 0, month: 0 }),
         }
     }
@@ -366,10 +372,17 @@ impl Ledger {
         wallets: Vec<WalletState>,
         outflow: Vec<(AccountId, Outflow)>,
     ) {
+        self.min_max_balance = min_max_balance(&policy);
         self.policy = policy;
         self.windows.0 = u64::MAX;
         self.wallets = wallets.into_iter().map(|w| (w.msisdn, w)).collect();
-        self.outflow = outflow.into_iter().collect();
+        self.hot = outflow
+            .into_iter()
+            .filter_map(|(id, outflow)| {
+                let wallet = self.wallets.get(&id.wallet_msisdn()?)?;
+                Some((id, Hot { tier: wallet.tier, flags: wallet.flags, outflow }))
+            })
+            .collect();
     }
 
     pub fn policy(&self) -> &Policy {
@@ -385,7 +398,7 @@ impl Ledger {
     }
 
     pub fn outflows(&self) -> impl Iterator<Item = (&AccountId, &Outflow)> {
-        self.outflow.iter()
+        self.hot.iter().map(|(id, hot)| (id, &hot.outflow))
     }
 
     pub fn create_account(
@@ -668,11 +681,10 @@ impl Ledger {
                 Undo::ExpiryRemoved(at, id) => {
                     self.expiries.insert((at, id));
                 }
-                Undo::Outflow(account, Some(previous)) => {
-                    self.outflow.insert(account, previous);
-                }
-                Undo::Outflow(account, None) => {
-                    self.outflow.remove(&account);
+                Undo::Outflow(account, previous) => {
+                    if let Some(hot) = self.hot.get_mut(&account) {
+                        hot.outflow = previous.unwrap_or_default();
+                    }
                 }
             }
         }
@@ -723,12 +735,14 @@ impl Ledger {
         {
             return TransferResult::OverflowsDebits;
         }
-        let outflow = match wallet_debit(&self.policy, &self.wallets, &self.outflow, debit, transfer, windows)
+        let outflow = match wallet_debit(&self.policy, &self.wallets, &mut self.hot, debit, transfer, windows)
         {
             Ok(outflow) => outflow,
             Err(result) => return result,
         };
-        if let Err(result) = wallet_credit(&self.policy, &self.wallets, credit, transfer) {
+        if let Err(result) =
+            wallet_credit(&self.policy, &self.min_max_balance, &self.wallets, &self.hot, credit, transfer)
+        {
             return result;
         }
         let expires_at = if transfer.flags.contains(TransferFlags::PENDING) && transfer.timeout_s != 0 {
@@ -747,7 +761,7 @@ impl Ledger {
                 undo.push(Undo::ExpiryAdded(expires_at, transfer.id));
             }
             if outflow.is_some() {
-                undo.push(Undo::Outflow(debit.id, self.outflow.get(&debit.id).copied()));
+                undo.push(Undo::Outflow(debit.id, self.hot.get(&debit.id).map(|hot| hot.outflow)));
             }
         }
         // Checked above: neither column overflows.
@@ -758,8 +772,10 @@ impl Ledger {
             debit.debits_posted += transfer.amount;
             credit.credits_posted += transfer.amount;
         }
-        if let Some(outflow) = outflow {
-            self.outflow.insert(debit.id, outflow);
+        if let Some(outflow) = outflow
+            && let Some(hot) = self.hot.get_mut(&debit.id)
+        {
+            hot.outflow = outflow;
         }
         if pending {
             if expires_at != 0 {
@@ -790,8 +806,8 @@ impl Ledger {
             return;
         }
         let counted_at = self.policy.windows(held.timestamp);
-        if let Some(outflow) = self.outflow.get_mut(&t.debit_account_id) {
-            outflow.release(counted_at, amount, operation && wallet::counts_as_operation(t.code));
+        if let Some(hot) = self.hot.get_mut(&t.debit_account_id) {
+            hot.outflow.release(counted_at, amount, operation && wallet::counts_as_operation(t.code));
         }
     }
 
@@ -862,7 +878,7 @@ impl Ledger {
             }
             undo.push(Undo::Outflow(
                 held.debit_account_id,
-                self.outflow.get(&held.debit_account_id).copied(),
+                self.hot.get(&held.debit_account_id).map(|hot| hot.outflow),
             ));
         }
         if !post {
@@ -898,7 +914,7 @@ impl Ledger {
         if debit.debits_posted.checked_add(transfer.amount).is_none() {
             return TransferResult::OverflowsDebits;
         }
-        let outflow = match wallet_debit(&self.policy, &self.wallets, &self.outflow, debit, transfer, windows)
+        let outflow = match wallet_debit(&self.policy, &self.wallets, &mut self.hot, debit, transfer, windows)
         {
             Ok(outflow) => outflow,
             Err(result) => return result,
@@ -906,11 +922,13 @@ impl Ledger {
         if let Some(undo) = undo {
             undo.push(Undo::Account(*debit));
             undo.push(Undo::Open(transfer.id, None));
-            undo.push(Undo::Outflow(debit.id, self.outflow.get(&debit.id).copied()));
+            undo.push(Undo::Outflow(debit.id, self.hot.get(&debit.id).map(|hot| hot.outflow)));
         }
         debit.debits_pending += transfer.amount;
-        if let Some(outflow) = outflow {
-            self.outflow.insert(transfer.debit_account_id, outflow);
+        if let Some(outflow) = outflow
+            && let Some(hot) = self.hot.get_mut(&transfer.debit_account_id)
+        {
+            hot.outflow = outflow;
         }
         self.open.insert(
             transfer.id,
@@ -948,7 +966,9 @@ impl Ledger {
         if let Err(result) = check_credit(credit, transfer.amount, false) {
             return result;
         }
-        if let Err(result) = wallet_credit(&self.policy, &self.wallets, credit, transfer) {
+        if let Err(result) =
+            wallet_credit(&self.policy, &self.min_max_balance, &self.wallets, &self.hot, credit, transfer)
+        {
             return result;
         }
         credit.credits_posted += transfer.amount;
@@ -1439,7 +1459,12 @@ impl Ledger {
                 Some(WalletAccountView {
                     account,
                     limits: tier.map_or(wallet::Limits::NONE, |t| t.limits(*currency)),
-                    outflow: self.outflow.get(&account.id).copied().unwrap_or_default().current(windows),
+                    outflow: self
+                        .hot
+                        .get(&account.id)
+                        .map(|h| h.outflow)
+                        .unwrap_or_default()
+                        .current(windows),
                 })
             })
             .collect();
@@ -1457,6 +1482,7 @@ impl Ledger {
     fn apply_wallet(&mut self, command: &WalletCommand, now: u64) {
         if let WalletCommand::SetPolicy(policy) = command {
             self.policy = (**policy).clone();
+            self.min_max_balance = min_max_balance(&self.policy);
             self.windows.0 = u64::MAX;
             return;
         }
@@ -1525,6 +1551,35 @@ impl Ledger {
             | WalletCommand::StaffAuthorized { .. }
             | WalletCommand::Register { .. }
             | WalletCommand::SetPolicy(_) => {}
+        }
+        let (msisdn, tier, flags) = (wallet.msisdn, wallet.tier, wallet.flags);
+        if matches!(
+            command,
+            WalletCommand::SetTier { .. }
+                | WalletCommand::PinFailed { .. }
+                | WalletCommand::Block { .. }
+                | WalletCommand::Unblock { .. }
+        ) {
+            self.mirror(msisdn, tier, flags);
+        }
+    }
+
+    /// Copies a wallet's tier and flags to its accounts' entries in the transfer path, and its
+    /// staff block to its accounts' `BLOCKED` flag (so that a credit needs no wallet lookup).
+    fn mirror(&mut self, msisdn: u64, tier: u8, flags: u8) {
+        for currency in Currency::ALL {
+            let id = AccountId::wallet(msisdn, currency);
+            if let Some(hot) = self.hot.get_mut(&id) {
+                hot.tier = tier;
+                hot.flags = flags;
+            }
+            if let Some(account) = self.accounts.get_mut(&id) {
+                account.flags = if flags & WalletState::STAFF_BLOCKED != 0 {
+                    account.flags.union(AccountFlags::BLOCKED)
+                } else {
+                    AccountFlags(account.flags.0 & !AccountFlags::BLOCKED.0)
+                };
+            }
         }
     }
 
@@ -1646,7 +1701,12 @@ fn check_debit(debit: &Account, amount: u64, pending: bool) -> Result<(), Transf
         return Err(TransferResult::DebitAccountClosed);
     }
     if debit.flags.contains(AccountFlags::BLOCKED) {
-        return Err(TransferResult::DebitAccountBlocked);
+        // A wallet's accounts carry its staff block.
+        return Err(if debit.id.wallet_msisdn().is_some() {
+            TransferResult::DebitWalletBlocked
+        } else {
+            TransferResult::DebitAccountBlocked
+        });
     }
     let column = if pending { debit.debits_pending } else { debit.debits_posted };
     if column.checked_add(amount).is_none() {
@@ -1666,7 +1726,11 @@ fn check_credit(credit: &Account, amount: u64, pending: bool) -> Result<(), Tran
         return Err(TransferResult::CreditAccountClosed);
     }
     if credit.flags.contains(AccountFlags::BLOCKED) {
-        return Err(TransferResult::CreditAccountBlocked);
+        return Err(if credit.id.wallet_msisdn().is_some() {
+            TransferResult::CreditWalletBlocked
+        } else {
+            TransferResult::CreditAccountBlocked
+        });
     }
     let column = if pending { credit.credits_pending } else { credit.credits_posted };
     if column.checked_add(amount).is_none() {
@@ -1686,7 +1750,7 @@ fn check_credit(credit: &Account, amount: u64, pending: bool) -> Result<(), Tran
 fn wallet_debit(
     policy: &Policy,
     wallets: &FxHashMap<u64, WalletState>,
-    outflow: &FxHashMap<AccountId, Outflow>,
+    hot: &mut FxHashMap<AccountId, Hot>,
     debit: &Account,
     transfer: &Transfer,
     windows: wallet::Windows,
@@ -1697,25 +1761,35 @@ fn wallet_debit(
     if wallet::exempt(transfer.code) {
         return Ok(None);
     }
-    // A wallet account without a wallet record was made by hand: no policy to apply.
-    let Some(wallet) = wallets.get(&msisdn) else {
-        return Ok(None);
+    let entry = match hot.entry(debit.id) {
+        std::collections::hash_map::Entry::Occupied(entry) => *entry.get(),
+        std::collections::hash_map::Entry::Vacant(entry) => {
+            // A wallet account without a wallet record was made by hand: no policy to apply.
+            let Some(wallet) = wallets.get(&msisdn) else {
+                return Ok(None);
+            };
+            *entry.insert(Hot { tier: wallet.tier, flags: wallet.flags, outflow: Outflow::default() })
+        }
     };
-    if wallet.blocked() {
+    if entry.flags & (WalletState::PIN_BLOCKED | WalletState::STAFF_BLOCKED) != 0 {
         return Err(TransferResult::DebitWalletBlocked);
     }
-    let limits = policy.tier(wallet.tier).map_or(wallet::Limits::NONE, |t| t.limits(transfer.currency));
-    let current = outflow.get(&debit.id).copied().unwrap_or_default();
-    current
+    let limits = policy.tier(entry.tier).map_or(wallet::Limits::NONE, |t| t.limits(transfer.currency));
+    entry
+        .outflow
         .add(windows, &limits, transfer.amount, wallet::counts_as_operation(transfer.code))
         .map(Some)
         .map_err(limit_result)
 }
 
-/// The wallet policy for a credit: a staff block, and the tier's maximum balance.
+/// The wallet policy for a credit: the tier's maximum balance. (A staff block is on the
+/// account's own flags, checked before.) A credit that leaves the wallet under every tier's
+/// maximum needs no look at its tier.
 fn wallet_credit(
     policy: &Policy,
+    min_max_balance: &[(Currency, u64)],
     wallets: &FxHashMap<u64, WalletState>,
+    hot: &FxHashMap<AccountId, Hot>,
     credit: &Account,
     transfer: &Transfer,
 ) -> Result<(), TransferResult> {
@@ -1725,19 +1799,42 @@ fn wallet_credit(
     if wallet::exempt(transfer.code) {
         return Ok(());
     }
-    let Some(wallet) = wallets.get(&msisdn) else {
-        return Ok(());
-    };
-    if wallet.flags & WalletState::STAFF_BLOCKED != 0 {
-        return Err(TransferResult::CreditWalletBlocked);
-    }
-    let limits = policy.tier(wallet.tier).map_or(wallet::Limits::NONE, |t| t.limits(transfer.currency));
     let held =
         u128::from(credit.credits_posted) + u128::from(credit.credits_pending) + u128::from(transfer.amount);
-    if held.saturating_sub(u128::from(credit.debits_posted)) > u128::from(limits.max_balance) {
+    let balance = held.saturating_sub(u128::from(credit.debits_posted));
+    let floor = min_max_balance.iter().find(|(c, _)| *c == transfer.currency).map_or(u64::MAX, |(_, m)| *m);
+    if balance <= u128::from(floor) {
+        return Ok(());
+    }
+    let tier = match hot.get(&credit.id) {
+        Some(hot) => hot.tier,
+        None => match wallets.get(&msisdn) {
+            Some(wallet) => wallet.tier,
+            None => return Ok(()),
+        },
+    };
+    let limits = policy.tier(tier).map_or(wallet::Limits::NONE, |t| t.limits(transfer.currency));
+    if balance > u128::from(limits.max_balance) {
         return Err(TransferResult::LimitMaxBalance);
     }
     Ok(())
+}
+
+/// Per currency, the lowest maximum balance of the policy's tiers (a wallet whose tier is not in
+/// the policy has no limits, so the lowest of the listed ones bounds every wallet).
+fn min_max_balance(policy: &Policy) -> Vec<(Currency, u64)> {
+    Currency::ALL
+        .iter()
+        .map(|c| (*c, policy.tiers.iter().map(|t| t.limits(*c).max_balance).min().unwrap_or(u64::MAX)))
+        .collect()
+}
+
+/// A wallet account's entry in the transfer path (see `Ledger::hot`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Hot {
+    tier: u8,
+    flags: u8,
+    outflow: Outflow,
 }
 
 fn limit_result(hit: LimitHit) -> TransferResult {
