@@ -537,9 +537,14 @@ impl Domain {
     }
 
     /// The customer asks for a cash code for `amount` (confirmed by PIN, or OTP): the amount and
-    /// the fee are held on the wallet until the code is redeemed, cancelled, or expires.
+    /// the fee are held on the wallet until the code is redeemed, cancelled, or expires. The
+    /// code derives from `op` under the server secret, so a retry of the same operation shows
+    /// the same code for the same hold, and no code is ever stored. (A code that happens to
+    /// equal a live one of the wallet is refused as `exists_with_different_body`: retry under a
+    /// new operation id.)
     pub async fn issue_cash_code(
         &self,
+        op: u128,
         msisdn: Msisdn,
         amount: u64,
         auth: CustomerAuth<'_>,
@@ -547,13 +552,11 @@ impl Domain {
         positive(amount)?;
         let fee = self.config.tariffs.fee(codes::CASH_CODE, amount)?;
         let authorization = self.authorization(msisdn, &auth)?;
-        let nonce: u128 = rand::random();
-        let code = self.config.secret.derive_code("cash", msisdn.get(), nonce, CASH_CODE_DIGITS);
+        let code = self.config.secret.derive_code("cash", msisdn.get(), op, CASH_CODE_DIGITS);
         let hold = self.code_hold(msisdn, &code);
         let ttl_s = self.config.cash_code_ttl_s;
         let wallet = AccountId::wallet(msisdn.get(), Currency::Azn);
-        // A fresh reference, so that a code colliding with a live one is refused, not merged.
-        let reference: u128 = rand::random();
+        let reference = op;
         let held = |id: TransferId, credit: AccountId, amount: u64, code: u16| Transfer {
             id,
             user_data: reference,

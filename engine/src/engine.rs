@@ -567,6 +567,17 @@ impl Engine {
     /// transfer is in flight (during one, the debit is pending while the credit is posted).
     /// Blocking: from async code, call it through `spawn_blocking`.
     pub fn totals(&self) -> Result<FxHashMap<Currency, Totals>, EngineError> {
+        let mut totals: FxHashMap<Currency, Totals> = FxHashMap::default();
+        for ((currency, _), sums) in self.totals_by_kind()? {
+            totals.entry(currency).or_default().merge(&sums);
+        }
+        Ok(totals)
+    }
+
+    /// Sums per currency and account kind (the trial balance). Blocking, like [`Engine::totals`].
+    pub fn totals_by_kind(
+        &self,
+    ) -> Result<FxHashMap<(Currency, crate::account::AccountKind), Totals>, EngineError> {
         // Each shard sums its own accounts; only the sums cross threads.
         let mut pending = Vec::new();
         for shard in 0..self.inner.shard_count {
@@ -574,11 +585,11 @@ impl Engine {
             self.send(ShardId(shard), ShardMessage::Totals { reply: tx })?;
             pending.push(rx);
         }
-        let mut totals: FxHashMap<Currency, Totals> = FxHashMap::default();
+        let mut totals: FxHashMap<(Currency, crate::account::AccountKind), Totals> = FxHashMap::default();
         for rx in pending {
             let part = crate::reply::block_on(rx).map_err(|_| EngineError::Stopped)?;
-            for (currency, sums) in part {
-                totals.entry(currency).or_default().merge(&sums);
+            for (key, sums) in part {
+                totals.entry(key).or_default().merge(&sums);
             }
         }
         Ok(totals)

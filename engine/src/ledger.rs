@@ -342,6 +342,15 @@ impl Ledger {
         totals
     }
 
+    /// Sums per currency and account kind: the trial balance's lines.
+    pub fn totals_by_kind(&self) -> FxHashMap<(Currency, AccountKind), Totals> {
+        let mut totals: FxHashMap<(Currency, AccountKind), Totals> = FxHashMap::default();
+        for account in self.accounts.values() {
+            totals.entry((account.currency, account.kind)).or_default().add(account);
+        }
+        totals
+    }
+
     /// Restores state from a checkpoint. The caller hands over whole tables.
     pub fn restore(
         &mut self,

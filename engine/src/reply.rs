@@ -73,8 +73,13 @@ pub enum Completion {
     Transfers(oneshot::Sender<Vec<Option<TransferStatus>>>, Vec<Option<TransferStatus>>),
     Checkpoint(crossbeam_channel::Sender<(ShardId, WalShardState)>, ShardId, Box<WalShardState>),
     Totals(
-        oneshot::Sender<rustc_hash::FxHashMap<crate::money::Currency, crate::ledger::Totals>>,
-        rustc_hash::FxHashMap<crate::money::Currency, crate::ledger::Totals>,
+        oneshot::Sender<
+            rustc_hash::FxHashMap<
+                (crate::money::Currency, crate::account::AccountKind),
+                crate::ledger::Totals,
+            >,
+        >,
+        rustc_hash::FxHashMap<(crate::money::Currency, crate::account::AccountKind), crate::ledger::Totals>,
     ),
     /// Recovery waits on this for its own records to be durable.
     Signal(crossbeam_channel::Sender<u64>),

@@ -110,6 +110,23 @@ impl ServerSecret {
         Tag(mac.finalize().into_bytes().into())
     }
 
+    /// A key derived for `domain` and `label` (an API key's id, a session): HMAC-SHA256(secret,
+    /// `"qepik/"` ‖ domain ‖ `"/key/v1\0"` ‖ label). The server re-derives it instead of storing
+    /// it, so a copy of the server's stores gives no usable key without the secret.
+    ///
+    /// # Panics
+    ///
+    /// If `domain` is invalid as for [`ServerSecret::code_tag`].
+    pub fn derive_key(&self, domain: &str, label: &[u8]) -> [u8; 32] {
+        assert_domain(domain);
+        let mut mac = self.mac();
+        mac.update(b"qepik/");
+        mac.update(domain.as_bytes());
+        mac.update(b"/key/v1\0");
+        mac.update(label);
+        mac.finalize().into_bytes().into()
+    }
+
     /// The tag of a one-time code for `subject` (an MSISDN, a voucher id…) within `domain`:
     /// HMAC-SHA256(secret, `"qepik/"` ‖ domain ‖ `"/v1\0"` ‖ subject big-endian ‖ code digits).
     ///

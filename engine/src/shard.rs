@@ -77,7 +77,9 @@ pub enum ShardMessage {
     },
     /// Per-currency sums of this shard's accounts.
     Totals {
-        reply: oneshot::Sender<FxHashMap<crate::money::Currency, crate::ledger::Totals>>,
+        reply: oneshot::Sender<
+            FxHashMap<(crate::money::Currency, crate::account::AccountKind), crate::ledger::Totals>,
+        >,
     },
     Shutdown,
 }
@@ -289,7 +291,7 @@ impl Shard {
                     }
                     ShardMessage::Checkpoint { reply } => checkpoints.push(reply),
                     ShardMessage::Totals { reply } => {
-                        completions.push(Completion::Totals(reply, self.ledger.totals()));
+                        completions.push(Completion::Totals(reply, self.ledger.totals_by_kind()));
                     }
                     ShardMessage::Shutdown => running = false,
                 }

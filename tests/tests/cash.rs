@@ -42,7 +42,7 @@ fn cash_world(shards: u16) -> anyhow::Result<(World, Msisdn, Pin)> {
 }
 
 fn issue(world: &World, msisdn: Msisdn, pin: &Pin, amount: u64) -> Result<CashCode, OpError> {
-    block_on(world.domain.issue_cash_code(msisdn, amount, with_pin(pin)))
+    block_on(world.domain.issue_cash_code(world.op(), msisdn, amount, with_pin(pin)))
 }
 
 fn redeem(world: &World, reference: u128, msisdn: Msisdn, code: &OneTimeCode, amount: u64) -> Refusal {

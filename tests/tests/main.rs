@@ -4,6 +4,8 @@
 //! - `engine`: the engine through its public handle: transfers, idempotency under concurrency,
 //!   overdraft races across shards, hold expiry with a manual clock, restart, the views, and
 //!   regression tests for the bugs the other modules found.
+//! - `http`: the `qepik` server in-process on an OS-chosen port, over real HTTP: authentication,
+//!   idempotency, input errors, customer, ATM, staff and admin flows, a restart.
 //! - `model`: proptest operations on the engine and on a plain map model, restarts included.
 //! - `crash`: a child process killed with SIGKILL under load, five times over one directory;
 //!   what it was told must hold after each recovery.
@@ -15,6 +17,7 @@
 mod cash;
 mod crash;
 mod engine;
+mod http;
 mod model;
 mod torn_tail;
 mod wallet;

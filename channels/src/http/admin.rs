@@ -1,0 +1,228 @@
+//! Administrators: agents and their funding, credentials, and the trial balance that operators
+//! and the load tool use to check that nothing was created or lost.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use engine::domain::AgentKind;
+use serde::Deserialize;
+use serde_json::json;
+
+use super::error::ApiError;
+use super::{AppState, auth::Signed, idempotency};
+use crate::store::{Credential, Role};
+
+pub fn routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/v1/admin/agents", post(create_agent))
+        .route("/v1/admin/agents/{agent}/funding", post(fund_agent))
+        .route("/v1/admin/credentials", post(issue_credential))
+        .route("/v1/admin/credentials/{key_id}", delete(revoke_credential))
+        .route("/v1/admin/trial-balance", get(trial_balance))
+}
+
+pub fn agent_kind(name: &str) -> Option<AgentKind> {
+    match name {
+        "agent" => Some(AgentKind::Agent),
+        "kiosk" => Some(AgentKind::Kiosk),
+        "post_office" => Some(AgentKind::PostOffice),
+        "atm_network" => Some(AgentKind::AtmNetwork),
+        _ => None,
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateAgent {
+    agent: u64,
+    kind: String,
+}
+
+async fn create_agent(State(state): State<Arc<AppState>>, signed: Signed) -> Result<Response, ApiError> {
+    signed.require(&[Role::Admin])?;
+    let request: CreateAgent = super::parse(&signed.body)?;
+    let kind = agent_kind(&request.kind).ok_or_else(|| {
+        ApiError::field(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            "kind",
+            "agent, kiosk, post_office or atm_network",
+        )
+    })?;
+    if request.agent == 0 || request.agent >= 1 << 40 {
+        return Err(ApiError::field(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            "agent",
+            "1 to 2^40 - 1",
+        ));
+    }
+    state.domain.create_agent(request.agent, kind).await?;
+    Ok((StatusCode::CREATED, axum::Json(json!({ "agent": request.agent, "kind": request.kind })))
+        .into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Funding {
+    amount: String,
+}
+
+/// E-money issued to an agent's float against cash or a bank deposit it paid in.
+async fn fund_agent(
+    State(state): State<Arc<AppState>>,
+    Path(agent): Path<u64>,
+    headers: HeaderMap,
+    signed: Signed,
+) -> Response {
+    let (caller, key) = match super::agent::money_call(&signed, &headers, &[Role::Admin]) {
+        Ok(ok) => ok,
+        Err(error) => return error.into_response(),
+    };
+    let state2 = state.clone();
+    let reference = key.clone();
+    let body = signed.body.clone();
+    idempotency::once(&state, &caller.key_id, &key, &body, |op| async move {
+        let request: Funding = super::parse(&signed.body)?;
+        let amount = super::amount(&request.amount, "amount")?;
+        let receipt = state2.domain.fund_agent(op, agent, amount).await?;
+        Ok((StatusCode::OK, super::receipt(&reference, &receipt)))
+    })
+    .await
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct IssueCredential {
+    role: Role,
+    #[serde(default)]
+    agent: u64,
+    #[serde(default)]
+    staff: u64,
+}
+
+/// Issues a credential and returns its key, once.
+pub fn issue(state: &AppState, role: Role, agent: u64, staff: u64) -> Result<(Credential, String), ApiError> {
+    let key_id = format!("{}_{}", role.name(), hex::encode(rand::random::<[u8; 8]>()));
+    let key = super::auth::api_key(&state.secret, &key_id);
+    let credential = Credential {
+        key_id,
+        role,
+        agent,
+        staff,
+        key_sha256: super::auth::sha256_hex(&key),
+        created_at_s: super::auth::now_s(),
+        revoked: false,
+    };
+    state.store.put_credential(&credential)?;
+    Ok((credential, hex::encode(key)))
+}
+
+async fn issue_credential(State(state): State<Arc<AppState>>, signed: Signed) -> Result<Response, ApiError> {
+    signed.require(&[Role::Admin])?;
+    let request: IssueCredential = super::parse(&signed.body)?;
+    if matches!(request.role, Role::Agent | Role::Atm | Role::Staff) && request.agent == 0 {
+        return Err(ApiError::field(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            "agent",
+            "the agent this credential acts for",
+        ));
+    }
+    if request.role == Role::Staff && request.staff == 0 {
+        return Err(ApiError::field(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            "staff",
+            "the staff member's id",
+        ));
+    }
+    let (credential, key) = issue(&state, request.role, request.agent, request.staff)?;
+    Ok((
+        StatusCode::CREATED,
+        axum::Json(json!({ "key_id": credential.key_id, "key": key, "role": credential.role, "agent": credential.agent, "staff": credential.staff })),
+    )
+        .into_response())
+}
+
+async fn revoke_credential(
+    State(state): State<Arc<AppState>>,
+    Path(key_id): Path<String>,
+    signed: Signed,
+) -> Result<Response, ApiError> {
+    signed.require(&[Role::Admin])?;
+    let mut credential = state.store.credential(&key_id)?.ok_or_else(|| ApiError::not_found("credential"))?;
+    credential.revoked = true;
+    state.store.put_credential(&credential)?;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+/// Totals per currency and per account kind, and whether debits equal credits.
+async fn trial_balance(State(state): State<Arc<AppState>>, signed: Signed) -> Result<Response, ApiError> {
+    signed.require(&[Role::Admin])?;
+    let engine = state.engine.clone();
+    let by_kind =
+        tokio::task::spawn_blocking(move || engine.totals_by_kind()).await.map_err(ApiError::internal)??;
+    let mut totals: std::collections::BTreeMap<&'static str, engine::Totals> =
+        std::collections::BTreeMap::new();
+    let mut lines: Vec<((&'static str, u16), serde_json::Value)> = Vec::new();
+    for ((currency, kind), t) in &by_kind {
+        totals.entry(currency.code()).or_default().merge(t);
+        // Posted balance as the kind's holders see it: credits minus debits.
+        let balance = i128::try_from(t.credits_posted).unwrap_or(i128::MAX)
+            - i128::try_from(t.debits_posted).unwrap_or(i128::MAX);
+        lines.push((
+            (currency.code(), kind.0),
+            json!({
+                "currency": currency.code(),
+                "kind": kind_name(*kind),
+                "debits_posted": t.debits_posted.to_string(),
+                "credits_posted": t.credits_posted.to_string(),
+                "debits_pending": t.debits_pending.to_string(),
+                "credits_pending": t.credits_pending.to_string(),
+                "balance": super::balance(balance),
+            }),
+        ));
+    }
+    lines.sort_by(|a, b| a.0.cmp(&b.0));
+    let currencies: Vec<serde_json::Value> = totals
+        .iter()
+        .map(|(currency, t)| {
+            json!({
+                "currency": currency,
+                "debits_posted": t.debits_posted.to_string(),
+                "credits_posted": t.credits_posted.to_string(),
+                "debits_pending": t.debits_pending.to_string(),
+                "credits_pending": t.credits_pending.to_string(),
+                "balanced": t.balanced(),
+            })
+        })
+        .collect();
+    let balanced = totals.values().all(|t| t.balanced());
+    let kinds: Vec<serde_json::Value> = lines.into_iter().map(|(_, line)| line).collect();
+    Ok(axum::Json(json!({ "balanced": balanced, "currencies": currencies, "kinds": kinds })).into_response())
+}
+
+fn kind_name(kind: engine::AccountKind) -> String {
+    use engine::AccountKind as K;
+    let name = match kind {
+        K::WALLET => "wallet",
+        K::AGENT_FLOAT => "agent_float",
+        K::BILLER_SETTLEMENT => "biller_settlement",
+        K::FEE_INCOME => "fee_income",
+        K::CARD_SETTLEMENT => "card_settlement",
+        K::EMONEY_ISSUANCE => "emoney_issuance",
+        K::ATM_CLEARING => "atm_clearing",
+        K::SUSPENSE => "suspense",
+        K::AGENT_COMMISSION => "agent_commission",
+        K::KIOSK_FLOAT => "kiosk_float",
+        K::POST_OFFICE_FLOAT => "post_office_float",
+        K::ATM_NETWORK_FLOAT => "atm_network_float",
+        other => return format!("kind_{}", other.0),
+    };
+    name.to_owned()
+}

@@ -1,0 +1,168 @@
+//! Agents (kiosks, terminals, post offices) and ATM networks.
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Path, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use engine::domain::{CustomerAuth, agent_float, channels};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::error::ApiError;
+use super::{AppState, auth::Signed, idempotency};
+use crate::store::Role;
+
+pub fn routes() -> Router<Arc<AppState>> {
+    Router::new()
+        .route("/v1/agent/cash-in", post(cash_in))
+        .route("/v1/agent/cash-out", post(cash_out))
+        .route("/v1/agent/float", get(float))
+        .route("/v1/agent/operations/{reference}", get(operation))
+        .route("/v1/atm/redemptions", post(redeem))
+        .route("/v1/atm/redemptions/{reference}", get(operation))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CashIn {
+    pub msisdn: String,
+    pub amount: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CashOut {
+    pub msisdn: String,
+    pub amount: String,
+    /// The customer's PIN, typed on the terminal's PIN pad.
+    #[serde(default)]
+    pub pin: Option<String>,
+    /// Or an OTP the customer received.
+    #[serde(default)]
+    pub otp: Option<String>,
+}
+
+const AGENTS: &[Role] = &[Role::Agent, Role::Staff];
+
+/// A money-moving call's caller (one of `roles`) and its Idempotency-Key.
+pub fn money_call(
+    signed: &Signed,
+    headers: &HeaderMap,
+    roles: &[Role],
+) -> Result<(crate::store::Credential, String), ApiError> {
+    let caller = signed.require(roles)?.clone();
+    Ok((caller, idempotency::key_from(headers)?))
+}
+
+pub async fn cash_in(State(state): State<Arc<AppState>>, headers: HeaderMap, signed: Signed) -> Response {
+    let (caller, key) = match money_call(&signed, &headers, AGENTS) {
+        Ok(ok) => ok,
+        Err(error) => return error.into_response(),
+    };
+    let state2 = state.clone();
+    let reference = key.clone();
+    let body = signed.body.clone();
+    idempotency::once(&state, &caller.key_id, &key, &body, |op| async move {
+        let request: CashIn = super::parse(&signed.body)?;
+        let msisdn = super::msisdn(&state2, &request.msisdn, "msisdn")?;
+        let amount = super::amount(&request.amount, "amount")?;
+        let receipt = state2.domain.cash_in(op, caller.agent, msisdn, amount).await?;
+        Ok((StatusCode::OK, super::receipt(&reference, &receipt)))
+    })
+    .await
+}
+
+pub async fn cash_out(State(state): State<Arc<AppState>>, headers: HeaderMap, signed: Signed) -> Response {
+    let (caller, key) = match money_call(&signed, &headers, AGENTS) {
+        Ok(ok) => ok,
+        Err(error) => return error.into_response(),
+    };
+    let state2 = state.clone();
+    let reference = key.clone();
+    let body = signed.body.clone();
+    idempotency::once(&state, &caller.key_id, &key, &body, |op| async move {
+        let request: CashOut = super::parse(&signed.body)?;
+        let msisdn = super::msisdn(&state2, &request.msisdn, "msisdn")?;
+        let amount = super::amount(&request.amount, "amount")?;
+        let pin = request.pin.as_deref().map(|p| super::pin(p, "pin")).transpose()?;
+        let otp = request.otp.as_deref().map(|o| super::otp(o, "otp")).transpose()?;
+        let channel =
+            if caller.role == Role::Staff { channels::POST_OFFICE } else { channels::AGENT_TERMINAL };
+        let auth = CustomerAuth { pin: pin.as_ref(), otp: otp.as_ref(), channel };
+        let receipt = state2.domain.cash_out(op, caller.agent, msisdn, amount, auth).await?;
+        Ok((StatusCode::OK, super::receipt(&reference, &receipt)))
+    })
+    .await
+}
+
+async fn float(State(state): State<Arc<AppState>>, signed: Signed) -> Result<Response, ApiError> {
+    let caller = signed.require(&[Role::Agent, Role::Atm, Role::Staff])?;
+    let account = state.engine.lookup_accounts(&[agent_float(caller.agent)]).await?.pop().flatten();
+    let account = account.ok_or_else(|| ApiError::not_found("float account"))?;
+    Ok(axum::Json(json!({
+        "agent": caller.agent,
+        "balance": super::balance(account.balance_posted()),
+        "available": super::balance(account.balance_available()),
+    }))
+    .into_response())
+}
+
+/// An operation's status by the caller's reference (its Idempotency-Key).
+async fn operation(
+    State(state): State<Arc<AppState>>,
+    Path(reference): Path<String>,
+    signed: Signed,
+) -> Result<Response, ApiError> {
+    let caller = signed.require(&[Role::Agent, Role::Atm, Role::Staff])?;
+    let record_key = [caller.key_id.as_bytes(), b"\0", reference.as_bytes()].concat();
+    let stored = state.store.response(&record_key)?;
+    let op = idempotency::operation_id(&caller.key_id, &reference);
+    let status = state.domain.operation_status(op).await?;
+    let ledger = status.map(|s| format!("{:?}", s.state).to_lowercase());
+    match (stored, ledger) {
+        (None, None) => Err(ApiError::not_found("operation")),
+        (stored, ledger) => Ok(axum::Json(json!({
+            "reference": reference,
+            "operation": format!("{op:032x}"),
+            "ledger_state": ledger,
+            "response_status": stored.as_ref().map(|s| s.status),
+            "response": stored.and_then(|s| serde_json::from_str::<serde_json::Value>(&s.body).ok()),
+        }))
+        .into_response()),
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Redeem {
+    pub msisdn: String,
+    pub code: String,
+    pub amount: String,
+    /// The ATM or counter that pays the cash.
+    pub device: u64,
+}
+
+async fn redeem(State(state): State<Arc<AppState>>, headers: HeaderMap, signed: Signed) -> Response {
+    let (caller, key) = match money_call(&signed, &headers, &[Role::Atm, Role::Staff]) {
+        Ok(ok) => ok,
+        Err(error) => return error.into_response(),
+    };
+    let state2 = state.clone();
+    let reference = key.clone();
+    let body = signed.body.clone();
+    idempotency::once(&state, &caller.key_id, &key, &body, |op| async move {
+        let request: Redeem = super::parse(&signed.body)?;
+        let msisdn = super::msisdn(&state2, &request.msisdn, "msisdn")?;
+        let amount = super::amount(&request.amount, "amount")?;
+        let code = engine::secret::OneTimeCode::parse(&request.code, 8).map_err(|e| {
+            ApiError::field(StatusCode::UNPROCESSABLE_ENTITY, e.code(), "code", e.to_string())
+        })?;
+        let receipt =
+            state2.domain.redeem_cash_code(op, caller.agent, request.device, msisdn, &code, amount).await?;
+        Ok((StatusCode::OK, super::receipt(&reference, &receipt)))
+    })
+    .await
+}

@@ -1,0 +1,224 @@
+//! The HTTP API, versioned under `/v1`: agents, ATM networks, post-office staff, customers and
+//! administrators, plus `/health`, `/ready` and `/metrics`. Handlers parse and check their
+//! input, call the wallet [`engine::Domain`], and map its answer; nothing here moves money
+//! itself.
+
+pub mod admin;
+pub mod agent;
+pub mod auth;
+pub mod customer;
+pub mod error;
+pub mod idempotency;
+pub mod staff;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use engine::money::{Amount, Currency, Zero};
+use engine::msisdn::Msisdn;
+use engine::{Domain, Engine};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+
+use crate::config::Config;
+use crate::store::Store;
+use error::ApiError;
+
+/// What every handler reaches.
+#[derive(Debug)]
+pub struct AppState {
+    pub config: Config,
+    pub engine: Engine,
+    pub domain: Domain,
+    pub store: Store,
+    pub secret: Arc<engine::secret::ServerSecret>,
+    pub rate: auth::RateLimiter,
+    pub in_flight: idempotency::InFlight,
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// Cleared when shutdown starts: `/ready` then answers 503.
+    pub ready: std::sync::atomic::AtomicBool,
+    /// Where SMS go (OTPs).
+    pub sms: Arc<dyn crate::sms::SmsSink>,
+    /// The demo's simulated handsets, on a `--demo` server.
+    pub demo_inbox: Option<Arc<crate::sms::DemoInbox>>,
+}
+
+/// Every route of the API, with its method: the OpenAPI test and the docs list these.
+pub const ROUTES: &[(&str, &str)] = &[
+    ("GET", "/health"),
+    ("GET", "/ready"),
+    ("GET", "/metrics"),
+    ("POST", "/v1/agent/cash-in"),
+    ("POST", "/v1/agent/cash-out"),
+    ("GET", "/v1/agent/float"),
+    ("GET", "/v1/agent/operations/{reference}"),
+    ("POST", "/v1/atm/redemptions"),
+    ("GET", "/v1/atm/redemptions/{reference}"),
+    ("GET", "/v1/staff/wallets/{msisdn}"),
+    ("POST", "/v1/staff/wallets/{msisdn}/identify"),
+    ("PUT", "/v1/staff/wallets/{msisdn}/profile"),
+    ("POST", "/v1/staff/wallets/{msisdn}/unblock"),
+    ("POST", "/v1/staff/wallets/{msisdn}/block"),
+    ("POST", "/v1/staff/cash-in"),
+    ("POST", "/v1/staff/cash-out"),
+    ("POST", "/v1/staff/reversals"),
+    ("POST", "/v1/customer/register"),
+    ("POST", "/v1/customer/otp"),
+    ("POST", "/v1/customer/sessions"),
+    ("POST", "/v1/customer/sessions/refresh"),
+    ("DELETE", "/v1/customer/sessions"),
+    ("GET", "/v1/customer/balance"),
+    ("POST", "/v1/customer/transfers"),
+    ("POST", "/v1/customer/cash-codes"),
+    ("GET", "/v1/demo/sms/{msisdn}"),
+    ("POST", "/v1/admin/agents"),
+    ("POST", "/v1/admin/agents/{agent}/funding"),
+    ("POST", "/v1/admin/credentials"),
+    ("DELETE", "/v1/admin/credentials/{key_id}"),
+    ("GET", "/v1/admin/trial-balance"),
+];
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let max_in_flight = state.config.http.max_in_flight;
+    Router::new()
+        .route("/health", get(|| async { axum::Json(json!({ "status": "ok" })) }))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .merge(agent::routes())
+        .merge(staff::routes())
+        .merge(customer::routes())
+        .merge(admin::routes())
+        .fallback(|| async { ApiError::not_found("route") })
+        .layer(axum::middleware::from_fn(record_metrics))
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(axum::error_handling::HandleErrorLayer::new(|_: tower::BoxError| async {
+                    ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "overloaded",
+                        "the server is at capacity; retry",
+                    )
+                }))
+                .load_shed()
+                .concurrency_limit(max_in_flight)
+                .timeout(Duration::from_secs(30)),
+        )
+        .with_state(state)
+}
+
+async fn ready(State(state): State<Arc<AppState>>) -> Response {
+    if state.ready.load(std::sync::atomic::Ordering::Acquire) && !state.engine.journal().failed() {
+        axum::Json(json!({ "status": "ready" })).into_response()
+    } else {
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "not ready").into_response()
+    }
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let Some(handle) = &state.metrics else {
+        return ApiError::not_found("metrics recorder").into_response();
+    };
+    for (shard, (batches, messages)) in state.engine.shard_stats().iter().enumerate() {
+        let shard = shard.to_string();
+        metrics::gauge!("qepik_shard_batches_total", "shard" => shard.clone()).set(*batches as f64);
+        metrics::gauge!("qepik_shard_messages_total", "shard" => shard).set(*messages as f64);
+    }
+    metrics::gauge!("qepik_journal_durable_bytes").set(state.engine.journal().durable() as f64);
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render()).into_response()
+}
+
+/// Requests and their latency by route and status.
+async fn record_metrics(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let started = std::time::Instant::now();
+    let route = request
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = request.method().to_string();
+    let response = next.run(request).await;
+    let status = response.status().as_u16().to_string();
+    let labels = [("route", route), ("method", method), ("status", status)];
+    metrics::counter!("qepik_http_requests_total", &labels).increment(1);
+    metrics::histogram!("qepik_http_request_seconds", &labels).record(started.elapsed().as_secs_f64());
+    response
+}
+
+/// Parses a JSON body into `T`, naming the offending field on failure (unknown fields are
+/// refused by `T`'s `deny_unknown_fields`).
+pub fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let mut deserializer = serde_json::Deserializer::from_slice(body);
+    let value: T = serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
+        let path = error.path().to_string();
+        let inner = error.into_inner();
+        let code = if inner.is_syntax() || inner.is_eof() { "malformed_json" } else { "invalid_field" };
+        let status =
+            if code == "malformed_json" { StatusCode::BAD_REQUEST } else { StatusCode::UNPROCESSABLE_ENTITY };
+        let field = if path == "." { String::new() } else { path };
+        ApiError {
+            status,
+            code: code.to_owned(),
+            message: inner.to_string(),
+            field: (!field.is_empty()).then_some(field),
+        }
+    })?;
+    deserializer
+        .end()
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "malformed_json", e.to_string()))?;
+    Ok(value)
+}
+
+/// An amount in AZN from its decimal text (`"12.50"`), naming `field` on failure.
+pub fn amount(text: &str, field: &str) -> Result<u64, ApiError> {
+    let amount = Amount::parse(text, Currency::Azn, Zero::Rejected).map_err(|e| {
+        ApiError::field(StatusCode::UNPROCESSABLE_ENTITY, "invalid_amount", field, e.to_string())
+    })?;
+    u64::try_from(amount.minor()).map_err(|_| {
+        ApiError::field(StatusCode::UNPROCESSABLE_ENTITY, "invalid_amount", field, "amount must be positive")
+    })
+}
+
+/// Minor units as decimal text.
+pub fn money(minor: u64) -> String {
+    Amount::from_minor(i64::try_from(minor).unwrap_or(i64::MAX), Currency::Azn).to_decimal().to_string()
+}
+
+/// Signed minor units (a balance) as decimal text.
+pub fn balance(minor: i128) -> String {
+    let clamped = i64::try_from(minor).unwrap_or(if minor < 0 { i64::MIN } else { i64::MAX });
+    Amount::from_minor(clamped, Currency::Azn).to_decimal().to_string()
+}
+
+pub fn msisdn(state: &AppState, text: &str, field: &str) -> Result<Msisdn, ApiError> {
+    state.domain.msisdn(text).map_err(|e| {
+        let mut error = error::op_error(&e);
+        error.field = Some(field.to_owned());
+        error
+    })
+}
+
+pub fn pin(text: &str, field: &str) -> Result<engine::secret::Pin, ApiError> {
+    engine::secret::Pin::parse(text)
+        .map_err(|e| ApiError::field(StatusCode::UNPROCESSABLE_ENTITY, e.code(), field, e.to_string()))
+}
+
+pub fn otp(text: &str, field: &str) -> Result<engine::secret::OneTimeCode, ApiError> {
+    engine::secret::OneTimeCode::parse(text, 6)
+        .map_err(|e| ApiError::field(StatusCode::UNPROCESSABLE_ENTITY, e.code(), field, e.to_string()))
+}
+
+/// A receipt as JSON.
+pub fn receipt(reference: &str, receipt: &engine::domain::Receipt) -> serde_json::Value {
+    json!({
+        "reference": reference,
+        "operation": format!("{:032x}", receipt.id.0),
+        "amount": money(receipt.amount),
+        "fee": money(receipt.fee),
+        "commission": money(receipt.commission),
+        "status": "posted",
+    })
+}

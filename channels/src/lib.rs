@@ -1,0 +1,13 @@
+//! Qepik's channels: the HTTP API and the `qepik` server around the engine.
+//!
+//! Start with [`server::start`] (wiring and the supervision tree), then [`http`] (the routes,
+//! authentication, idempotency, errors). [`config`] reads the TOML file and the environment;
+//! [`demo`] seeds the demo world; [`store`] keeps credentials, sessions and idempotent
+//! responses; [`sms`] is where SMS go until the SMPP binds exist.
+
+pub mod config;
+pub mod demo;
+pub mod http;
+pub mod server;
+pub mod sms;
+pub mod store;

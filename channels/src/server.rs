@@ -1,0 +1,331 @@
+//! Wiring and supervision: the engine, the wallet domain, the server store, and a tree of ractor
+//! actors around the listeners.
+//!
+//! ```text
+//! qepik (Root)            restarts a failed child; on shutdown stops the children, then the engine
+//! └── http (HttpServer)   owns the listening socket and the axum server; drains on stop
+//! ```
+//!
+//! The engine's shards and journal writer are threads of their own (`engine`), not actors: the
+//! root owns their shutdown, which ends with the final group commit.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use anyhow::Context;
+use engine::secret::ServerSecret;
+use engine::{Domain, DomainConfig, Engine, EngineConfig};
+use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort, SupervisionEvent};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::http::{self, AppState};
+use crate::sms::{DemoInbox, SmsSink};
+use crate::store::Store;
+
+/// Options of `qepik serve` beyond the configuration.
+#[derive(Debug, Clone, Default)]
+pub struct ServeOptions {
+    /// Seed the demo world on first start and serve the demo's simulated handsets.
+    pub demo: bool,
+    /// Install the global Prometheus recorder (once per process; tests leave it off).
+    pub metrics: bool,
+}
+
+/// A running server.
+#[derive(Debug)]
+pub struct Running {
+    pub addr: SocketAddr,
+    pub state: Arc<AppState>,
+    pub demo_inbox: Option<Arc<DemoInbox>>,
+    root: ActorRef<RootMsg>,
+    root_done: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Graceful shutdown: stop accepting, let requests in progress finish, stop the engine
+    /// (its final group commit), flush the store.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.state.ready.store(false, Ordering::Release);
+        let answer = ractor::call!(self.root, RootMsg::Shutdown);
+        self.root.stop(None);
+        let _ = self.root_done.await;
+        answer.map_err(|e| anyhow::anyhow!("shutdown: {e}"))
+    }
+}
+
+/// The server secret: configured, or (development only) generated into the data directory.
+fn secret(config: &Config) -> anyhow::Result<ServerSecret> {
+    if let Some(hex) = &config.server.secret {
+        return ServerSecret::from_hex(hex.trim()).map_err(|e| anyhow::anyhow!("server.secret: {e}"));
+    }
+    let path = config.server.data_dir.join("secret");
+    if let Ok(hex) = std::fs::read_to_string(&path) {
+        return ServerSecret::from_hex(hex.trim()).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()));
+    }
+    tracing::warn!(path = %path.display(), "no server secret configured: generated a development secret; set QEPIK_SECRET in production");
+    let secret = ServerSecret::generate();
+    write_private(&path, secret.to_hex().as_bytes())?;
+    Ok(secret)
+}
+
+/// Writes a file only its owner may read.
+pub fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    use std::io::Write;
+    #[cfg(unix)]
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    options.mode(0o600);
+    let mut file = options.open(path).with_context(|| format!("writing {}", path.display()))?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    Ok(())
+}
+
+/// The wallet domain's configuration from the file's wallet sections.
+pub fn domain_config(config: &Config, secret: Arc<ServerSecret>) -> anyhow::Result<DomainConfig> {
+    let domain = DomainConfig::new(secret);
+    anyhow::ensure!(
+        config.wallet_toml.trim().is_empty(),
+        "the [wallet], [[tariffs]] and [[commissions]] sections are not read by this version"
+    );
+    Ok(domain)
+}
+
+/// Opens the data directory: the engine (recovery), the wallet domain, the server store.
+pub async fn open_state(config: Config, options: ServeOptions) -> anyhow::Result<Arc<AppState>> {
+    let data_dir = config.server.data_dir.clone();
+    std::fs::create_dir_all(&data_dir).with_context(|| format!("creating {}", data_dir.display()))?;
+    let secret = Arc::new(secret(&config)?);
+    let mut engine_config = EngineConfig::new(&data_dir);
+    if let Some(shards) = config.server.shards {
+        engine_config.shard_count = shards;
+    }
+    engine_config.views = config.server.views;
+    engine_config.checkpoint_every_bytes = config.server.checkpoint_every_mb.saturating_mul(1 << 20);
+    let mut domain_config = domain_config(&config, secret.clone())?;
+    if options.demo {
+        crate::demo::default_tariffs(&mut domain_config)?;
+    }
+    let engine = tokio::task::spawn_blocking(move || Engine::open(engine_config)).await??;
+    let domain = match Domain::open(engine.clone(), domain_config).await {
+        Ok(domain) => domain,
+        Err(error) => {
+            engine.shutdown();
+            return Err(error.into());
+        }
+    };
+    let store = match Store::open(&data_dir.join("server")) {
+        Ok(store) => store,
+        Err(error) => {
+            engine.shutdown();
+            return Err(error.into());
+        }
+    };
+    let metrics = if options.metrics {
+        Some(
+            metrics_exporter_prometheus::PrometheusBuilder::new()
+                .install_recorder()
+                .context("metrics recorder")?,
+        )
+    } else {
+        None
+    };
+    let demo_inbox = options.demo.then(|| Arc::new(DemoInbox::default()));
+    let sms: Arc<dyn SmsSink> = match &demo_inbox {
+        Some(inbox) => inbox.clone(),
+        None => Arc::new(DemoInbox::default()),
+    };
+    Ok(Arc::new(AppState {
+        config,
+        engine,
+        domain,
+        store,
+        secret,
+        rate: Default::default(),
+        in_flight: Default::default(),
+        metrics,
+        ready: std::sync::atomic::AtomicBool::new(false),
+        sms,
+        demo_inbox,
+    }))
+}
+
+/// Opens everything and starts serving on `config.http.listen` (port 0: one the OS picks).
+pub async fn start(config: Config, options: ServeOptions) -> anyhow::Result<Running> {
+    let listen = config.http.listen;
+    let listener = TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
+    let addr = listener.local_addr()?;
+    let state = open_state(config, options.clone()).await?;
+    if options.demo
+        && let Err(error) = crate::demo::seed(&state, addr).await
+    {
+        state.engine.shutdown();
+        return Err(error);
+    }
+    let (root, root_done) =
+        Actor::spawn(Some(format!("qepik@{addr}")), Root, (state.clone(), listener)).await?;
+    state.ready.store(true, Ordering::Release);
+    tracing::info!(%addr, data_dir = %state.config.server.data_dir.display(), "qepik serving");
+    let demo_inbox = state.demo_inbox.clone();
+    Ok(Running { addr, state, demo_inbox, root, root_done })
+}
+
+pub enum RootMsg {
+    Shutdown(RpcReplyPort<()>),
+}
+
+impl std::fmt::Debug for RootMsg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Shutdown")
+    }
+}
+
+struct Root;
+
+struct RootState {
+    app: Arc<AppState>,
+    addr: SocketAddr,
+    http: Option<ActorRef<HttpMsg>>,
+    stopping: bool,
+}
+
+impl Actor for Root {
+    type Msg = RootMsg;
+    type State = RootState;
+    type Arguments = (Arc<AppState>, TcpListener);
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        (app, listener): Self::Arguments,
+    ) -> Result<RootState, ActorProcessingErr> {
+        let addr = listener.local_addr()?;
+        let (http, _) = Actor::spawn_linked(
+            Some(format!("http@{addr}")),
+            HttpServer,
+            (app.clone(), Some(listener), addr),
+            myself.get_cell(),
+        )
+        .await?;
+        Ok(RootState { app, addr, http: Some(http), stopping: false })
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        message: RootMsg,
+        state: &mut RootState,
+    ) -> Result<(), ActorProcessingErr> {
+        match message {
+            RootMsg::Shutdown(reply) => {
+                state.stopping = true;
+                if let Some(http) = state.http.take() {
+                    // Stops accepting and waits for the requests in progress.
+                    http.stop_and_wait(None, None).await?;
+                }
+                let app = state.app.clone();
+                tokio::task::spawn_blocking(move || {
+                    app.engine.shutdown();
+                    if let Err(error) = app.store.flush() {
+                        tracing::error!(%error, "flushing the server store");
+                    }
+                })
+                .await?;
+                tracing::info!("qepik stopped");
+                let _ = reply.send(());
+            }
+        }
+        Ok(())
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        event: SupervisionEvent,
+        state: &mut RootState,
+    ) -> Result<(), ActorProcessingErr> {
+        match &event {
+            SupervisionEvent::ActorFailed(cell, error) if !state.stopping => {
+                tracing::error!(actor = ?cell.get_name(), %error, "child failed; restarting it");
+            }
+            SupervisionEvent::ActorTerminated(cell, _, reason) if !state.stopping => {
+                tracing::error!(actor = ?cell.get_name(), ?reason, "child stopped; restarting it");
+            }
+            _ => {}
+        }
+        let ended =
+            matches!(event, SupervisionEvent::ActorFailed(..) | SupervisionEvent::ActorTerminated(..));
+        if ended && !state.stopping {
+            let (http, _) = Actor::spawn_linked(
+                Some(format!("http@{}", state.addr)),
+                HttpServer,
+                (state.app.clone(), None, state.addr),
+                myself.get_cell(),
+            )
+            .await?;
+            state.http = Some(http);
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+pub enum HttpMsg {}
+
+struct HttpServer;
+
+struct HttpState {
+    shutdown: watch::Sender<bool>,
+    task: Option<tokio::task::JoinHandle<std::io::Result<()>>>,
+}
+
+impl Actor for HttpServer {
+    type Msg = HttpMsg;
+    type State = HttpState;
+    type Arguments = (Arc<AppState>, Option<TcpListener>, SocketAddr);
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        (app, listener, addr): Self::Arguments,
+    ) -> Result<HttpState, ActorProcessingErr> {
+        let listener = match listener {
+            Some(listener) => listener,
+            None => TcpListener::bind(addr).await?,
+        };
+        let (shutdown, mut signal) = watch::channel(false);
+        let stop_seen = shutdown.subscribe();
+        let router = http::router(app);
+        let task = tokio::spawn(async move {
+            let served = axum::serve(listener, router)
+                .with_graceful_shutdown(async move {
+                    let _ = signal.wait_for(|stop| *stop).await;
+                })
+                .await;
+            // The server ended by itself (not by our signal): the actor fails, and is restarted.
+            if !*stop_seen.borrow() {
+                myself.stop(Some("the HTTP server ended".into()));
+            }
+            served
+        });
+        Ok(HttpState { shutdown, task: Some(task) })
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut HttpState,
+    ) -> Result<(), ActorProcessingErr> {
+        state.shutdown.send_replace(true);
+        if let Some(task) = state.task.take() {
+            task.await??;
+        }
+        Ok(())
+    }
+}

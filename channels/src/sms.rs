@@ -1,0 +1,39 @@
+//! Where SMS go. Until the SMPP binds exist (the USSD issue), the only sink is the demo inbox: a
+//! simulated handset per number that keeps the last messages in memory, readable through
+//! `GET /v1/demo/sms/{msisdn}` on a `--demo` server, and by tests. Codes in messages never reach a
+//! file or a log.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+
+/// Messages kept per number.
+const KEPT: usize = 20;
+
+pub trait SmsSink: Send + Sync + std::fmt::Debug {
+    fn send(&self, msisdn: u64, text: String);
+}
+
+/// The simulated handsets of the demo.
+#[derive(Debug, Default)]
+pub struct DemoInbox {
+    messages: Mutex<HashMap<u64, VecDeque<String>>>,
+}
+
+impl DemoInbox {
+    /// The messages `msisdn` received, oldest first.
+    pub fn messages(&self, msisdn: u64) -> Vec<String> {
+        let messages = self.messages.lock().unwrap_or_else(|p| p.into_inner());
+        messages.get(&msisdn).map(|m| m.iter().cloned().collect()).unwrap_or_default()
+    }
+}
+
+impl SmsSink for DemoInbox {
+    fn send(&self, msisdn: u64, text: String) {
+        let mut messages = self.messages.lock().unwrap_or_else(|p| p.into_inner());
+        let inbox = messages.entry(msisdn).or_default();
+        inbox.push_back(text);
+        if inbox.len() > KEPT {
+            inbox.pop_front();
+        }
+    }
+}

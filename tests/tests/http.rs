@@ -1,0 +1,412 @@
+//! The `qepik` server end to end: started in-process on a port the OS picks, on a temporary data
+//! directory seeded with the demo world, driven over real HTTP. Authentication, idempotency
+//! (1000 concurrent identical requests post once), input errors naming their field, the customer
+//! login and transfer, cash codes redeemed by the ATM network, staff operations, a restart with
+//! state and idempotency keys intact, and the trial balance at the end of every test.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use channels::config::Config;
+use channels::http::auth::{now_s, signature};
+use channels::server::{Running, ServeOptions, start};
+use serde_json::{Value, json};
+
+/// A running demo server and what demo.json says about it.
+struct Server {
+    running: Option<Running>,
+    base: String,
+    demo: Value,
+    client: reqwest::Client,
+}
+
+fn config(dir: &Path) -> Config {
+    let mut config = Config::default();
+    config.server.data_dir = dir.to_path_buf();
+    config.server.shards = Some(2);
+    config.server.views = false;
+    config.server.secret = Some("11".repeat(32));
+    config.http.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    config
+}
+
+impl Server {
+    async fn start(dir: &Path) -> anyhow::Result<Server> {
+        Server::start_with(config(dir)).await
+    }
+
+    async fn start_with(config: Config) -> anyhow::Result<Server> {
+        let demo_path = config.server.data_dir.join("demo.json");
+        let running = start(config, ServeOptions { demo: true, metrics: false }).await?;
+        let demo: Value = serde_json::from_str(&std::fs::read_to_string(demo_path)?)?;
+        let base = format!("http://{}", running.addr);
+        Ok(Server { running: Some(running), base, demo, client: reqwest::Client::new() })
+    }
+
+    async fn stop(&mut self) -> anyhow::Result<()> {
+        if let Some(running) = self.running.take() {
+            running.shutdown().await?;
+        }
+        Ok(())
+    }
+
+    /// The demo credential of `role` (the first, for agents).
+    fn credential(&self, role: &str) -> (String, Vec<u8>) {
+        let credentials = self.demo["credentials"].as_array().cloned().unwrap_or_default();
+        let c = credentials.iter().find(|c| c["role"] == role).cloned().unwrap_or(Value::Null);
+        let key = hex::decode(c["key"].as_str().unwrap_or_default()).unwrap_or_default();
+        (c["key_id"].as_str().unwrap_or_default().to_owned(), key)
+    }
+
+    /// A signed request as `role`; `key` is the Idempotency-Key, if any.
+    async fn signed(
+        &self,
+        role: &str,
+        method: &str,
+        path: &str,
+        body: &str,
+        key: Option<&str>,
+    ) -> (u16, Value) {
+        let (key_id, secret) = self.credential(role);
+        let timestamp = now_s();
+        let sig = signature(&secret, method, path, timestamp, body.as_bytes());
+        let mut request = self
+            .client
+            .request(method.parse().unwrap_or(reqwest::Method::GET), format!("{}{path}", self.base))
+            .header("x-qepik-key", key_id)
+            .header("x-qepik-timestamp", timestamp.to_string())
+            .header("x-qepik-signature", sig)
+            .body(body.to_owned());
+        if let Some(key) = key {
+            request = request.header("idempotency-key", key);
+        }
+        send(request).await
+    }
+
+    async fn customer(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Value,
+        key: Option<&str>,
+    ) -> (u16, Value) {
+        let mut request = self
+            .client
+            .request(method.parse().unwrap_or(reqwest::Method::GET), format!("{}{path}", self.base))
+            .body(if body.is_null() { String::new() } else { body.to_string() });
+        if let Some(token) = token {
+            request = request.header("authorization", format!("Bearer {token}"));
+        }
+        if let Some(key) = key {
+            request = request.header("idempotency-key", key);
+        }
+        send(request).await
+    }
+
+    /// Logs a demo customer in through the OTP sent to their simulated handset.
+    async fn login(&self, msisdn: &str) -> anyhow::Result<String> {
+        let (status, _) =
+            self.customer("POST", "/v1/customer/otp", None, json!({ "msisdn": msisdn }), None).await;
+        anyhow::ensure!(status == 202, "otp: {status}");
+        let (_, inbox) =
+            self.customer("GET", &format!("/v1/demo/sms/{msisdn}"), None, Value::Null, None).await;
+        let last =
+            inbox["messages"].as_array().and_then(|m| m.last()).and_then(Value::as_str).unwrap_or_default();
+        let code: String = last.chars().filter(char::is_ascii_digit).collect();
+        let (status, session) = self
+            .customer("POST", "/v1/customer/sessions", None, json!({ "msisdn": msisdn, "otp": code }), None)
+            .await;
+        anyhow::ensure!(status == 201, "login: {status} {session}");
+        Ok(session["token"].as_str().unwrap_or_default().to_owned())
+    }
+
+    async fn float(&self) -> String {
+        let (_, float) = self.signed("agent", "GET", "/v1/agent/float", "", None).await;
+        float["balance"].as_str().unwrap_or_default().to_owned()
+    }
+
+    async fn assert_balanced(&self) {
+        let (status, trial) = self.signed("admin", "GET", "/v1/admin/trial-balance", "", None).await;
+        assert_eq!(status, 200, "{trial}");
+        assert_eq!(trial["balanced"], true, "{trial}");
+    }
+}
+
+async fn send(request: reqwest::RequestBuilder) -> (u16, Value) {
+    match request.send().await {
+        Ok(response) => {
+            let status = response.status().as_u16();
+            let text = response.text().await.unwrap_or_default();
+            (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+        }
+        Err(error) => (0, Value::String(error.to_string())),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_cash_in_once_per_key() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let server = Server::start(dir.path()).await?;
+    let before = server.float().await;
+    let body = r#"{"msisdn":"+994 70 333 33 33","amount":"20.00"}"#;
+    let (status, first) = server.signed("agent", "POST", "/v1/agent/cash-in", body, Some("ci-1")).await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!((first["amount"].as_str(), first["reference"].as_str()), (Some("20.00"), Some("ci-1")));
+    let (status, again) = server.signed("agent", "POST", "/v1/agent/cash-in", body, Some("ci-1")).await;
+    assert_eq!((status, &again), (200, &first));
+    let other = r#"{"msisdn":"+994 70 333 33 33","amount":"21.00"}"#;
+    let (status, reused) = server.signed("agent", "POST", "/v1/agent/cash-in", other, Some("ci-1")).await;
+    assert_eq!((status, reused["error"]["code"].as_str()), (422, Some("idempotency_key_reused")));
+    let (status, op) = server.signed("agent", "GET", "/v1/agent/operations/ci-1", "", None).await;
+    assert_eq!((status, op["ledger_state"].as_str()), (200, Some("posted")), "{op}");
+    let after = server.float().await;
+    assert_ne!(before, after);
+
+    // 1000 concurrent identical requests: one posting.
+    let server_ref = Arc::new(server);
+    let mut tasks = Vec::new();
+    for _ in 0..1000 {
+        let server = server_ref.clone();
+        tasks.push(tokio::spawn(async move {
+            server
+                .signed(
+                    "agent",
+                    "POST",
+                    "/v1/agent/cash-in",
+                    r#"{"msisdn":"0552222222","amount":"1.00"}"#,
+                    Some("burst"),
+                )
+                .await
+        }));
+    }
+    let mut answers = Vec::new();
+    for task in tasks {
+        answers.push(task.await?);
+    }
+    let first = answers[0].1.clone();
+    assert!(
+        answers.iter().all(|(status, body)| *status == 200 && *body == first),
+        "{:?}",
+        answers.iter().find(|a| a.1 != first)
+    );
+    let (_, wallet) = server_ref.signed("staff", "GET", "/v1/staff/wallets/0552222222", "", None).await;
+    // 100.00 from the demo's cash-in, plus exactly one 1.00.
+    assert_eq!(wallet["accounts"][0]["balance"].as_str(), Some("101.00"), "{wallet}");
+    server_ref.assert_balanced().await;
+    let mut server = Arc::try_unwrap(server_ref).map_err(|_| anyhow::anyhow!("server still shared"))?;
+    server.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn authentication_fails_without_detail() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut server = Server::start(dir.path()).await?;
+    let url = format!("{}/v1/agent/float", server.base);
+    let (status, body) = send(server.client.get(&url)).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (401, Some("unauthenticated")));
+    let (key_id, key) = server.credential("agent");
+    // A stale timestamp, a wrong signature, an unknown key: the same answer.
+    let stale = now_s() - 3600;
+    let cases = [
+        (key_id.clone(), stale, signature(&key, "GET", "/v1/agent/float", stale, b"")),
+        (key_id.clone(), now_s(), signature(&key, "GET", "/v1/agent/floaT", now_s(), b"")),
+        ("agent_0000".to_owned(), now_s(), signature(&key, "GET", "/v1/agent/float", now_s(), b"")),
+    ];
+    for (id, ts, sig) in cases {
+        let request = server
+            .client
+            .get(&url)
+            .header("x-qepik-key", id)
+            .header("x-qepik-timestamp", ts.to_string())
+            .header("x-qepik-signature", sig);
+        let (status, body) = send(request).await;
+        assert_eq!(status, 401);
+        assert_eq!(
+            body,
+            json!({ "error": { "code": "unauthenticated", "message": "authentication failed" } })
+        );
+    }
+    // The wrong role.
+    let (status, body) = server.signed("agent", "GET", "/v1/admin/trial-balance", "", None).await;
+    assert_eq!((status, body["error"]["code"].as_str()), (403, Some("forbidden")));
+    // A revoked key.
+    let path = format!("/v1/admin/credentials/{key_id}");
+    let (status, _) = server.signed("admin", "DELETE", &path, "", None).await;
+    assert_eq!(status, 204);
+    let (status, _) = server.signed("agent", "GET", "/v1/agent/float", "", None).await;
+    assert_eq!(status, 401);
+    server.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_names_the_field() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut server = Server::start(dir.path()).await?;
+    let cases = [
+        ("{", 400, "malformed_json", None),
+        (r#"{"msisdn":"0703333333","amount":"1.00","tip":1}"#, 422, "invalid_field", Some("tip")),
+        (r#"{"msisdn":"0703333333","amount":1}"#, 422, "invalid_field", Some("amount")),
+        (r#"{"msisdn":"12345","amount":"1.00"}"#, 422, "msisdn_unknown_country", Some("msisdn")),
+        (r#"{"msisdn":"050123","amount":"1.00"}"#, 422, "msisdn_wrong_length", Some("msisdn")),
+        (r#"{"msisdn":"0703333333","amount":"1.001"}"#, 422, "invalid_amount", Some("amount")),
+        (r#"{"msisdn":"0703333333","amount":"-1"}"#, 422, "invalid_amount", Some("amount")),
+        (r#"{"msisdn":"0703333333","amount":"0"}"#, 422, "invalid_amount", Some("amount")),
+        (r#"{"msisdn":"0703333333"}"#, 422, "invalid_field", None),
+    ];
+    for (n, (body, status, code, field)) in cases.iter().enumerate() {
+        let key = format!("bad-{n}");
+        let (got, answer) = server.signed("agent", "POST", "/v1/agent/cash-in", body, Some(&key)).await;
+        assert_eq!((got, answer["error"]["code"].as_str()), (*status, Some(*code)), "{body}: {answer}");
+        if let Some(field) = field {
+            assert_eq!(answer["error"]["field"].as_str(), Some(*field), "{body}: {answer}");
+        }
+    }
+    let (status, answer) = server
+        .signed("agent", "POST", "/v1/agent/cash-in", r#"{"msisdn":"0703333333","amount":"1.00"}"#, None)
+        .await;
+    assert_eq!((status, answer["error"]["code"].as_str()), (400, Some("idempotency_key_required")));
+    let (status, _) = server.signed("agent", "GET", "/v1/no/such/route", "", None).await;
+    assert_eq!(status, 404);
+    server.assert_balanced().await;
+    server.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn customers_log_in_send_money_and_take_cash_at_an_atm() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut server = Server::start(dir.path()).await?;
+    let token = server.login("+994501111111").await?;
+    let transfer = json!({ "to": "0552222222", "amount": "10.00", "pin": "1111" });
+    let (status, receipt) =
+        server.customer("POST", "/v1/customer/transfers", Some(&token), transfer.clone(), Some("t-1")).await;
+    assert_eq!((status, receipt["fee"].as_str()), (200, Some("0.10")), "{receipt}");
+    let wrong_pin = json!({ "to": "0552222222", "amount": "10.00", "pin": "9999" });
+    let (status, refused) =
+        server.customer("POST", "/v1/customer/transfers", Some(&token), wrong_pin, Some("t-2")).await;
+    assert_eq!((status, refused["error"]["code"].as_str()), (422, Some("pin_invalid")), "{refused}");
+    let (_, balance) = server.customer("GET", "/v1/customer/balance", Some(&token), Value::Null, None).await;
+    assert_eq!(balance["accounts"][0]["balance"].as_str(), Some("489.90"), "{balance}");
+
+    // A cash code, redeemed by the ATM network; a retry of the issue shows the same code.
+    let ask = json!({ "amount": "40.00", "pin": "1111" });
+    let (status, code) =
+        server.customer("POST", "/v1/customer/cash-codes", Some(&token), ask.clone(), Some("cc-1")).await;
+    assert_eq!(status, 201, "{code}");
+    let (_, again) =
+        server.customer("POST", "/v1/customer/cash-codes", Some(&token), ask, Some("cc-1")).await;
+    assert_eq!(again["code"], code["code"]);
+    let redeem = json!({ "msisdn": "+994501111111", "code": code["code"], "amount": "40.00", "device": 77 })
+        .to_string();
+    let (status, paid) = server.signed("atm", "POST", "/v1/atm/redemptions", &redeem, Some("atm-1")).await;
+    assert_eq!((status, paid["commission"].as_str()), (200, Some("0.20")), "{paid}");
+    let (status, twice) = server.signed("atm", "POST", "/v1/atm/redemptions", &redeem, Some("atm-2")).await;
+    assert_eq!((status, twice["error"]["code"].as_str()), (422, Some("code_invalid")), "{twice}");
+    let (_, balance) = server.customer("GET", "/v1/customer/balance", Some(&token), Value::Null, None).await;
+    assert_eq!(balance["accounts"][0]["balance"].as_str(), Some("449.40"), "{balance}");
+
+    // Refresh, then revoke.
+    let (_, _) =
+        server.customer("POST", "/v1/customer/otp", None, json!({ "msisdn": "+994552222222" }), None).await;
+    let (status, _) = server
+        .customer(
+            "POST",
+            "/v1/customer/sessions",
+            None,
+            json!({ "msisdn": "+994552222222", "otp": "000000" }),
+            None,
+        )
+        .await;
+    assert_eq!(status, 422);
+    let (status, _) =
+        server.customer("DELETE", "/v1/customer/sessions", Some(&token), Value::Null, None).await;
+    assert_eq!(status, 204);
+    let (status, _) = server.customer("GET", "/v1/customer/balance", Some(&token), Value::Null, None).await;
+    assert_eq!(status, 401);
+    server.assert_balanced().await;
+    server.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn staff_identify_unblock_and_reverse() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut cfg = config(dir.path());
+    cfg.server.views = true;
+    let mut server = Server::start_with(cfg).await?;
+    let identify = r#"{"tier":1,"document_type":"ID","document_number":"AZE7654321","first_name":"Leyla","last_name":"Aliyeva","birth_date":"1988-02-29"}"#;
+    let (status, wallet) =
+        server.signed("staff", "POST", "/v1/staff/wallets/0552222222/identify", identify, None).await;
+    assert_eq!((status, wallet["tier"].as_u64()), (200, Some(1)), "{wallet}");
+    let (status, refused) =
+        server.signed("staff", "POST", "/v1/staff/wallets/0552222222/identify", r#"{"tier":1}"#, None).await;
+    assert_eq!(status, 422, "{refused}");
+    // Three wrong PINs at a terminal block the wallet; staff unblock it.
+    for n in 0..3 {
+        let body = r#"{"msisdn":"0703333333","amount":"5.00","pin":"0000"}"#;
+        server.signed("agent", "POST", "/v1/agent/cash-out", body, Some(&format!("co-{n}"))).await;
+    }
+    let (_, wallet) = server.signed("staff", "GET", "/v1/staff/wallets/0703333333", "", None).await;
+    assert_eq!(wallet["blocked"], true, "{wallet}");
+    let (status, _) = server.signed("staff", "POST", "/v1/staff/wallets/0703333333/unblock", "", None).await;
+    assert_eq!(status, 200);
+    let body = r#"{"msisdn":"0703333333","amount":"5.00","pin":"3333"}"#;
+    let (status, cashed) = server.signed("staff", "POST", "/v1/staff/cash-out", body, Some("co-ok")).await;
+    assert_eq!(status, 200, "{cashed}");
+    // Staff reverse it (once the views have indexed it).
+    let reversal = json!({ "operation": cashed["operation"] }).to_string();
+    let mut answer = (0, Value::Null);
+    for attempt in 0..100 {
+        answer = server
+            .signed("staff", "POST", "/v1/staff/reversals", &reversal, Some(&format!("rev-{attempt}")))
+            .await;
+        if answer.0 != 503 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    assert_eq!(answer.0, 200, "{}", answer.1);
+    let (_, wallet) = server.signed("staff", "GET", "/v1/staff/wallets/0703333333", "", None).await;
+    assert_eq!(wallet["accounts"][0]["balance"].as_str(), Some("50.00"), "{wallet}");
+    server.assert_balanced().await;
+    server.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_keeps_money_sessions_and_keys() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut server = Server::start(dir.path()).await?;
+    let token = server.login("+994501111111").await?;
+    let transfer = json!({ "to": "0703333333", "amount": "7.00", "pin": "1111" });
+    let (status, first) =
+        server.customer("POST", "/v1/customer/transfers", Some(&token), transfer.clone(), Some("r-1")).await;
+    assert_eq!(status, 200, "{first}");
+    let demo = server.demo.clone();
+    server.stop().await?;
+    let mut server = Server::start(dir.path()).await?;
+    assert_eq!(server.demo, demo, "the demo world is seeded once");
+    let (status, again) =
+        server.customer("POST", "/v1/customer/transfers", Some(&token), transfer, Some("r-1")).await;
+    assert_eq!((status, &again), (200, &first));
+    let (_, balance) = server.customer("GET", "/v1/customer/balance", Some(&token), Value::Null, None).await;
+    assert_eq!(balance["accounts"][0]["balance"].as_str(), Some("492.90"), "{balance}");
+    server.assert_balanced().await;
+    server.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_listed_route_is_served() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut server = Server::start(dir.path()).await?;
+    for (method, path) in channels::http::ROUTES {
+        let path = path
+            .replace("{reference}", "x")
+            .replace("{msisdn}", "0501111111")
+            .replace("{agent}", "1001")
+            .replace("{key_id}", "x");
+        let request = server.client.request(method.parse()?, format!("{}{path}", server.base));
+        let (status, body) = send(request).await;
+        let unrouted = status == 404 && body["error"]["message"] == "no such route";
+        assert!(!unrouted && status != 405, "{method} {path}: {status} {body}");
+    }
+    server.stop().await
+}
