@@ -16,6 +16,7 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("QEPIK_DATA_DIR", "server.data_dir"),
     ("QEPIK_SHARDS", "server.shards"),
     ("QEPIK_SECRET", "server.secret (hex, 32+ bytes)"),
+    ("QEPIK_VIEWS", "server.views (true/false)"),
     ("QEPIK_HTTP_LISTEN", "http.listen"),
     ("QEPIK_HTTP_MAX_IN_FLIGHT", "http.max_in_flight"),
     ("QEPIK_HTTP_RATE_PER_S", "http.rate_per_s"),
@@ -63,7 +64,7 @@ impl Default for ServerSection {
 #[serde(deny_unknown_fields, default)]
 pub struct HttpSection {
     pub listen: SocketAddr,
-    /// Requests being served at once; beyond it, requests get an immediate 503.
+    /// Requests being served at once; beyond it, requests get an immediate 429 (`overloaded`).
     pub max_in_flight: usize,
     /// Requests a second each caller may make (token bucket, burst of one second's worth).
     pub rate_per_s: u32,
@@ -79,7 +80,7 @@ impl Default for HttpSection {
     fn default() -> Self {
         HttpSection {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
-            max_in_flight: 4096,
+            max_in_flight: 512,
             rate_per_s: 20_000,
             signature_window_s: 300,
             max_body_bytes: 64 * 1024,
@@ -162,6 +163,9 @@ impl Config {
         }
         if let Some(v) = get("QEPIK_SECRET") {
             self.server.secret = Some(v);
+        }
+        if let Some(v) = get("QEPIK_VIEWS") {
+            self.server.views = parse("QEPIK_VIEWS", &v)?;
         }
         if let Some(v) = get("QEPIK_HTTP_LISTEN") {
             self.http.listen = parse("QEPIK_HTTP_LISTEN", &v)?;

@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! qepik (Root)            restarts a failed child; on shutdown stops the children, then the engine
-//! └── http (HttpServer)   owns the listening socket and the axum server; drains on stop
+//! ├── http (HttpServer)   owns the listening socket and the axum server; drains on stop
+//! └── flusher (Flusher)   writes idempotent responses to the store every 20 ms, and at stop
 //! ```
 //!
 //! The engine's shards and journal writer are threads of their own (`engine`), not actors: the
@@ -192,6 +193,7 @@ struct RootState {
     app: Arc<AppState>,
     addr: SocketAddr,
     http: Option<ActorRef<HttpMsg>>,
+    flusher: Option<ActorRef<FlusherMsg>>,
     stopping: bool,
 }
 
@@ -213,7 +215,10 @@ impl Actor for Root {
             myself.get_cell(),
         )
         .await?;
-        Ok(RootState { app, addr, http: Some(http), stopping: false })
+        let (flusher, _) =
+            Actor::spawn_linked(Some(format!("flusher@{addr}")), Flusher, app.clone(), myself.get_cell())
+                .await?;
+        Ok(RootState { app, addr, http: Some(http), flusher: Some(flusher), stopping: false })
     }
 
     async fn handle(
@@ -228,6 +233,9 @@ impl Actor for Root {
                 if let Some(http) = state.http.take() {
                     // Stops accepting and waits for the requests in progress.
                     http.stop_and_wait(None, None).await?;
+                }
+                if let Some(flusher) = state.flusher.take() {
+                    flusher.stop_and_wait(None, None).await?;
                 }
                 let app = state.app.clone();
                 tokio::task::spawn_blocking(move || {
@@ -259,18 +267,78 @@ impl Actor for Root {
             }
             _ => {}
         }
-        let ended =
-            matches!(event, SupervisionEvent::ActorFailed(..) | SupervisionEvent::ActorTerminated(..));
-        if ended && !state.stopping {
-            let (http, _) = Actor::spawn_linked(
-                Some(format!("http@{}", state.addr)),
-                HttpServer,
-                (state.app.clone(), None, state.addr),
-                myself.get_cell(),
-            )
-            .await?;
-            state.http = Some(http);
+        let ended = match &event {
+            SupervisionEvent::ActorFailed(cell, _) | SupervisionEvent::ActorTerminated(cell, _, _) => {
+                Some(cell.get_id())
+            }
+            _ => None,
+        };
+        if let Some(id) = ended
+            && !state.stopping
+        {
+            if state.http.as_ref().is_some_and(|h| h.get_id() == id) {
+                let (http, _) = Actor::spawn_linked(
+                    Some(format!("http@{}", state.addr)),
+                    HttpServer,
+                    (state.app.clone(), None, state.addr),
+                    myself.get_cell(),
+                )
+                .await?;
+                state.http = Some(http);
+            } else if state.flusher.as_ref().is_some_and(|f| f.get_id() == id) {
+                let (flusher, _) = Actor::spawn_linked(
+                    Some(format!("flusher@{}", state.addr)),
+                    Flusher,
+                    state.app.clone(),
+                    myself.get_cell(),
+                )
+                .await?;
+                state.flusher = Some(flusher);
+            }
         }
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+pub enum FlusherMsg {
+    Tick,
+}
+
+struct Flusher;
+
+impl Actor for Flusher {
+    type Msg = FlusherMsg;
+    type State = Arc<AppState>;
+    type Arguments = Arc<AppState>;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        app: Arc<AppState>,
+    ) -> Result<Arc<AppState>, ActorProcessingErr> {
+        myself.send_interval(std::time::Duration::from_millis(20), || FlusherMsg::Tick);
+        Ok(app)
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        _message: FlusherMsg,
+        app: &mut Arc<AppState>,
+    ) -> Result<(), ActorProcessingErr> {
+        let store = app.store.clone();
+        tokio::task::spawn_blocking(move || store.flush_responses()).await??;
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        app: &mut Arc<AppState>,
+    ) -> Result<(), ActorProcessingErr> {
+        let store = app.store.clone();
+        tokio::task::spawn_blocking(move || store.flush_responses()).await??;
         Ok(())
     }
 }

@@ -73,12 +73,28 @@ pub struct StoredResponse {
     pub body: String,
 }
 
+/// Responses kept in memory (besides sled) for retries that come soon, as most do.
+const RECENT_MAX: usize = 200_000;
+
+#[derive(Debug, Default)]
+struct Recent {
+    map: std::collections::HashMap<Vec<u8>, StoredResponse>,
+    order: std::collections::VecDeque<Vec<u8>>,
+    /// Written to sled by the next [`Store::flush_responses`].
+    unwritten: Vec<(Vec<u8>, StoredResponse)>,
+}
+
+/// The store. Reads of credentials and sessions are served from memory (written through to
+/// sled); idempotent responses are written behind, in batches (see [`Store::put_response`]).
 #[derive(Debug, Clone)]
 pub struct Store {
     db: sled::Db,
     credentials: sled::Tree,
     sessions: sled::Tree,
     idempotency: sled::Tree,
+    credential_cache: std::sync::Arc<std::sync::RwLock<std::collections::HashMap<String, Credential>>>,
+    session_cache: std::sync::Arc<std::sync::RwLock<std::collections::HashMap<String, Session>>>,
+    recent: std::sync::Arc<std::sync::Mutex<Recent>>,
 }
 
 fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, StoreError> {
@@ -92,51 +108,114 @@ fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
 impl Store {
     pub fn open(path: &Path) -> Result<Store, StoreError> {
         let db = sled::Config::new().path(path).cache_capacity(64 * 1024 * 1024).open()?;
+        let credentials = db.open_tree("credentials")?;
+        let mut cache = std::collections::HashMap::new();
+        for value in credentials.iter().values() {
+            let credential: Credential = decode(&value?)?;
+            cache.insert(credential.key_id.clone(), credential);
+        }
         Ok(Store {
-            credentials: db.open_tree("credentials")?,
+            credentials,
             sessions: db.open_tree("sessions")?,
             idempotency: db.open_tree("idempotency")?,
             db,
+            credential_cache: std::sync::Arc::new(std::sync::RwLock::new(cache)),
+            session_cache: Default::default(),
+            recent: Default::default(),
         })
     }
 
     pub fn credential(&self, key_id: &str) -> Result<Option<Credential>, StoreError> {
-        self.credentials.get(key_id.as_bytes())?.map(|v| decode(&v)).transpose()
+        Ok(self.credential_cache.read().unwrap_or_else(|p| p.into_inner()).get(key_id).cloned())
     }
 
     pub fn put_credential(&self, credential: &Credential) -> Result<(), StoreError> {
         self.credentials.insert(credential.key_id.as_bytes(), encode(credential)?)?;
         self.db.flush()?;
+        let mut cache = self.credential_cache.write().unwrap_or_else(|p| p.into_inner());
+        cache.insert(credential.key_id.clone(), credential.clone());
         Ok(())
     }
 
     pub fn credentials(&self) -> Result<Vec<Credential>, StoreError> {
-        self.credentials.iter().values().map(|v| decode(&v?)).collect()
+        Ok(self.credential_cache.read().unwrap_or_else(|p| p.into_inner()).values().cloned().collect())
     }
 
     pub fn session(&self, token_sha256: &str) -> Result<Option<Session>, StoreError> {
-        self.sessions.get(token_sha256.as_bytes())?.map(|v| decode(&v)).transpose()
+        if let Some(session) = self.session_cache.read().unwrap_or_else(|p| p.into_inner()).get(token_sha256)
+        {
+            return Ok(Some(session.clone()));
+        }
+        let Some(session) =
+            self.sessions.get(token_sha256.as_bytes())?.map(|v| decode::<Session>(&v)).transpose()?
+        else {
+            return Ok(None);
+        };
+        self.session_cache
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(token_sha256.to_owned(), session.clone());
+        Ok(Some(session))
     }
 
     pub fn put_session(&self, token_sha256: &str, session: &Session) -> Result<(), StoreError> {
         self.sessions.insert(token_sha256.as_bytes(), encode(session)?)?;
+        self.session_cache
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(token_sha256.to_owned(), session.clone());
         Ok(())
     }
 
     pub fn remove_session(&self, token_sha256: &str) -> Result<bool, StoreError> {
-        Ok(self.sessions.remove(token_sha256.as_bytes())?.is_some())
+        let cached =
+            self.session_cache.write().unwrap_or_else(|p| p.into_inner()).remove(token_sha256).is_some();
+        Ok(self.sessions.remove(token_sha256.as_bytes())?.is_some() || cached)
     }
 
     pub fn response(&self, key: &[u8]) -> Result<Option<StoredResponse>, StoreError> {
+        if let Some(stored) = self.recent.lock().unwrap_or_else(|p| p.into_inner()).map.get(key) {
+            return Ok(Some(stored.clone()));
+        }
         self.idempotency.get(key)?.map(|v| decode(&v)).transpose()
     }
 
+    /// Records a response: in memory at once, in sled at the next [`Store::flush_responses`]
+    /// (the server flushes every few milliseconds and at shutdown). A crash can lose the last
+    /// few milliseconds of records; a retry then runs again under the same ledger id, which the
+    /// ledger answers with its first result, so nothing posts twice.
     pub fn put_response(&self, key: &[u8], response: &StoredResponse) -> Result<(), StoreError> {
-        self.idempotency.insert(key, encode(response)?)?;
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        recent.unwritten.push((key.to_vec(), response.clone()));
+        if recent.map.insert(key.to_vec(), response.clone()).is_none() {
+            recent.order.push_back(key.to_vec());
+        }
         Ok(())
     }
 
+    /// Writes the responses recorded since the last call as one sled batch, then lets the oldest
+    /// ones leave memory.
+    pub fn flush_responses(&self) -> Result<usize, StoreError> {
+        let unwritten = std::mem::take(&mut self.recent.lock().unwrap_or_else(|p| p.into_inner()).unwritten);
+        if unwritten.is_empty() {
+            return Ok(0);
+        }
+        let mut batch = sled::Batch::default();
+        for (key, response) in &unwritten {
+            batch.insert(key.as_slice(), encode(response)?);
+        }
+        self.idempotency.apply_batch(batch)?;
+        let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
+        while recent.order.len() > RECENT_MAX {
+            if let Some(old) = recent.order.pop_front() {
+                recent.map.remove(&old);
+            }
+        }
+        Ok(unwritten.len())
+    }
+
     pub fn flush(&self) -> Result<(), StoreError> {
+        self.flush_responses()?;
         self.db.flush()?;
         Ok(())
     }

@@ -6,8 +6,11 @@
 //!   as its last line one JSON object.
 //! - `recover`: opens an existing data directory (say, one left by `engine --data-dir`) and
 //!   times recovery: checkpoint load, journal replay, invariant check.
+//! - `http`: a running `qepik serve --demo` over HTTP: durable agent cash-ins and customer P2P
+//!   transfers; conservation checked through the admin trial balance at the end.
 
 mod engine_scenario;
+mod http_scenario;
 
 use clap::{Parser, Subcommand};
 
@@ -24,6 +27,8 @@ enum Scenario {
     Engine(engine_scenario::Args),
     /// Open an existing data directory and report how long recovery took.
     Recover(engine_scenario::RecoverArgs),
+    /// Drive a running `qepik serve --demo` over HTTP: agent cash-ins and customer P2P.
+    Http(http_scenario::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -31,5 +36,6 @@ fn main() -> anyhow::Result<()> {
     match cli.scenario {
         Scenario::Engine(args) => engine_scenario::run(args),
         Scenario::Recover(args) => engine_scenario::recover(args),
+        Scenario::Http(args) => http_scenario::run(args),
     }
 }

@@ -1,0 +1,386 @@
+//! `loadtest http`: durable agent cash-ins and customer P2P transfers against a running
+//! `qepik serve --demo`, over keep-alive HTTP connections. Setup registers wallets through the
+//! customer API, has the demo's staff identify them (the top tier, so that the run is not a test
+//! of daily counts), and logs each in through the demo's simulated handset. The run is
+//! closed-loop per connection, or paced to `--rate` (latency then counts from the intended send
+//! time, so a stalled server is not hidden). At the end, conservation is checked through the
+//! admin trial balance: debits equal credits, the agents' floats fell by exactly the cash-ins
+//! the server accepted, and wallets, fee income and commissions rose by the same.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use hdrhistogram::Histogram;
+use hmac::{Hmac, Mac};
+use rand::Rng;
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+#[derive(Debug, clap::Args)]
+pub struct Args {
+    /// The server, HOST:PORT.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    target: String,
+    /// The demo.json the server wrote (credentials).
+    #[arg(long, default_value = "qepik-data/demo.json")]
+    credentials: PathBuf,
+    /// How long the measured run lasts.
+    #[arg(long, default_value_t = 10)]
+    duration_s: u64,
+    /// Requests a second to offer in total (default: as fast as the connections go).
+    #[arg(long)]
+    rate: Option<u64>,
+    /// Concurrent connections (each with one request in flight).
+    #[arg(long, default_value_t = 128)]
+    connections: usize,
+    /// Wallets to register and use.
+    #[arg(long, default_value_t = 2000)]
+    wallets: usize,
+    /// Share of requests (0–100) that are P2P transfers; the rest are agent cash-ins.
+    #[arg(long, default_value_t = 50)]
+    p2p_percent: u32,
+}
+
+const PIN: &str = "2580";
+
+struct Client {
+    http: reqwest::Client,
+    base: String,
+    credentials: Value,
+}
+
+impl Client {
+    fn credential(&self, role: &str) -> anyhow::Result<(String, Vec<u8>)> {
+        let all = self.credentials["credentials"].as_array().context("demo.json has no credentials")?;
+        let c = all
+            .iter()
+            .find(|c| c["role"] == role)
+            .with_context(|| format!("demo.json has no {role} credential"))?;
+        let key = hex::decode(c["key"].as_str().context("key")?)?;
+        Ok((c["key_id"].as_str().context("key_id")?.to_owned(), key))
+    }
+
+    fn signed(
+        &self,
+        credential: &(String, Vec<u8>),
+        method: reqwest::Method,
+        path: &str,
+        body: String,
+    ) -> reqwest::RequestBuilder {
+        let timestamp =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        let mut mac =
+            <Hmac<Sha256> as Mac>::new_from_slice(&credential.1).expect("HMAC takes any key length");
+        let body_hash = hex::encode(Sha256::digest(body.as_bytes()));
+        mac.update(format!("{method}\n{path}\n{timestamp}\n{body_hash}").as_bytes());
+        let signature = hex::encode(mac.finalize().into_bytes());
+        self.http
+            .request(method, format!("{}{path}", self.base))
+            .header("x-qepik-key", &credential.0)
+            .header("x-qepik-timestamp", timestamp.to_string())
+            .header("x-qepik-signature", signature)
+            .body(body)
+    }
+
+    fn plain(&self, method: reqwest::Method, path: &str, body: Value) -> reqwest::RequestBuilder {
+        self.http.request(method, format!("{}{path}", self.base)).body(body.to_string())
+    }
+}
+
+async fn json_of(request: reqwest::RequestBuilder) -> anyhow::Result<(u16, Value)> {
+    let response = request.send().await?;
+    let status = response.status().as_u16();
+    let text = response.text().await?;
+    Ok((status, serde_json::from_str(&text).unwrap_or(Value::String(text))))
+}
+
+/// Sums by account kind from the trial balance, in minor units.
+async fn kinds(
+    client: &Client,
+    admin: &(String, Vec<u8>),
+) -> anyhow::Result<(bool, std::collections::HashMap<String, i128>)> {
+    let (status, trial) =
+        json_of(client.signed(admin, reqwest::Method::GET, "/v1/admin/trial-balance", String::new())).await?;
+    ensure!(status == 200, "trial balance: {status} {trial}");
+    let mut sums = std::collections::HashMap::new();
+    for line in trial["kinds"].as_array().context("kinds")? {
+        let minor = |field: &str| line[field].as_str().and_then(|v| v.parse::<i128>().ok()).unwrap_or(0);
+        let kind = line["kind"].as_str().unwrap_or_default().to_owned();
+        *sums.entry(kind).or_insert(0) += minor("credits_posted") - minor("debits_posted");
+    }
+    Ok((trial["balanced"] == true, sums))
+}
+
+struct Wallet {
+    msisdn: String,
+    token: String,
+}
+
+async fn setup(client: &Client, count: usize) -> anyhow::Result<Vec<Wallet>> {
+    let staff = client.credential("staff")?;
+    // Top up the demo agent's float for the run (e-money issued against a deposit).
+    let admin = client.credential("admin")?;
+    let agent = client.credentials["credentials"]
+        .as_array()
+        .and_then(|all| all.iter().find(|c| c["role"] == "agent"))
+        .and_then(|c| c["agent"].as_u64())
+        .context("demo.json names no agent")?;
+    let body = json!({ "amount": "1000000.00" }).to_string();
+    let request =
+        client.signed(&admin, reqwest::Method::POST, &format!("/v1/admin/agents/{agent}/funding"), body);
+    let (status, answer) =
+        json_of(request.header("idempotency-key", format!("lt-float-{}", rand::random::<u64>()))).await?;
+    ensure!(status == 200, "funding the agent: {status} {answer}");
+    let mut rng = rand::rng();
+    let mut wallets = Vec::with_capacity(count);
+    let started = Instant::now();
+    let mut numbers = std::collections::HashSet::new();
+    while numbers.len() < count {
+        numbers.insert(format!("+99455{:07}", rng.random_range(0..10_000_000_u32)));
+    }
+    // In parallel batches: setup is not what is measured.
+    let numbers: Vec<String> = numbers.into_iter().collect();
+    for chunk in numbers.chunks(64) {
+        let mut tasks = Vec::new();
+        for msisdn in chunk {
+            let (msisdn, staff) = (msisdn.clone(), staff.clone());
+            let client = Client {
+                http: client.http.clone(),
+                base: client.base.clone(),
+                credentials: client.credentials.clone(),
+            };
+            tasks.push(tokio::spawn(async move { enrol(&client, &staff, msisdn).await }));
+        }
+        for task in tasks {
+            if let Some(wallet) = task.await?? {
+                wallets.push(wallet);
+            }
+        }
+    }
+    println!(
+        "setup               {} wallets registered, identified and logged in in {:.1} s",
+        wallets.len(),
+        started.elapsed().as_secs_f64()
+    );
+    ensure!(wallets.len() >= 2, "fewer than two wallets could be set up");
+    Ok(wallets)
+}
+
+/// Registers, identifies (tier 2) and logs in one wallet; `None` if its OTP was rate-limited.
+async fn enrol(client: &Client, staff: &(String, Vec<u8>), msisdn: String) -> anyhow::Result<Option<Wallet>> {
+    let (status, body) = json_of(client.plain(
+        reqwest::Method::POST,
+        "/v1/customer/register",
+        json!({ "msisdn": msisdn, "pin": PIN }),
+    ))
+    .await?;
+    ensure!(status == 201 || status == 409, "register {msisdn}: {status} {body}");
+    let identify = json!({
+        "tier": 2, "document_type": "ID", "document_number": format!("LT{}", &msisdn[4..]),
+        "first_name": "Load", "last_name": "Test", "birth_date": "1990-01-01"
+    })
+    .to_string();
+    let path = format!("/v1/staff/wallets/{msisdn}/identify");
+    let (status, body) = json_of(client.signed(staff, reqwest::Method::POST, &path, identify)).await?;
+    ensure!(status == 200, "identify {msisdn}: {status} {body}");
+    let agent = client.credential("agent")?;
+    let funding = json!({ "msisdn": msisdn, "amount": "20.00" }).to_string();
+    let key = format!("lt-fund-{msisdn}-{}", rand::random::<u64>());
+    let (status, body) = json_of(
+        client
+            .signed(&agent, reqwest::Method::POST, "/v1/agent/cash-in", funding)
+            .header("idempotency-key", key),
+    )
+    .await?;
+    ensure!(status == 200, "funding {msisdn}: {status} {body}");
+    let (status, _) =
+        json_of(client.plain(reqwest::Method::POST, "/v1/customer/otp", json!({ "msisdn": msisdn }))).await?;
+    if status == 429 {
+        return Ok(None);
+    }
+    let (_, inbox) = json_of(client.http.get(format!("{}/v1/demo/sms/{msisdn}", client.base))).await?;
+    let last = inbox["messages"]
+        .as_array()
+        .and_then(|m| m.last())
+        .and_then(Value::as_str)
+        .context("no SMS: is the server running with --demo?")?;
+    let code: String = last.chars().filter(char::is_ascii_digit).collect();
+    let (status, session) = json_of(client.plain(
+        reqwest::Method::POST,
+        "/v1/customer/sessions",
+        json!({ "msisdn": msisdn, "otp": code }),
+    ))
+    .await?;
+    ensure!(status == 201, "login {msisdn}: {status} {session}");
+    Ok(Some(Wallet { msisdn, token: session["token"].as_str().unwrap_or_default().to_owned() }))
+}
+
+#[derive(Default)]
+struct Counts {
+    ok: AtomicU64,
+    rejected: AtomicU64,
+    errors: AtomicU64,
+    cash_in_minor: AtomicU64,
+}
+
+pub fn run(args: Args) -> anyhow::Result<()> {
+    ensure!(
+        args.connections >= 1 && args.duration_s >= 1,
+        "--connections and --duration-s must be at least 1"
+    );
+    ensure!(args.p2p_percent <= 100, "--p2p-percent is 0..=100");
+    let credentials: Value = serde_json::from_str(
+        &std::fs::read_to_string(&args.credentials)
+            .with_context(|| format!("reading {}", args.credentials.display()))?,
+    )?;
+    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    runtime.block_on(drive(args, credentials))
+}
+
+async fn drive(args: Args, credentials: Value) -> anyhow::Result<()> {
+    let http =
+        reqwest::Client::builder().pool_max_idle_per_host(args.connections).tcp_nodelay(true).build()?;
+    let client = Arc::new(Client { http, base: format!("http://{}", args.target), credentials });
+    let admin = client.credential("admin")?;
+    let agent = client.credential("agent")?;
+    let wallets = Arc::new(setup(&client, args.wallets).await?);
+    let (balanced_before, before) = kinds(&client, &admin).await?;
+    ensure!(balanced_before, "the trial balance is not balanced before the run");
+
+    let counts = Arc::new(Counts::default());
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(args.duration_s);
+    let interval =
+        args.rate.map(|rate| Duration::from_secs_f64(args.connections as f64 / rate.max(1) as f64));
+    let run_id: u64 = rand::random();
+    let mut tasks = Vec::new();
+    for connection in 0..args.connections {
+        let (client, wallets, counts, agent) =
+            (client.clone(), wallets.clone(), counts.clone(), agent.clone());
+        let p2p_percent = args.p2p_percent;
+        tasks.push(tokio::spawn(async move {
+            let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+            let mut rng = rand::rngs::StdRng::from_os_rng();
+            let mut next = Instant::now();
+            let mut n = 0_u64;
+            while Instant::now() < deadline {
+                let intended = match interval {
+                    Some(interval) => {
+                        if next > Instant::now() {
+                            tokio::time::sleep_until(next.into()).await;
+                        }
+                        let at = next;
+                        next += interval;
+                        at
+                    }
+                    None => Instant::now(),
+                };
+                n += 1;
+                let key = format!("lt-{run_id:x}-{connection}-{n}");
+                let cash_in = rng.random_range(0..100) >= p2p_percent;
+                let request = if cash_in {
+                    let to = &wallets[rng.random_range(0..wallets.len())];
+                    let body = json!({ "msisdn": to.msisdn, "amount": "0.10" }).to_string();
+                    client.signed(&agent, reqwest::Method::POST, "/v1/agent/cash-in", body)
+                } else {
+                    let from = rng.random_range(0..wallets.len());
+                    let to = (from + 1 + rng.random_range(0..wallets.len() - 1)) % wallets.len();
+                    let body = json!({ "to": wallets[to].msisdn, "amount": "0.01", "pin": PIN });
+                    client
+                        .plain(reqwest::Method::POST, "/v1/customer/transfers", body)
+                        .header("authorization", format!("Bearer {}", wallets[from].token))
+                };
+                let response = request.header("idempotency-key", key).send().await;
+                let status = match response {
+                    Ok(response) => {
+                        let status = response.status().as_u16();
+                        let _ = response.bytes().await;
+                        status
+                    }
+                    Err(_) => 0,
+                };
+                let micros = u64::try_from(intended.elapsed().as_micros()).unwrap_or(u64::MAX).max(1);
+                match status {
+                    200 => {
+                        histogram.saturating_record(micros);
+                        counts.ok.fetch_add(1, Ordering::Relaxed);
+                        if cash_in {
+                            counts.cash_in_minor.fetch_add(10, Ordering::Relaxed);
+                        }
+                    }
+                    429 | 503 => {
+                        counts.rejected.fetch_add(1, Ordering::Relaxed);
+                    }
+                    _ => {
+                        counts.errors.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+            histogram
+        }));
+    }
+    let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    for task in tasks {
+        histogram.add(task.await?)?;
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let (balanced, after) = kinds(&client, &admin).await?;
+    let delta = |kind: &str| after.get(kind).copied().unwrap_or(0) - before.get(kind).copied().unwrap_or(0);
+    let cash_in = i128::from(counts.cash_in_minor.load(Ordering::Relaxed));
+    // Floats of every kind fall by the cash-ins; the e-money lands in wallets, fee income and
+    // commissions (commissions come out of fee income: their sum is what left the floats).
+    let floats =
+        delta("agent_float") + delta("kiosk_float") + delta("post_office_float") + delta("atm_network_float");
+    let landed = delta("wallet") + delta("fee_income") + delta("agent_commission");
+    let conserved = balanced && floats == -cash_in && landed == cash_in;
+    let ok = counts.ok.load(Ordering::Relaxed);
+    let rejected = counts.rejected.load(Ordering::Relaxed);
+    let errors = counts.errors.load(Ordering::Relaxed);
+    println!(
+        "target              {} ({} connections{})",
+        args.target,
+        args.connections,
+        args.rate.map_or(String::new(), |r| format!(", offered {r}/s"))
+    );
+    println!("requests            {ok} ok, {rejected} rejected (429/503), {errors} errors in {elapsed:.1} s");
+    println!("throughput          {:.0} requests/s accepted", ok as f64 / elapsed);
+    println!(
+        "latency (accepted)  p50 {} us, p99 {} us, p999 {} us, max {} us",
+        histogram.value_at_quantile(0.5),
+        histogram.value_at_quantile(0.99),
+        histogram.value_at_quantile(0.999),
+        histogram.max()
+    );
+    println!(
+        "conservation        floats {floats}, landed {landed}, cash-ins {cash_in} (minor units), balanced {balanced}"
+    );
+    if !conserved {
+        println!("NOT CONSERVED");
+    }
+    println!(
+        "{}",
+        json!({
+            "scenario": "http",
+            "requests_per_s": ok * 1000 / u64::try_from(started_ms(elapsed)).unwrap_or(1).max(1),
+            "p50_us": histogram.value_at_quantile(0.5),
+            "p99_us": histogram.value_at_quantile(0.99),
+            "rejected": rejected,
+            "errors": errors,
+            "conserved": conserved,
+        })
+    );
+    if !conserved {
+        bail!("money was created or lost");
+    }
+    Ok(())
+}
+
+use rand::SeedableRng;
+
+/// Whole milliseconds of `seconds`.
+fn started_ms(seconds: f64) -> u128 {
+    Duration::from_secs_f64(seconds).as_millis()
+}
