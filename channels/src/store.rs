@@ -17,7 +17,7 @@ pub enum StoreError {
 }
 
 /// What a credential may do.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Role {
     /// An agent, kiosk or terminal: cash-in, cash-out, its float, its reports.

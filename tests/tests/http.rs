@@ -410,3 +410,25 @@ async fn every_listed_route_is_served() -> anyhow::Result<()> {
     }
     server.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_openapi_document_lists_every_route() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut server = Server::start(dir.path()).await?;
+    let (status, document) = send(server.client.get(format!("{}/openapi.json", server.base))).await;
+    assert_eq!(status, 200);
+    assert!(document["openapi"].as_str().is_some_and(|v| v.starts_with("3.1")), "{}", document["openapi"]);
+    for (method, path) in channels::http::ROUTES {
+        let operation = &document["paths"][path][method.to_ascii_lowercase()];
+        assert!(operation.is_object(), "{method} {path} is not in /openapi.json");
+    }
+    let documented: usize = document["paths"]
+        .as_object()
+        .map_or(0, |paths| paths.values().map(|p| p.as_object().map_or(0, |o| o.len())).sum());
+    assert_eq!(
+        documented,
+        channels::http::ROUTES.len(),
+        "the document lists routes the server does not serve"
+    );
+    server.stop().await
+}

@@ -35,13 +35,14 @@ pub fn agent_kind(name: &str) -> Option<AgentKind> {
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CreateAgent {
     agent: u64,
     kind: String,
 }
 
+#[utoipa::path(post, path = "/v1/admin/agents", tag = "admin", description = "Create an agent of a kind, with its float and commission accounts.", request_body = CreateAgent, responses((status = 200, description = "done"), (status = "4XX", description = "refused", body = super::openapi::ErrorBody)))]
 async fn create_agent(State(state): State<Arc<AppState>>, signed: Signed) -> Result<Response, ApiError> {
     signed.require(&[Role::Admin])?;
     let request: CreateAgent = super::parse(&signed.body)?;
@@ -66,13 +67,14 @@ async fn create_agent(State(state): State<Arc<AppState>>, signed: Signed) -> Res
         .into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Funding {
     amount: String,
 }
 
 /// E-money issued to an agent's float against cash or a bank deposit it paid in.
+#[utoipa::path(post, path = "/v1/admin/agents/{agent}/funding", tag = "admin", description = "Issue e-money to an agent's float against funds received. Idempotency-Key required.", request_body = Funding, params(("agent" = String, Path)), responses((status = 200, description = "done"), (status = "4XX", description = "refused", body = super::openapi::ErrorBody)))]
 async fn fund_agent(
     State(state): State<Arc<AppState>>,
     Path(agent): Path<u64>,
@@ -95,7 +97,7 @@ async fn fund_agent(
     .await
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct IssueCredential {
     role: Role,
@@ -122,6 +124,7 @@ pub fn issue(state: &AppState, role: Role, agent: u64, staff: u64) -> Result<(Cr
     Ok((credential, hex::encode(key)))
 }
 
+#[utoipa::path(post, path = "/v1/admin/credentials", tag = "admin", description = "Issue an API credential; the key is returned once.", request_body = IssueCredential, responses((status = 200, description = "done"), (status = "4XX", description = "refused", body = super::openapi::ErrorBody)))]
 async fn issue_credential(State(state): State<Arc<AppState>>, signed: Signed) -> Result<Response, ApiError> {
     signed.require(&[Role::Admin])?;
     let request: IssueCredential = super::parse(&signed.body)?;
@@ -149,6 +152,7 @@ async fn issue_credential(State(state): State<Arc<AppState>>, signed: Signed) ->
         .into_response())
 }
 
+#[utoipa::path(delete, path = "/v1/admin/credentials/{key_id}", tag = "admin", description = "Revoke an API credential.", params(("key_id" = String, Path)), responses((status = 200, description = "done"), (status = "4XX", description = "refused", body = super::openapi::ErrorBody)))]
 async fn revoke_credential(
     State(state): State<Arc<AppState>>,
     Path(key_id): Path<String>,
@@ -162,6 +166,7 @@ async fn revoke_credential(
 }
 
 /// Totals per currency and per account kind, and whether debits equal credits.
+#[utoipa::path(get, path = "/v1/admin/trial-balance", tag = "admin", description = "Totals per currency and account kind, and whether debits equal credits.", responses((status = 200, description = "done"), (status = "4XX", description = "refused", body = super::openapi::ErrorBody)))]
 async fn trial_balance(State(state): State<Arc<AppState>>, signed: Signed) -> Result<Response, ApiError> {
     signed.require(&[Role::Admin])?;
     let engine = state.engine.clone();

@@ -22,17 +22,17 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/v1/agent/float", get(float))
         .route("/v1/agent/operations/{reference}", get(operation))
         .route("/v1/atm/redemptions", post(redeem))
-        .route("/v1/atm/redemptions/{reference}", get(operation))
+        .route("/v1/atm/redemptions/{reference}", get(redemption))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CashIn {
     pub msisdn: String,
     pub amount: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CashOut {
     pub msisdn: String,
@@ -57,6 +57,7 @@ pub fn money_call(
     Ok((caller, idempotency::key_from(headers)?))
 }
 
+#[utoipa::path(post, path = "/v1/agent/cash-in", tag = "agent", description = "Cash-in: the agent takes cash and credits the wallet from its float. Idempotency-Key required.", request_body = CashIn, responses((status = 200, description = "done"), (status = "4XX", description = "refused", body = super::openapi::ErrorBody)))]
 pub async fn cash_in(State(state): State<Arc<AppState>>, headers: HeaderMap, signed: Signed) -> Response {
     let (caller, key) = match money_call(&signed, &headers, AGENTS) {
         Ok(ok) => ok,
@@ -75,6 +76,7 @@ pub async fn cash_in(State(state): State<Arc<AppState>>, headers: HeaderMap, sig
     .await
 }
 
+#[utoipa::path(post, path = "/v1/agent/cash-out", tag = "agent", description = "Cash-out confirmed by the customer's PIN or OTP. Idempotency-Key required.", request_body = CashOut, responses((status = 200, description = "done"), (status = "4XX", description = "refused", body = super::openapi::ErrorBody)))]
 pub async fn cash_out(State(state): State<Arc<AppState>>, headers: HeaderMap, signed: Signed) -> Response {
     let (caller, key) = match money_call(&signed, &headers, AGENTS) {
         Ok(ok) => ok,
@@ -98,6 +100,7 @@ pub async fn cash_out(State(state): State<Arc<AppState>>, headers: HeaderMap, si
     .await
 }
 
+#[utoipa::path(get, path = "/v1/agent/float", tag = "agent", description = "The caller's float balance.", responses((status = 200, description = "done"), (status = "4XX", description = "refused", body = super::openapi::ErrorBody)))]
 async fn float(State(state): State<Arc<AppState>>, signed: Signed) -> Result<Response, ApiError> {
     let caller = signed.require(&[Role::Agent, Role::Atm, Role::Staff])?;
     let account = state.engine.lookup_accounts(&[agent_float(caller.agent)]).await?.pop().flatten();
@@ -111,6 +114,7 @@ async fn float(State(state): State<Arc<AppState>>, signed: Signed) -> Result<Res
 }
 
 /// An operation's status by the caller's reference (its Idempotency-Key).
+#[utoipa::path(get, path = "/v1/agent/operations/{reference}", tag = "agent", description = "An operation's status by the caller's Idempotency-Key (also served at /v1/atm/redemptions/{reference}).", params(("reference" = String, Path)), responses((status = 200, description = "done"), (status = "4XX", description = "refused", body = super::openapi::ErrorBody)))]
 async fn operation(
     State(state): State<Arc<AppState>>,
     Path(reference): Path<String>,
@@ -135,7 +139,16 @@ async fn operation(
     }
 }
 
-#[derive(Debug, Deserialize)]
+#[utoipa::path(get, path = "/v1/atm/redemptions/{reference}", tag = "atm", description = "A redemption's status by the caller's Idempotency-Key.", params(("reference" = String, Path)), responses((status = 200, description = "found"), (status = "4XX", description = "refused", body = super::openapi::ErrorBody)))]
+async fn redemption(
+    state: State<Arc<AppState>>,
+    reference: Path<String>,
+    signed: Signed,
+) -> Result<Response, ApiError> {
+    operation(state, reference, signed).await
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Redeem {
     pub msisdn: String,
@@ -145,6 +158,7 @@ pub struct Redeem {
     pub device: u64,
 }
 
+#[utoipa::path(post, path = "/v1/atm/redemptions", tag = "atm", description = "An ATM network or post office pays out a cash code. Idempotency-Key required.", request_body = Redeem, responses((status = 200, description = "done"), (status = "4XX", description = "refused", body = super::openapi::ErrorBody)))]
 async fn redeem(State(state): State<Arc<AppState>>, headers: HeaderMap, signed: Signed) -> Response {
     let (caller, key) = match money_call(&signed, &headers, &[Role::Atm, Role::Staff]) {
         Ok(ok) => ok,

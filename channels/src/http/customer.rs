@@ -31,7 +31,7 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/v1/demo/sms/{msisdn}", get(demo_sms))
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Register {
     msisdn: String,
@@ -55,6 +55,7 @@ fn language(code: Option<&str>) -> Result<u8, ApiError> {
 }
 
 /// Self-registration from the app: the lowest tier, with a PIN.
+#[utoipa::path(post, path = "/v1/customer/register", tag = "customer", description = "Self-registration with a PIN (lowest tier).", request_body = Register, responses((status = 200, description = "done"), (status = "4XX", description = "refused", body = super::openapi::ErrorBody)))]
 async fn register(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
     let request: Register = super::parse(&body)?;
     let msisdn = super::msisdn(&state, &request.msisdn, "msisdn")?;
@@ -65,7 +66,7 @@ async fn register(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Res
     Ok((StatusCode::CREATED, axum::Json(json!({ "msisdn": msisdn.to_string(), "tier": 0 }))).into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct OtpRequest {
     msisdn: String,
@@ -73,6 +74,7 @@ struct OtpRequest {
 
 /// Sends a login OTP by SMS. Answers the same whether or not the number has a wallet, so that
 /// the endpoint does not tell who is a customer.
+#[utoipa::path(post, path = "/v1/customer/otp", tag = "customer", description = "Send a login OTP by SMS.", request_body = OtpRequest, responses((status = 200, description = "done"), (status = "4XX", description = "refused", body = super::openapi::ErrorBody)))]
 async fn request_otp(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
     let request: OtpRequest = super::parse(&body)?;
     let msisdn = super::msisdn(&state, &request.msisdn, "msisdn")?;
@@ -91,7 +93,7 @@ async fn request_otp(State(state): State<Arc<AppState>>, body: Bytes) -> Result<
         .into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Login {
     msisdn: String,
@@ -123,6 +125,7 @@ fn open_session(state: &AppState, msisdn: u64) -> Result<serde_json::Value, ApiE
     }))
 }
 
+#[utoipa::path(post, path = "/v1/customer/sessions", tag = "customer", description = "Log in with the OTP: a session token and a refresh token.", request_body = Login, responses((status = 200, description = "done"), (status = "4XX", description = "refused", body = super::openapi::ErrorBody)))]
 async fn login(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
     let request: Login = super::parse(&body)?;
     let msisdn = super::msisdn(&state, &request.msisdn, "msisdn")?;
@@ -131,13 +134,14 @@ async fn login(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Respon
     Ok((StatusCode::CREATED, axum::Json(open_session(&state, msisdn.get())?)).into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Refresh {
     refresh_token: String,
 }
 
 /// Trades a refresh token for a new pair; the old refresh token is spent.
+#[utoipa::path(post, path = "/v1/customer/sessions/refresh", tag = "customer", description = "Trade a refresh token for a new pair.", request_body = Refresh, responses((status = 200, description = "done"), (status = "4XX", description = "refused", body = super::openapi::ErrorBody)))]
 async fn refresh(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Response, ApiError> {
     let request: Refresh = super::parse(&body)?;
     let hash = sha256_hex(request.refresh_token.trim().as_bytes());
@@ -149,6 +153,7 @@ async fn refresh(State(state): State<Arc<AppState>>, body: Bytes) -> Result<Resp
 }
 
 /// Revokes the session whose token authorises the call (and a refresh token, if given).
+#[utoipa::path(delete, path = "/v1/customer/sessions", tag = "customer", description = "Revoke the session (and a refresh token, if given in the body).", responses((status = 200, description = "done"), (status = "4XX", description = "refused", body = super::openapi::ErrorBody)))]
 async fn logout(
     State(state): State<Arc<AppState>>,
     _customer: Customer,
@@ -168,12 +173,13 @@ async fn logout(
     Ok(StatusCode::NO_CONTENT.into_response())
 }
 
+#[utoipa::path(get, path = "/v1/customer/balance", tag = "customer", description = "The customer's wallet, balances and limits.", responses((status = 200, description = "done"), (status = "4XX", description = "refused", body = super::openapi::ErrorBody)))]
 async fn balance(State(state): State<Arc<AppState>>, customer: Customer) -> Result<Response, ApiError> {
     let view = state.domain.wallet(customer.msisdn).await?;
     Ok(axum::Json(super::staff::wallet_json(&view, &state.domain.config().plan)).into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct Transfer {
     to: String,
@@ -183,6 +189,7 @@ struct Transfer {
     otp: Option<String>,
 }
 
+#[utoipa::path(post, path = "/v1/customer/transfers", tag = "customer", description = "P2P transfer confirmed by PIN (and OTP above the step-up amount). Idempotency-Key required.", request_body = Transfer, responses((status = 200, description = "done"), (status = "4XX", description = "refused", body = super::openapi::ErrorBody)))]
 async fn transfer(
     State(state): State<Arc<AppState>>,
     customer: Customer,
@@ -210,7 +217,7 @@ async fn transfer(
     .await
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 struct CashCodeRequest {
     amount: String,
@@ -220,6 +227,7 @@ struct CashCodeRequest {
 /// A cash code for an ATM or a post office. Not answered from a stored response (the answer
 /// holds the code, which is stored nowhere): a retry under the same key re-derives the same
 /// code for the same hold.
+#[utoipa::path(post, path = "/v1/customer/cash-codes", tag = "customer", description = "A cash code for an ATM or post office; the amount and fee are held. Idempotency-Key required.", request_body = CashCodeRequest, responses((status = 200, description = "done"), (status = "4XX", description = "refused", body = super::openapi::ErrorBody)))]
 async fn cash_code(
     State(state): State<Arc<AppState>>,
     customer: Customer,
@@ -246,6 +254,7 @@ async fn cash_code(
 }
 
 /// The demo's simulated handset: the SMS a number received (only on a `--demo` server).
+#[utoipa::path(get, path = "/v1/demo/sms/{msisdn}", tag = "demo", description = "Demo servers only: the SMS a simulated handset received.", params(("msisdn" = String, Path)), responses((status = 200, description = "done"), (status = "4XX", description = "refused", body = super::openapi::ErrorBody)))]
 async fn demo_sms(
     State(state): State<Arc<AppState>>,
     Path(msisdn): Path<String>,

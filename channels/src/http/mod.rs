@@ -9,6 +9,7 @@ pub mod auth;
 pub mod customer;
 pub mod error;
 pub mod idempotency;
+pub mod openapi;
 pub mod staff;
 
 use std::sync::Arc;
@@ -53,6 +54,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/health"),
     ("GET", "/ready"),
     ("GET", "/metrics"),
+    ("GET", "/openapi.json"),
     ("POST", "/v1/agent/cash-in"),
     ("POST", "/v1/agent/cash-out"),
     ("GET", "/v1/agent/float"),
@@ -86,9 +88,10 @@ pub const ROUTES: &[(&str, &str)] = &[
 pub fn router(state: Arc<AppState>) -> Router {
     let max_in_flight = state.config.http.max_in_flight;
     Router::new()
-        .route("/health", get(|| async { axum::Json(json!({ "status": "ok" })) }))
+        .route("/health", get(health))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi::openapi_json))
         .merge(agent::routes())
         .merge(staff::routes())
         .merge(customer::routes())
@@ -111,6 +114,12 @@ pub fn router(state: Arc<AppState>) -> Router {
         .with_state(state)
 }
 
+#[utoipa::path(get, path = "/health", tag = "operations", description = "The process is up.", responses((status = 200, description = "up")))]
+async fn health() -> Response {
+    axum::Json(json!({ "status": "ok" })).into_response()
+}
+
+#[utoipa::path(get, path = "/ready", tag = "operations", description = "503 while starting or stopping, or once the journal failed.", responses((status = 200, description = "ready"), (status = 503, description = "not ready", body = openapi::ErrorBody)))]
 async fn ready(State(state): State<Arc<AppState>>) -> Response {
     if state.ready.load(std::sync::atomic::Ordering::Acquire) && !state.engine.journal().failed() {
         axum::Json(json!({ "status": "ready" })).into_response()
@@ -119,6 +128,7 @@ async fn ready(State(state): State<Arc<AppState>>) -> Response {
     }
 }
 
+#[utoipa::path(get, path = "/metrics", tag = "operations", description = "Prometheus text format: requests and latency by route and status, shard batches, the journal's durable position.", responses((status = 200, description = "metrics")))]
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let Some(handle) = &state.metrics else {
         return ApiError::not_found("metrics recorder").into_response();

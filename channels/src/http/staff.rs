@@ -24,9 +24,19 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/v1/staff/wallets/{msisdn}/profile", put(profile))
         .route("/v1/staff/wallets/{msisdn}/unblock", post(unblock))
         .route("/v1/staff/wallets/{msisdn}/block", post(block))
-        .route("/v1/staff/cash-in", post(super::agent::cash_in))
-        .route("/v1/staff/cash-out", post(super::agent::cash_out))
+        .route("/v1/staff/cash-in", post(cash_in))
+        .route("/v1/staff/cash-out", post(cash_out))
         .route("/v1/staff/reversals", post(reverse))
+}
+
+#[utoipa::path(post, path = "/v1/staff/cash-in", tag = "staff", description = "Cash-in at the clerk's post office (as an agent's). Idempotency-Key required.", request_body = super::agent::CashIn, responses((status = 200, description = "posted"), (status = "4XX", description = "refused", body = super::openapi::ErrorBody)))]
+async fn cash_in(state: State<Arc<AppState>>, headers: HeaderMap, signed: Signed) -> Response {
+    super::agent::cash_in(state, headers, signed).await
+}
+
+#[utoipa::path(post, path = "/v1/staff/cash-out", tag = "staff", description = "Cash-out at the clerk's post office, confirmed by the customer's PIN. Idempotency-Key required.", request_body = super::agent::CashOut, responses((status = 200, description = "posted"), (status = "4XX", description = "refused", body = super::openapi::ErrorBody)))]
+async fn cash_out(state: State<Arc<AppState>>, headers: HeaderMap, signed: Signed) -> Response {
+    super::agent::cash_out(state, headers, signed).await
 }
 
 /// A wallet as staff see it.
@@ -69,6 +79,7 @@ fn staff(signed: &Signed) -> Result<&crate::store::Credential, ApiError> {
     signed.require(&[Role::Staff])
 }
 
+#[utoipa::path(get, path = "/v1/staff/wallets/{msisdn}", tag = "staff", description = "A wallet: tier, blocks, balances, limits, today's and this month's outflow.", params(("msisdn" = String, Path)), responses((status = 200, description = "done"), (status = "4XX", description = "refused", body = super::openapi::ErrorBody)))]
 async fn find(
     State(state): State<Arc<AppState>>,
     Path(msisdn): Path<String>,
@@ -80,7 +91,7 @@ async fn find(
     Ok(axum::Json(wallet_json(&view, &state.domain.config().plan)).into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ProfileBody {
     pub document_type: String,
@@ -91,7 +102,7 @@ pub struct ProfileBody {
     pub birth_date: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Identify {
     pub tier: u8,
@@ -136,6 +147,7 @@ fn checked_profile(body: ProfileBody) -> Result<Profile, ApiError> {
     })
 }
 
+#[utoipa::path(post, path = "/v1/staff/wallets/{msisdn}/identify", tag = "staff", description = "Identify a customer in person: documents recorded, tier set.", request_body = Identify, params(("msisdn" = String, Path)), responses((status = 200, description = "done"), (status = "4XX", description = "refused", body = super::openapi::ErrorBody)))]
 async fn identify(
     State(state): State<Arc<AppState>>,
     Path(msisdn): Path<String>,
@@ -150,6 +162,7 @@ async fn identify(
     Ok(axum::Json(wallet_json(&view, &state.domain.config().plan)).into_response())
 }
 
+#[utoipa::path(put, path = "/v1/staff/wallets/{msisdn}/profile", tag = "staff", description = "Change registration data.", request_body = ProfileBody, params(("msisdn" = String, Path)), responses((status = 200, description = "done"), (status = "4XX", description = "refused", body = super::openapi::ErrorBody)))]
 async fn profile(
     State(state): State<Arc<AppState>>,
     Path(msisdn): Path<String>,
@@ -162,6 +175,7 @@ async fn profile(
     Ok(axum::Json(json!({ "msisdn": msisdn.to_string(), "updated": true })).into_response())
 }
 
+#[utoipa::path(post, path = "/v1/staff/wallets/{msisdn}/unblock", tag = "staff", description = "Unblock a wallet (PIN or staff block).", params(("msisdn" = String, Path)), responses((status = 200, description = "done"), (status = "4XX", description = "refused", body = super::openapi::ErrorBody)))]
 async fn unblock(
     State(state): State<Arc<AppState>>,
     Path(msisdn): Path<String>,
@@ -173,6 +187,7 @@ async fn unblock(
     Ok(axum::Json(json!({ "msisdn": msisdn.to_string(), "blocked": false })).into_response())
 }
 
+#[utoipa::path(post, path = "/v1/staff/wallets/{msisdn}/block", tag = "staff", description = "Block a wallet: no debits, no credits.", params(("msisdn" = String, Path)), responses((status = 200, description = "done"), (status = "4XX", description = "refused", body = super::openapi::ErrorBody)))]
 async fn block(
     State(state): State<Arc<AppState>>,
     Path(msisdn): Path<String>,
@@ -184,13 +199,14 @@ async fn block(
     Ok(axum::Json(json!({ "msisdn": msisdn.to_string(), "blocked": true })).into_response())
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Reverse {
     /// The operation to reverse, as its receipt names it (32 hex digits).
     pub operation: String,
 }
 
+#[utoipa::path(post, path = "/v1/staff/reversals", tag = "staff", description = "Reverse a posted operation within the window: principal, fee and commission. Idempotency-Key required.", request_body = Reverse, responses((status = 200, description = "done"), (status = "4XX", description = "refused", body = super::openapi::ErrorBody)))]
 async fn reverse(State(state): State<Arc<AppState>>, headers: HeaderMap, signed: Signed) -> Response {
     let (caller, key) = match super::agent::money_call(&signed, &headers, &[Role::Staff]) {
         Ok(ok) => ok,
