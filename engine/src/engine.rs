@@ -276,6 +276,11 @@ impl Engine {
             .collect()
     }
 
+    /// Messages waiting in each shard's inbox.
+    pub fn shard_queue_depths(&self) -> Vec<usize> {
+        self.inner.shards.iter().map(|s| s.len()).collect()
+    }
+
     fn send(&self, shard: ShardId, message: ShardMessage) -> Result<(), EngineError> {
         if self.inner.journal.failed() {
             return Err(EngineError::Stopped);

@@ -133,13 +133,33 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let Some(handle) = &state.metrics else {
         return ApiError::not_found("metrics recorder").into_response();
     };
+    let depths = state.engine.shard_queue_depths();
     for (shard, (batches, messages)) in state.engine.shard_stats().iter().enumerate() {
         let shard = shard.to_string();
         metrics::gauge!("qepik_shard_batches_total", "shard" => shard.clone()).set(*batches as f64);
-        metrics::gauge!("qepik_shard_messages_total", "shard" => shard).set(*messages as f64);
+        metrics::gauge!("qepik_shard_messages_total", "shard" => shard.clone()).set(*messages as f64);
+        let mean = if *batches == 0 { 0.0 } else { *messages as f64 / *batches as f64 };
+        metrics::gauge!("qepik_shard_batch_size_mean", "shard" => shard.clone()).set(mean);
+        let depth = depths.get(shard.parse::<usize>().unwrap_or(0)).copied().unwrap_or(0);
+        metrics::gauge!("qepik_shard_queue_depth", "shard" => shard).set(depth as f64);
     }
-    metrics::gauge!("qepik_journal_durable_bytes").set(state.engine.journal().durable() as f64);
-    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], handle.render()).into_response()
+    let journal = state.engine.journal();
+    metrics::gauge!("qepik_journal_durable_bytes").set(journal.durable() as f64);
+    let mut text = handle.render();
+    // The journal's fdatasync latency, as a Prometheus histogram (cumulative buckets).
+    text.push_str("# TYPE qepik_journal_fsync_seconds histogram\n");
+    let mut cumulative = 0;
+    for (bound, count) in engine::journal::SYNC_BUCKETS_US.iter().zip(&journal.sync_buckets) {
+        cumulative += count.load(std::sync::atomic::Ordering::Relaxed);
+        text.push_str(&format!(
+            "qepik_journal_fsync_seconds_bucket{{le=\"{}\"}} {cumulative}\n",
+            *bound as f64 / 1e6
+        ));
+    }
+    let syncs = journal.syncs.load(std::sync::atomic::Ordering::Relaxed);
+    let sum = journal.sync_ns_total.load(std::sync::atomic::Ordering::Relaxed) as f64 / 1e9;
+    text.push_str(&format!("qepik_journal_fsync_seconds_bucket{{le=\"+Inf\"}} {syncs}\nqepik_journal_fsync_seconds_sum {sum}\nqepik_journal_fsync_seconds_count {syncs}\n"));
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
 }
 
 /// Requests and their latency by route and status.

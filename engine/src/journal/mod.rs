@@ -48,6 +48,10 @@ fn io_error(path: &Path) -> impl FnOnce(io::Error) -> JournalError + '_ {
     move |source| JournalError::Io { path: path.to_path_buf(), source }
 }
 
+/// Upper bounds (µs) of the `fdatasync` latency buckets.
+pub const SYNC_BUCKETS_US: [u64; 11] =
+    [250, 500, 1_000, 2_000, 4_000, 8_000, 16_000, 32_000, 64_000, 128_000, 256_000];
+
 /// Shared between the writer and readers: how far the journal is durable, and its health.
 #[derive(Debug, Default)]
 pub struct JournalState {
@@ -57,6 +61,8 @@ pub struct JournalState {
     advanced: Condvar,
     pub syncs: AtomicU64,
     pub sync_ns_total: AtomicU64,
+    /// `fdatasync` durations: counts at or below each of [`SYNC_BUCKETS_US`], then above all.
+    pub sync_buckets: [AtomicU64; SYNC_BUCKETS_US.len() + 1],
     pub bytes_written: AtomicU64,
     pub batches_written: AtomicU64,
 }
@@ -378,6 +384,11 @@ fn write_group(segment: &mut SegmentFile, buffer: &[u8], state: &JournalState) -
             .map_err(|source| JournalError::SyncFailed { path: segment.path.clone(), source })?;
         let elapsed = u64::try_from(started.elapsed().as_nanos()).unwrap_or(u64::MAX);
         state.sync_ns_total.fetch_add(elapsed, Ordering::Relaxed);
+        let bucket = SYNC_BUCKETS_US
+            .iter()
+            .position(|bound| elapsed <= bound * 1_000)
+            .unwrap_or(SYNC_BUCKETS_US.len());
+        state.sync_buckets[bucket].fetch_add(1, Ordering::Relaxed);
         state.syncs.fetch_add(1, Ordering::Relaxed);
         state.bytes_written.fetch_add(buffer.len() as u64, Ordering::Relaxed);
         segment.len += buffer.len() as u64;
