@@ -211,6 +211,19 @@ mod tests {
     use super::*;
 
     #[test]
+    fn the_example_file_configures_the_wallet_domain() {
+        let text = include_str!("../../qepik.example.toml");
+        let config = Config::parse(&format!("[http]\nlisten = \"127.0.0.1:9000\"\n{text}")).expect("example");
+        let secret = std::sync::Arc::new(engine::secret::ServerSecret::generate());
+        let domain = crate::server::domain_config(&config, secret).expect("wallet settings");
+        assert_eq!(domain.policy, engine::wallet::Policy::default());
+        let bad = Config::parse("[wallet]\notp_ttl_s = 0\n").expect("the server part parses");
+        let secret = std::sync::Arc::new(engine::secret::ServerSecret::generate());
+        let error = crate::server::domain_config(&bad, secret).expect_err("a zero OTP lifetime");
+        assert!(error.to_string().contains("wallet.otp_ttl_s"), "{error}");
+    }
+
+    #[test]
     fn empty_is_the_defaults() {
         let config = Config::parse("").expect("defaults");
         assert_eq!(config.http.listen.to_string(), "127.0.0.1:8080");

@@ -90,11 +90,10 @@ pub fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
 
 /// The wallet domain's configuration from the file's wallet sections.
 pub fn domain_config(config: &Config, secret: Arc<ServerSecret>) -> anyhow::Result<DomainConfig> {
-    let domain = DomainConfig::new(secret);
-    anyhow::ensure!(
-        config.wallet_toml.trim().is_empty(),
-        "the [wallet], [[tariffs]] and [[commissions]] sections are not read by this version"
-    );
+    let mut domain = DomainConfig::new(secret);
+    let settings =
+        engine::config::WalletSettings::from_toml(&config.wallet_toml).map_err(|e| anyhow::anyhow!("{e}"))?;
+    settings.apply_to(&mut domain);
     Ok(domain)
 }
 

@@ -11,6 +11,7 @@
 pub mod account;
 pub mod checkpoint;
 pub mod clock;
+pub mod config;
 pub mod domain;
 mod engine;
 pub mod ids;
