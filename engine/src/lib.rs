@@ -22,6 +22,7 @@ pub mod msisdn;
 pub mod reply;
 pub mod secret;
 pub mod shard;
+pub mod statement;
 pub mod tariff;
 pub mod transfer;
 pub mod views;

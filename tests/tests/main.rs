@@ -10,9 +10,13 @@
 //! - `torn_tail`: journals cut at every offset of their last records, and bit flips: a torn tail
 //!   is cut off, damage before valid records refuses to open.
 //! - `wallet`: the wallet domain on a real engine: fees, limits, PINs, OTPs, restarts, secrets.
+//! - `statements`: statements from the views: running balances against the ledger (holds, expiry,
+//!   cross-shard chains), stable paging under appends, CSV and JSON exports, spending by
+//!   category, restarts and reindex.
 
 mod crash;
 mod engine;
 mod model;
+mod statements;
 mod torn_tail;
 mod wallet;
