@@ -19,6 +19,7 @@ pub mod ledger;
 pub mod limits;
 pub mod money;
 pub mod msisdn;
+pub mod outbox;
 pub mod reply;
 pub mod secret;
 pub mod shard;

@@ -1,13 +1,14 @@
-//! Views in sled, derived from the journal: the transfer index by id, and each account's history
-//! with its running posted balance (read through [`crate::statement`]). sled never holds the
-//! only copy of anything: every view records the journal position it has applied, catches up
-//! from there after a crash, and [`reindex`] rebuilds it from the journal.
+//! Views in sled, derived from the journal: the transfer index by id, each account's history
+//! with its running posted balance (read through [`crate::statement`]), and the notification
+//! outbox ([`crate::outbox`]). sled never holds the only copy of anything but the outbox's
+//! acknowledgements: every view records the journal position it has applied, catches up from
+//! there after a crash, and [`reindex`] rebuilds it from the journal.
 //!
 //! One thread tails the journal (reading only what became durable since its last pass) and
 //! writes each pass as one sled batch per tree, then the position. Re-applying a pass after a
 //! crash is harmless: the transfer and history writes are idempotent inserts, and every tree a
-//! pass reads or counts with (`in_flight`, the running balances in `running`) commits in one
-//! transaction with the position.
+//! pass reads or counts with (`in_flight`, the running balances in `running`, the `outbox` and its
+//! watermark) commits in one transaction with the position.
 //!
 //! A history line is keyed by account, booked time and line number. The line number counts the
 //! account's lines in the order the views apply the journal; the booked time is the time of the
@@ -28,9 +29,14 @@ use crate::journal::record::WalRecord;
 use crate::journal::{self, JournalError, JournalState};
 use crate::ledger::Command;
 use crate::money::Currency;
+use crate::outbox::{Notification, NotificationKey, Outbox, RecordNotices};
 use crate::transfer::{Transfer, TransferFlags};
+use crate::wallet::WalletCommand;
 
 const APPLIED_KEY: &[u8] = b"applied";
+/// The journal position up to which notifications were enqueued. [`reindex`] keeps it, so that a
+/// rebuild enqueues nothing that was already enqueued (and perhaps delivered).
+const WATERMARK_KEY: &[u8] = b"outbox_watermark";
 const FORMAT_KEY: &[u8] = b"format";
 /// The layout of the trees. Views of another layout are rebuilt from the journal on open.
 const FORMAT: u64 = 2;
@@ -211,6 +217,7 @@ struct Trees {
     history: sled::Tree,
     in_flight: sled::Tree,
     running: sled::Tree,
+    outbox: sled::Tree,
     meta: sled::Tree,
 }
 
@@ -218,6 +225,8 @@ struct Trees {
 enum Event {
     Transfer { transfer: Transfer, at: u64 },
     Expired(TransferId),
+    Otp { msisdn: u64, nonce: u128, expires_at: u64 },
+    Blocked { msisdn: u64, flag: u8 },
 }
 
 fn read_u64(tree: &sled::Tree, key: &[u8]) -> Result<u64, sled::Error> {
@@ -238,6 +247,7 @@ impl Trees {
             history: db.open_tree("history").map_err(err)?,
             in_flight: db.open_tree("in_flight").map_err(err)?,
             running: db.open_tree("running").map_err(err)?,
+            outbox: db.open_tree("outbox").map_err(err)?,
             meta: db.open_tree("meta").map_err(err)?,
             db,
         };
@@ -245,7 +255,8 @@ impl Trees {
         Ok(trees)
     }
 
-    /// Views written in an older layout are cleared to be rebuilt from the journal.
+    /// Views written in an older layout are cleared to be rebuilt from the journal; what they
+    /// had applied becomes the outbox watermark, so the rebuild notifies nobody of old news.
     fn upgrade(&self) -> Result<(), sled::Error> {
         if read_u64(&self.meta, FORMAT_KEY)? == FORMAT {
             return Ok(());
@@ -253,13 +264,15 @@ impl Trees {
         let applied = self.applied()?;
         if applied > 0 {
             self.clear_derived()?;
+            let watermark = self.watermark()?.max(applied);
+            self.meta.insert(WATERMARK_KEY, &watermark.to_be_bytes())?;
         }
         self.meta.insert(FORMAT_KEY, &FORMAT.to_be_bytes())?;
         self.db.flush()?;
         Ok(())
     }
 
-    /// Clears everything [`reindex`] rebuilds.
+    /// Clears everything [`reindex`] rebuilds: all but the outbox and its watermark.
     fn clear_derived(&self) -> Result<(), sled::Error> {
         for tree in [&self.transfers, &self.history, &self.in_flight, &self.running] {
             tree.clear()?;
@@ -272,13 +285,18 @@ impl Trees {
         read_u64(&self.meta, APPLIED_KEY)
     }
 
-    /// Applies records and then records `position` as applied.
+    fn watermark(&self) -> Result<u64, sled::Error> {
+        read_u64(&self.meta, WATERMARK_KEY)
+    }
+
+    /// Applies records and then records `position` as applied. Returns how many notifications
+    /// the pass enqueued.
     fn apply(
         &self,
         records: &[(u64, WalRecord)],
         position: u64,
         cache: &mut RunningCache,
-    ) -> Result<(), sled::Error> {
+    ) -> Result<usize, sled::Error> {
         let mut in_flight = sled::Batch::default();
         // Reserves read in this pass: their finalize often follows in the same pass, before the
         // `in_flight` batch reaches the tree.
@@ -330,6 +348,15 @@ impl Trees {
                         }
                     }
                     Command::Expire(id) => events.push((end, at, Event::Expired(id))),
+                    Command::Wallet(command) => match *command {
+                        WalletCommand::OtpIssued { msisdn, nonce, expires_at, .. } => {
+                            events.push((end, at, Event::Otp { msisdn, nonce, expires_at }));
+                        }
+                        WalletCommand::Block { msisdn, flag, .. } => {
+                            events.push((end, at, Event::Blocked { msisdn, flag }));
+                        }
+                        _ => {}
+                    },
                     _ => {}
                 }
             }
@@ -343,7 +370,8 @@ impl Trees {
             }
         }
 
-        let mut pass = Pass::new(self, cache);
+        let watermark = self.watermark()?;
+        let mut pass = Pass::new(self, cache, watermark);
         for (record_end, record_at, event) in events {
             pass.event(record_end, record_at, event)?;
         }
@@ -351,15 +379,18 @@ impl Trees {
         self.transfers.apply_batch(written.transfers)?;
         self.history.apply_batch(written.history)?;
         // A pass reads `in_flight` (a finalize looks up its reserve) and `running` (the balances
-        // it adds to), so re-applying it is harmless only if those are still as they were before
-        // the pass: their changes and the position commit in one transaction, which sled
-        // recovers whole or not at all.
+        // it adds to), and enqueues only past the watermark, so re-applying it is harmless only if
+        // those are still as they were before the pass: their changes, the outbox entries and the
+        // position commit in one transaction, which sled recovers whole or not at all.
         use sled::transaction::Transactional;
-        (&self.in_flight, &self.running, &self.meta)
-            .transaction(|(in_flight_tx, running_tx, meta_tx)| {
+        let watermark = watermark.max(position);
+        (&self.in_flight, &self.running, &self.outbox, &self.meta)
+            .transaction(|(in_flight_tx, running_tx, outbox_tx, meta_tx)| {
                 in_flight_tx.apply_batch(&in_flight)?;
                 running_tx.apply_batch(&written.running)?;
+                outbox_tx.apply_batch(&written.outbox)?;
                 meta_tx.insert(APPLIED_KEY, &position.to_be_bytes())?;
+                meta_tx.insert(WATERMARK_KEY, &watermark.to_be_bytes())?;
                 Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
             })
             .map_err(|error| match error {
@@ -371,7 +402,7 @@ impl Trees {
         if cache.0.len() > RUNNING_CACHE_LEN_MAX {
             cache.0.clear();
         }
-        Ok(())
+        Ok(written.enqueued)
     }
 }
 
@@ -380,41 +411,70 @@ struct Written {
     transfers: sled::Batch,
     history: sled::Batch,
     running: sled::Batch,
+    outbox: sled::Batch,
+    enqueued: usize,
 }
 
-/// One pass over a run of events: lines and running balances.
+/// One pass over a run of events: lines, running balances and notifications.
 struct Pass<'a> {
     trees: &'a Trees,
     cache: &'a mut RunningCache,
     dirty: FxHashSet<AccountId>,
     transfers: sled::Batch,
     history: sled::Batch,
+    outbox: sled::Batch,
+    enqueued: usize,
     /// Holds placed in this pass, which their post, void or expiry may follow before the
     /// `transfers` batch reaches the tree.
     holds: FxHashMap<u128, Transfer>,
-    /// The journal record whose events are being applied.
+    watermark: u64,
+    /// The journal record whose events are being applied, and its notifications so far.
     record: u64,
+    notices: RecordNotices,
 }
 
 impl<'a> Pass<'a> {
-    fn new(trees: &'a Trees, cache: &'a mut RunningCache) -> Pass<'a> {
+    fn new(trees: &'a Trees, cache: &'a mut RunningCache, watermark: u64) -> Pass<'a> {
         Pass {
             trees,
             cache,
             dirty: FxHashSet::default(),
             transfers: sled::Batch::default(),
             history: sled::Batch::default(),
+            outbox: sled::Batch::default(),
+            enqueued: 0,
             holds: FxHashMap::default(),
+            watermark,
             record: 0,
+            notices: RecordNotices::default(),
         }
     }
 
+    /// Whether the record being applied is past the watermark: only then does it notify.
+    fn notifying(&self) -> bool {
+        self.record > self.watermark
+    }
+
     fn event(&mut self, record_end: u64, record_at: u64, event: Event) -> Result<(), sled::Error> {
-        self.record = record_end;
-        match event {
-            Event::Transfer { transfer, at } => self.transfer(&transfer, at, record_at),
-            Event::Expired(id) => self.expired(id, record_at),
+        if record_end != self.record {
+            self.flush_notices();
+            self.record = record_end;
         }
+        match event {
+            Event::Transfer { transfer, at } => self.transfer(&transfer, at, record_at)?,
+            Event::Expired(id) => self.expired(id, record_at)?,
+            Event::Otp { msisdn, nonce, expires_at } => {
+                if self.notifying() {
+                    self.notices.push(Notification::Otp { msisdn, nonce, expires_at });
+                }
+            }
+            Event::Blocked { msisdn, flag } => {
+                if self.notifying() {
+                    self.notices.push(Notification::Blocked { msisdn, flag, at: record_at });
+                }
+            }
+        }
+        Ok(())
     }
 
     fn transfer(&mut self, t: &Transfer, at: u64, record_at: u64) -> Result<(), sled::Error> {
@@ -528,17 +588,39 @@ impl<'a> Pass<'a> {
         self.history.insert(&history_key(account, entry.position()), encode_history(entry).to_vec());
         self.cache.0.insert(account, running);
         self.dirty.insert(account);
+        if entry.kind.moves_posted()
+            && self.notifying()
+            && let Some(msisdn) = account.wallet_msisdn()
+        {
+            self.notices.money(msisdn, account, entry);
+        }
         Ok(())
     }
 
-    fn finish(self) -> Written {
+    fn flush_notices(&mut self) {
+        for (index, notification) in self.notices.take().into_iter().enumerate() {
+            let key =
+                NotificationKey { position: self.record, index: u32::try_from(index).unwrap_or(u32::MAX) };
+            self.outbox.insert(&key.to_bytes(), notification.encode());
+            self.enqueued += 1;
+        }
+    }
+
+    fn finish(mut self) -> Written {
+        self.flush_notices();
         let mut running = sled::Batch::default();
         for account in &self.dirty {
             if let Some(state) = self.cache.0.get(account) {
                 running.insert(&account.0.to_be_bytes(), state.encode().to_vec());
             }
         }
-        Written { transfers: self.transfers, history: self.history, running }
+        Written {
+            transfers: self.transfers,
+            history: self.history,
+            running,
+            outbox: self.outbox,
+            enqueued: self.enqueued,
+        }
     }
 }
 
@@ -681,6 +763,8 @@ pub struct Views {
     stop: Arc<AtomicBool>,
     thread: Mutex<Option<JoinHandle<()>>>,
     error: Arc<Mutex<Option<String>>>,
+    /// Notifications enqueued since open: readers of the outbox wait on it.
+    enqueued: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl Views {
@@ -691,20 +775,22 @@ impl Views {
         let applied = Arc::new(AtomicU64::new(trees.applied().map_err(sled_err)?));
         let stop = Arc::new(AtomicBool::new(false));
         let error = Arc::new(Mutex::new(None));
+        let enqueued = Arc::new(tokio::sync::watch::Sender::new(0));
         let thread = {
             let (trees, applied, stop, error) = (trees.clone(), applied.clone(), stop.clone(), error.clone());
+            let enqueued = enqueued.clone();
             let journal_dir = journal_dir.to_path_buf();
             std::thread::Builder::new()
                 .name("qepik-views".into())
                 .spawn(move || {
-                    if let Err(message) = tail(&trees, &journal_dir, &journal, &applied, &stop) {
+                    if let Err(message) = tail(&trees, &journal_dir, &journal, &applied, &stop, &enqueued) {
                         tracing::error!(%message, "views stopped");
                         *error.lock().unwrap_or_else(|p| p.into_inner()) = Some(message);
                     }
                 })
                 .map_err(|e| ViewsError::Sled { path: path.to_path_buf(), source: sled::Error::Io(e) })?
         };
-        Ok(Views { trees, applied, stop, thread: Mutex::new(Some(thread)), error })
+        Ok(Views { trees, applied, stop, thread: Mutex::new(Some(thread)), error, enqueued })
     }
 
     /// The journal position the views have applied up to.
@@ -761,6 +847,11 @@ impl Views {
         Ok((running.balance, running.lines))
     }
 
+    /// The notification outbox, for the sender that drains it.
+    pub fn outbox(&self) -> Outbox {
+        Outbox::new(self.trees.outbox.clone(), self.enqueued.subscribe())
+    }
+
     /// Blocks until the views have applied the journal up to `position`, or `timeout` passes.
     /// Returns whether they got there.
     pub fn wait_for(&self, position: u64, timeout: Duration) -> bool {
@@ -790,6 +881,7 @@ fn tail(
     journal: &JournalState,
     applied: &AtomicU64,
     stop: &AtomicBool,
+    enqueued: &tokio::sync::watch::Sender<u64>,
 ) -> Result<(), String> {
     let mut cache = RunningCache::default();
     loop {
@@ -806,20 +898,24 @@ fn tail(
             journal.wait_past(from, Duration::from_millis(50));
             continue;
         }
-        let to = catch_up_step(trees, journal_dir, from, durable, &mut cache)?;
+        let (to, count) = catch_up_step(trees, journal_dir, from, durable, &mut cache)?;
         applied.store(to, Ordering::Release);
+        if count > 0 {
+            let count = u64::try_from(count).unwrap_or(u64::MAX);
+            enqueued.send_modify(|total| *total = total.saturating_add(count));
+        }
     }
 }
 
 /// Applies one pass from `from` towards `durable`: at most about [`PASS_LEN_MAX`] bytes of
-/// whole records. Returns the position reached.
+/// whole records. Returns the position reached and the notifications enqueued.
 fn catch_up_step(
     trees: &Trees,
     journal_dir: &Path,
     from: u64,
     durable: u64,
     cache: &mut RunningCache,
-) -> Result<u64, String> {
+) -> Result<(u64, usize), String> {
     let window_end = durable.min(from.saturating_add(PASS_LEN_MAX));
     let (mut records, mut reached) =
         journal::read_range(journal_dir, from, window_end).map_err(|e| e.to_string())?;
@@ -827,12 +923,16 @@ fn catch_up_step(
         // One record larger than the window: read up to the durable end instead.
         (records, reached) = journal::read_range(journal_dir, from, durable).map_err(|e| e.to_string())?;
     }
-    trees.apply(&records, reached, cache).map_err(|e| e.to_string())?;
-    Ok(reached)
+    let enqueued = trees.apply(&records, reached, cache).map_err(|e| e.to_string())?;
+    Ok((reached, enqueued))
 }
 
 /// Rebuilds the views from the journal: clears them and applies every durable record. The
 /// engine must not be running on this data directory.
+///
+/// The outbox and its watermark are kept: notifications still waiting stay, and records at or
+/// before the watermark enqueue nothing again, so a rebuild never re-sends what was delivered.
+/// (Deleting the `views` directory instead loses both.)
 pub fn reindex(data_dir: &Path) -> Result<u64, ViewsError> {
     let path = data_dir.join("views");
     let journal_dir = data_dir.join("journal");
@@ -843,7 +943,7 @@ pub fn reindex(data_dir: &Path) -> Result<u64, ViewsError> {
     let mut position = 0;
     let mut cache = RunningCache::default();
     while position < end.position {
-        let reached =
+        let (reached, _) =
             catch_up_step(&trees, &journal_dir, position, end.position, &mut cache).map_err(|reason| {
                 ViewsError::Journal(JournalError::Corrupt {
                     segment: journal_dir.clone(),

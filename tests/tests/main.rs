@@ -12,7 +12,8 @@
 //! - `wallet`: the wallet domain on a real engine: fees, limits, PINs, OTPs, restarts, secrets.
 //! - `statements`: statements from the views: running balances against the ledger (holds, expiry,
 //!   cross-shard chains), stable paging under appends, CSV and JSON exports, spending by
-//!   category, restarts and reindex.
+//!   category, restarts and reindex; the notification outbox (OTPs, money notices, blocks,
+//!   acknowledgements across restarts, nothing re-sent by a reindex).
 
 mod crash;
 mod engine;

@@ -1,8 +1,9 @@
-//! Statements end to end: the wallet domain over a real engine with its views on, a manual clock,
-//! and two shards so that P2Ps and cash-outs cross them. The views' running balances are checked
-//! against the ledger's posted balances; pages, exports and the spending summary against the
-//! history they are read from.
+//! Statements and notifications end to end: the wallet domain over a real engine with its views
+//! on, a manual clock, and two shards so that P2Ps and cash-outs cross them. The views' running
+//! balances are checked against the ledger's posted balances; pages, exports and the spending
+//! summary against the history they are read from; the outbox against the operations that fed it.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,11 +14,12 @@ use engine::ids::{home_shard, wallet_shard};
 use engine::journal::JournalState;
 use engine::money::{Amount, Zero};
 use engine::msisdn::Msisdn;
+use engine::outbox::{MoneyKind, MoneyNotice, Notification, NotificationKey, Outbox};
 use engine::secret::{Pin, ServerSecret};
 use engine::statement::{self, Category, Direction, StatementError, StatementQuery};
 use engine::tariff::Tariff;
 use engine::views::{HistoryEntry, LineKind, Views};
-use engine::wallet::{Actor, Limits, codes};
+use engine::wallet::{Actor, Limits, WalletState, codes};
 use engine::{
     AccountId, Currency, Domain, DomainConfig, Engine, EngineConfig, ShardId, Transfer, TransferFlags,
     TransferId, TransferResult,
@@ -533,5 +535,160 @@ fn a_refused_operation_leaves_no_line() -> anyhow::Result<()> {
     assert!(views.transfer(TransferId(op))?.is_none());
     assert!(history(views, account(a))?.iter().all(|l| l.user_data != op));
     assert!(history(views, account(b))?.is_empty());
+    Ok(())
+}
+
+// The notification outbox.
+
+/// Every entry waiting, oldest first.
+fn waiting(outbox: &Outbox) -> anyhow::Result<Vec<(NotificationKey, Notification)>> {
+    Ok(outbox.oldest(usize::MAX)?)
+}
+
+/// Acknowledges every entry waiting.
+fn drain(outbox: &Outbox) -> anyhow::Result<()> {
+    let keys: Vec<NotificationKey> = waiting(outbox)?.into_iter().map(|(key, _)| key).collect();
+    Ok(outbox.ack(&keys)?)
+}
+
+fn money(entry: &(NotificationKey, Notification)) -> anyhow::Result<MoneyNotice> {
+    match entry.1 {
+        Notification::Money(notice) => Ok(notice),
+        other => anyhow::bail!("not a money notice: {other:?}"),
+    }
+}
+
+#[test]
+fn an_issued_otp_is_enqueued_with_a_nonce_whose_code_is_accepted() -> anyhow::Result<()> {
+    let w = World::open()?;
+    let a = w.wallet(|_| true)?;
+    let outbox = w.views()?.outbox();
+    let issued = block_on(w.domain.request_otp(a))?;
+    w.caught_up()?;
+    let entries = waiting(&outbox)?;
+    let otps: Vec<(u64, u128, u64)> = entries
+        .iter()
+        .filter_map(|(_, n)| match n {
+            Notification::Otp { msisdn, nonce, expires_at } => Some((*msisdn, *nonce, *expires_at)),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(otps, [(a.get(), issued.nonce, START_NS + u64::from(issued.expires_in_s) * NS)]);
+    let otp = entries.iter().find(|(_, n)| matches!(n, Notification::Otp { .. })).context("otp")?.1;
+    assert!(!otp.expired(START_NS) && otp.expired(START_NS + u64::from(issued.expires_in_s) * NS));
+    // The sender derives the code from the nonce; the wallet accepts it (once).
+    let code = w.domain.otp_for_delivery(a, issued.nonce);
+    block_on(w.domain.verify_otp(a, &code))?;
+    assert!(block_on(w.domain.verify_otp(a, &code)).is_err());
+    Ok(())
+}
+
+#[test]
+fn operations_enqueue_one_notice_per_wallet_and_a_refused_one_nothing() -> anyhow::Result<()> {
+    let w = World::open()?;
+    let float_shard = home_shard(agent_float(AGENT), SHARDS);
+    let a = w.wallet(|s| s != float_shard)?;
+    let b = w.wallet(|s| s == wallet_shard(a.get(), SHARDS))?;
+    let c = w.wallet(|s| s != wallet_shard(a.get(), SHARDS))?;
+    let mut outbox = w.views()?.outbox();
+    let op_in = w.cash_in(a, 100_000)?;
+    w.caught_up()?;
+    let entries = waiting(&outbox)?;
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    let cash_in = money(&entries[0])?;
+    assert_eq!(
+        (cash_in.kind, cash_in.msisdn, cash_in.amount, cash_in.reference),
+        (MoneyKind::Received, a.get(), 100_000, op_in)
+    );
+    // The async reader was told.
+    {
+        let mut changed = std::pin::pin!(outbox.changed());
+        let polled = changed.as_mut().poll(&mut std::task::Context::from_waker(std::task::Waker::noop()));
+        assert!(matches!(polled, std::task::Poll::Ready(true)), "{polled:?}");
+    }
+    drain(&outbox)?;
+
+    // Across shards and on one: a sent notice with the fee for the payer, a received one for the
+    // payee, and their balances as the ledger has them.
+    for payee in [c, b] {
+        let (op, fee) = w.p2p(a, payee, 20_000)?;
+        w.caught_up()?;
+        let entries = waiting(&outbox)?;
+        assert_eq!(entries.len(), 2, "{entries:?}");
+        assert!(entries[0].0 < entries[1].0);
+        let (sent, received) = (money(&entries[0])?, money(&entries[1])?);
+        assert_eq!(
+            (sent.kind, sent.msisdn, sent.amount, sent.fee, sent.counterparty, sent.reference, sent.code),
+            (MoneyKind::Sent, a.get(), 20_000, fee, account(payee), op, codes::P2P)
+        );
+        assert_eq!(
+            (received.kind, received.msisdn, received.amount, received.fee, received.counterparty),
+            (MoneyKind::Received, payee.get(), 20_000, 0, account(a))
+        );
+        assert_eq!(sent.balance_after, w.posted(account(a))?);
+        assert_eq!(received.balance_after, w.posted(account(payee))?);
+        drain(&outbox)?;
+        assert!(outbox.is_empty());
+    }
+
+    // Refused: an overdraft and a wrong PIN enqueue nothing.
+    assert!(block_on(w.domain.p2p(w.op(), a, c, 10_000_000, w.auth())).is_err());
+    let wrong = Pin::parse("9999")?;
+    let auth = CustomerAuth { pin: Some(&wrong), otp: None, channel: channels::USSD };
+    assert!(block_on(w.domain.p2p(w.op(), a, c, 100, auth)).is_err());
+    w.caught_up()?;
+    assert!(outbox.is_empty(), "{:?}", waiting(&outbox)?);
+    assert!(!outbox.wait(Duration::from_millis(20)));
+
+    // A cash-out across shards is cashed out, with its fee; a staff block is a notice too.
+    let (op, fee) = w.cash_out(a, 5_050)?;
+    block_on(w.domain.block(c, 42))?;
+    w.caught_up()?;
+    assert!(outbox.wait(Duration::from_secs(1)));
+    let entries = waiting(&outbox)?;
+    assert_eq!(entries.len(), 2, "{entries:?}");
+    let out = money(&entries[0])?;
+    assert_eq!((out.kind, out.amount, out.fee, out.reference), (MoneyKind::CashedOut, 5_050, fee, op));
+    assert_eq!(out.balance_after, w.posted(account(a))?);
+    assert!(matches!(
+        entries[1].1,
+        Notification::Blocked { msisdn, flag: WalletState::STAFF_BLOCKED, .. } if msisdn == c.get()
+    ));
+    Ok(())
+}
+
+#[test]
+fn unacknowledged_notices_survive_a_restart_and_a_reindex_sends_nothing_twice() -> anyhow::Result<()> {
+    let w = World::open()?;
+    let Workload { a, c, .. } = workload(&w)?;
+    w.caught_up()?;
+    let outbox = w.views()?.outbox();
+    let entries = waiting(&outbox)?;
+    assert!(entries.len() > 8, "{entries:?}");
+    // Half delivered.
+    let (delivered, kept) = entries.split_at(entries.len() / 2);
+    outbox.ack(&delivered.iter().map(|(key, _)| *key).collect::<Vec<_>>())?;
+    outbox.ack(&delivered.iter().map(|(key, _)| *key).collect::<Vec<_>>())?;
+    assert_eq!(waiting(&outbox)?, kept);
+    drop(outbox);
+
+    let w = w.restart()?;
+    w.caught_up()?;
+    let outbox = w.views()?.outbox();
+    assert_eq!(waiting(&outbox)?, kept);
+    let (op, _) = w.p2p(a, c, 999)?;
+    w.caught_up()?;
+    let now = waiting(&outbox)?;
+    assert_eq!(now.len(), kept.len() + 2);
+    assert_eq!(&now[..kept.len()], kept);
+    assert_eq!(money(&now[kept.len()])?.reference, op);
+    drop(outbox);
+    let (dir, _clock) = w.close();
+
+    // The rebuild re-derives every statement but enqueues nothing already enqueued.
+    engine::views::reindex(dir.path())?;
+    let views = Views::open(&dir.path().join("views"), &dir.path().join("journal"), JournalState::new(0))?;
+    assert_eq!(waiting(&views.outbox())?, now);
+    views.stop();
     Ok(())
 }
