@@ -375,7 +375,7 @@ impl Outbox {
         self.tree.apply_batch(batch)
     }
 
-    /// Entries waiting.
+    /// Entries waiting (counted by a scan: for tests and metrics, not a hot loop).
     pub fn len(&self) -> usize {
         self.tree.len()
     }
