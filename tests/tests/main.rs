@@ -13,11 +13,16 @@
 //!   is cut off, damage before valid records refuses to open.
 //! - `cash`: cash-by-code (hold, redemption, guessing, expiry, cancel, restart) and reversals.
 //! - `wallet`: the wallet domain on a real engine: fees, limits, PINs, OTPs, restarts, secrets.
+//! - `statements`: statements from the views: running balances against the ledger (holds, expiry,
+//!   cross-shard chains), stable paging under appends, CSV and JSON exports, spending by
+//!   category, restarts and reindex; the notification outbox (OTPs, money notices, blocks,
+//!   acknowledgements across restarts, nothing re-sent by a reindex).
 
 mod cash;
 mod crash;
 mod engine;
 mod http;
 mod model;
+mod statements;
 mod torn_tail;
 mod wallet;
