@@ -4,7 +4,9 @@
 //! ```text
 //! qepik (Root)            restarts a failed child; on shutdown stops the children, then the engine
 //! ├── http (HttpServer)   owns the listening socket and the axum server; drains on stop
-//! └── flusher (Flusher)   writes idempotent responses to the store every 20 ms, and at stop
+//! ├── flusher (Flusher)   writes idempotent responses to the store every 20 ms, and at stop
+//! └── notifier (Notifier) drains the views' notification outbox to SMS (OTPs, money moved,
+//!                         blocks), acknowledging each after it is handed to the sender
 //! ```
 //!
 //! The engine's shards and journal writer are threads of their own (`engine`), not actors: the
@@ -193,6 +195,7 @@ struct RootState {
     addr: SocketAddr,
     http: Option<ActorRef<HttpMsg>>,
     flusher: Option<ActorRef<FlusherMsg>>,
+    notifier: Option<ActorRef<NotifierMsg>>,
     stopping: bool,
 }
 
@@ -217,7 +220,20 @@ impl Actor for Root {
         let (flusher, _) =
             Actor::spawn_linked(Some(format!("flusher@{addr}")), Flusher, app.clone(), myself.get_cell())
                 .await?;
-        Ok(RootState { app, addr, http: Some(http), flusher: Some(flusher), stopping: false })
+        let notifier = match app.engine.views() {
+            Some(_) => Some(
+                Actor::spawn_linked(
+                    Some(format!("notifier@{addr}")),
+                    Notifier,
+                    app.clone(),
+                    myself.get_cell(),
+                )
+                .await?
+                .0,
+            ),
+            None => None,
+        };
+        Ok(RootState { app, addr, http: Some(http), flusher: Some(flusher), notifier, stopping: false })
     }
 
     async fn handle(
@@ -235,6 +251,9 @@ impl Actor for Root {
                 }
                 if let Some(flusher) = state.flusher.take() {
                     flusher.stop_and_wait(None, None).await?;
+                }
+                if let Some(notifier) = state.notifier.take() {
+                    notifier.stop_and_wait(None, None).await?;
                 }
                 let app = state.app.clone();
                 tokio::task::spawn_blocking(move || {
@@ -284,6 +303,15 @@ impl Actor for Root {
                 )
                 .await?;
                 state.http = Some(http);
+            } else if state.notifier.as_ref().is_some_and(|n| n.get_id() == id) {
+                let (notifier, _) = Actor::spawn_linked(
+                    Some(format!("notifier@{}", state.addr)),
+                    Notifier,
+                    state.app.clone(),
+                    myself.get_cell(),
+                )
+                .await?;
+                state.notifier = Some(notifier);
             } else if state.flusher.as_ref().is_some_and(|f| f.get_id() == id) {
                 let (flusher, _) = Actor::spawn_linked(
                     Some(format!("flusher@{}", state.addr)),
@@ -297,6 +325,113 @@ impl Actor for Root {
         }
         Ok(())
     }
+}
+
+#[derive(Debug)]
+pub enum NotifierMsg {
+    Tick,
+}
+
+/// Drains the notification outbox every 50 ms.
+struct Notifier;
+
+impl Actor for Notifier {
+    type Msg = NotifierMsg;
+    type State = Arc<AppState>;
+    type Arguments = Arc<AppState>;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        app: Arc<AppState>,
+    ) -> Result<Arc<AppState>, ActorProcessingErr> {
+        myself.send_interval(std::time::Duration::from_millis(50), || NotifierMsg::Tick);
+        Ok(app)
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        _message: NotifierMsg,
+        app: &mut Arc<AppState>,
+    ) -> Result<(), ActorProcessingErr> {
+        let app = app.clone();
+        tokio::task::spawn_blocking(move || drain_outbox(&app)).await??;
+        Ok(())
+    }
+}
+
+/// Sends what the outbox holds, oldest first, and acknowledges it. Delivery is at least once:
+/// a crash between the send and the acknowledgement sends that message again.
+fn drain_outbox(app: &AppState) -> Result<(), ActorProcessingErr> {
+    let Some(views) = app.engine.views() else {
+        return Ok(());
+    };
+    let outbox = views.outbox();
+    loop {
+        let entries = outbox.oldest(256)?;
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let now = app.engine.now_ns();
+        let mut done = Vec::with_capacity(entries.len());
+        for (key, notification) in entries {
+            if !notification.expired(now) {
+                if let Some(text) = notification_text(app, &notification) {
+                    app.sms.send(notification.msisdn(), text);
+                }
+            }
+            done.push(key);
+        }
+        outbox.ack(&done)?;
+    }
+}
+
+/// The SMS for a notification (English until the menus of the USSD issue bring three languages).
+fn notification_text(app: &AppState, notification: &engine::outbox::Notification) -> Option<String> {
+    use engine::outbox::{MoneyKind, Notification};
+    let plan = &app.domain.config().plan;
+    let amount = |minor: i128| engine::statement::decimal(minor, engine::Currency::Azn).unwrap_or_default();
+    Some(match notification {
+        Notification::Otp { msisdn, nonce, .. } => {
+            let msisdn = engine::msisdn::Msisdn::from_u64(*msisdn, plan).ok()?;
+            let code = app.domain.otp_for_delivery(msisdn, *nonce);
+            format!("Qepik: your code is {}. Do not share it.", code.expose())
+        }
+        Notification::Money(notice) => {
+            let other = match notice
+                .counterparty
+                .wallet_msisdn()
+                .and_then(|m| engine::msisdn::Msisdn::from_u64(m, plan).ok())
+            {
+                Some(msisdn) => msisdn.to_string(),
+                None => engine::statement::account_name(notice.counterparty),
+            };
+            let fee = if notice.fee > 0 {
+                format!(", fee {} AZN", amount(i128::from(notice.fee)))
+            } else {
+                String::new()
+            };
+            let balance = amount(notice.balance_after);
+            match notice.kind {
+                MoneyKind::Sent => format!(
+                    "Qepik: you sent {} AZN to {other}{fee}. Balance {balance} AZN.",
+                    amount(i128::from(notice.amount))
+                ),
+                MoneyKind::Received => format!(
+                    "Qepik: you received {} AZN from {other}. Balance {balance} AZN.",
+                    amount(i128::from(notice.amount))
+                ),
+                MoneyKind::CashedOut => format!(
+                    "Qepik: cash-out {} AZN{fee}. Balance {balance} AZN.",
+                    amount(i128::from(notice.amount))
+                ),
+            }
+        }
+        Notification::Blocked { .. } => {
+            "Qepik: your wallet is blocked. Visit a post office with your ID to unblock it.".to_owned()
+        }
+    })
 }
 
 #[derive(Debug)]

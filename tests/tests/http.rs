@@ -106,19 +106,35 @@ impl Server {
 
     /// Logs a demo customer in through the OTP sent to their simulated handset.
     async fn login(&self, msisdn: &str) -> anyhow::Result<String> {
+        let before = self.sms(msisdn).await.len();
         let (status, _) =
             self.customer("POST", "/v1/customer/otp", None, json!({ "msisdn": msisdn }), None).await;
         anyhow::ensure!(status == 202, "otp: {status}");
-        let (_, inbox) =
-            self.customer("GET", &format!("/v1/demo/sms/{msisdn}"), None, Value::Null, None).await;
-        let last =
-            inbox["messages"].as_array().and_then(|m| m.last()).and_then(Value::as_str).unwrap_or_default();
-        let code: String = last.chars().filter(char::is_ascii_digit).collect();
+        // With the views on, the SMS goes out through the outbox, a moment after the commit.
+        let mut code = String::new();
+        for _ in 0..200 {
+            let messages = self.sms(msisdn).await;
+            if let Some(text) = messages.iter().skip(before).find(|m| m.contains("your code is")) {
+                code = text.chars().filter(char::is_ascii_digit).collect();
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+        }
         let (status, session) = self
             .customer("POST", "/v1/customer/sessions", None, json!({ "msisdn": msisdn, "otp": code }), None)
             .await;
         anyhow::ensure!(status == 201, "login: {status} {session}");
         Ok(session["token"].as_str().unwrap_or_default().to_owned())
+    }
+
+    /// The messages a demo handset received.
+    async fn sms(&self, msisdn: &str) -> Vec<String> {
+        let (_, inbox) =
+            self.customer("GET", &format!("/v1/demo/sms/{msisdn}"), None, Value::Null, None).await;
+        inbox["messages"]
+            .as_array()
+            .map(|m| m.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect())
+            .unwrap_or_default()
     }
 
     async fn float(&self) -> String {
@@ -367,6 +383,47 @@ async fn staff_identify_unblock_and_reverse() -> anyhow::Result<()> {
     assert_eq!(answer.0, 200, "{}", answer.1);
     let (_, wallet) = server.signed("staff", "GET", "/v1/staff/wallets/0703333333", "", None).await;
     assert_eq!(wallet["accounts"][0]["balance"].as_str(), Some("50.00"), "{wallet}");
+
+    // The statement: the demo's cash-in, the cash-out and its fee, the reversal; paged two at a
+    // time, every line once, ending where the ledger stands.
+    let mut lines = Vec::new();
+    let mut cursor: Option<String> = None;
+    for _ in 0..20 {
+        let path = match &cursor {
+            Some(c) => format!("/v1/staff/wallets/0703333333/statement?limit=2&cursor={c}"),
+            None => "/v1/staff/wallets/0703333333/statement?limit=2".to_owned(),
+        };
+        let (status, page) = server.signed("staff", "GET", &path, "", None).await;
+        assert_eq!(status, 200, "{page}");
+        lines.extend(page["lines"].as_array().cloned().unwrap_or_default());
+        match page["next"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    assert!(lines.len() >= 4, "{lines:?}");
+    assert_eq!(lines.last().and_then(|l| l["balance_after"].as_str()), Some("50.00"), "{lines:?}");
+    let (status, csv) =
+        server.signed("staff", "GET", "/v1/staff/wallets/0703333333/export?format=csv", "", None).await;
+    assert_eq!(status, 200);
+    assert!(csv.as_str().is_some_and(|text| text.lines().count() >= 4), "{csv}");
+    let (status, bad) = server
+        .signed("staff", "GET", "/v1/staff/wallets/0703333333/statement?cursor=garbage", "", None)
+        .await;
+    assert_eq!((status, bad["error"]["code"].as_str()), (422, Some("invalid_cursor")));
+    let (status, report) = server.signed("staff", "GET", "/v1/agent/report", "", None).await;
+    assert_eq!(status, 200, "{report}");
+    assert!(report["operations"].as_u64().is_some_and(|n| n >= 2), "{report}");
+    // The customer was told of the cash-out, after it committed.
+    let mut told = false;
+    for _ in 0..200 {
+        if server.sms("0703333333").await.iter().any(|m| m.contains("cash-out 5.00 AZN")) {
+            told = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert!(told, "{:?}", server.sms("0703333333").await);
     server.assert_balanced().await;
     server.stop().await
 }

@@ -11,6 +11,7 @@ pub mod error;
 pub mod idempotency;
 pub mod openapi;
 pub mod staff;
+pub mod statements;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -59,9 +60,12 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/agent/cash-out"),
     ("GET", "/v1/agent/float"),
     ("GET", "/v1/agent/operations/{reference}"),
+    ("GET", "/v1/agent/report"),
     ("POST", "/v1/atm/redemptions"),
     ("GET", "/v1/atm/redemptions/{reference}"),
     ("GET", "/v1/staff/wallets/{msisdn}"),
+    ("GET", "/v1/staff/wallets/{msisdn}/statement"),
+    ("GET", "/v1/staff/wallets/{msisdn}/export"),
     ("POST", "/v1/staff/wallets/{msisdn}/identify"),
     ("PUT", "/v1/staff/wallets/{msisdn}/profile"),
     ("POST", "/v1/staff/wallets/{msisdn}/unblock"),
@@ -75,6 +79,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/customer/sessions/refresh"),
     ("DELETE", "/v1/customer/sessions"),
     ("GET", "/v1/customer/balance"),
+    ("GET", "/v1/customer/statement"),
     ("POST", "/v1/customer/transfers"),
     ("POST", "/v1/customer/cash-codes"),
     ("GET", "/v1/demo/sms/{msisdn}"),
@@ -96,6 +101,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(staff::routes())
         .merge(customer::routes())
         .merge(admin::routes())
+        .merge(statements::routes())
         .fallback(|| async { ApiError::not_found("route") })
         .layer(axum::middleware::from_fn(record_metrics))
         .layer(

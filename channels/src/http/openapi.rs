@@ -63,6 +63,10 @@ pub struct ErrorDetail {
         super::admin::issue_credential,
         super::admin::revoke_credential,
         super::admin::trial_balance,
+        super::statements::customer_statement,
+        super::statements::staff_statement,
+        super::statements::staff_export,
+        super::statements::agent_report,
     ),
     components(schemas(ErrorBody, ErrorDetail))
 )]
