@@ -376,10 +376,10 @@ fn drain_outbox(app: &AppState) -> Result<(), ActorProcessingErr> {
         let now = app.engine.now_ns();
         let mut done = Vec::with_capacity(entries.len());
         for (key, notification) in entries {
-            if !notification.expired(now) {
-                if let Some(text) = notification_text(app, &notification) {
-                    app.sms.send(notification.msisdn(), text);
-                }
+            if !notification.expired(now)
+                && let Some(text) = notification_text(app, &notification)
+            {
+                app.sms.send(notification.msisdn(), text);
             }
             done.push(key);
         }
