@@ -24,6 +24,7 @@ pub const POST_OFFICE: u64 = 2001;
 pub const ATM_NETWORK: u64 = 3001;
 pub const STAFF: u64 = 501;
 pub const ADMIN: u64 = 1;
+pub const MERCHANT: u64 = 5001;
 
 /// Manat in minor units.
 const fn azn(manat: u64) -> u64 {
@@ -124,6 +125,21 @@ pub async fn seed(state: &Arc<AppState>, addr: SocketAddr) -> anyhow::Result<()>
             "key_id": credential.key_id, "key": key,
         }));
     }
+    let merchant = crate::http::admin::merchant(
+        state,
+        crate::http::admin::CreateMerchant {
+            merchant: MERCHANT,
+            name: "Demo Cafe".into(),
+            city: "Baku".into(),
+            webhook_url: None,
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+    credential_list.push(json!({
+        "role": "merchant", "who": "Demo Cafe", "agent": MERCHANT, "staff": 0,
+        "key_id": merchant["key_id"], "key": merchant["key"], "webhook_key": merchant["webhook_key"],
+    }));
     let demo = json!({
         "http": format!("http://{addr}"),
         "signing": "X-Qepik-Key: key_id; X-Qepik-Timestamp: unix seconds; X-Qepik-Signature: hex HMAC-SHA256(hex-decoded key, METHOD\\nPATH?QUERY\\nTIMESTAMP\\nhex SHA-256 of the body)",

@@ -7,6 +7,7 @@
 
 pub mod config;
 pub mod demo;
+pub mod emvco;
 pub mod http;
 pub mod server;
 pub mod sms;

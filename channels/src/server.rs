@@ -5,8 +5,9 @@
 //! qepik (Root)            restarts a failed child; on shutdown stops the children, then the engine
 //! ├── http (HttpServer)   owns the listening socket and the axum server; drains on stop
 //! ├── flusher (Flusher)   writes idempotent responses to the store every 20 ms, and at stop
-//! └── notifier (Notifier) drains the views' notification outbox to SMS (OTPs, money moved,
-//!                         blocks), acknowledging each after it is handed to the sender
+//! ├── notifier (Notifier) drains the views' notification outbox to SMS (OTPs, money moved,
+//! │                       blocks), acknowledging each after it is handed to the sender
+//! └── webhooks (Webhooks) posts merchants' signed payment webhooks, retrying with backoff
 //! ```
 //!
 //! The engine's shards and journal writer are threads of their own (`engine`), not actors: the
@@ -196,6 +197,7 @@ struct RootState {
     http: Option<ActorRef<HttpMsg>>,
     flusher: Option<ActorRef<FlusherMsg>>,
     notifier: Option<ActorRef<NotifierMsg>>,
+    webhooks: Option<ActorRef<WebhooksMsg>>,
     stopping: bool,
 }
 
@@ -233,7 +235,18 @@ impl Actor for Root {
             ),
             None => None,
         };
-        Ok(RootState { app, addr, http: Some(http), flusher: Some(flusher), notifier, stopping: false })
+        let (webhooks, _) =
+            Actor::spawn_linked(Some(format!("webhooks@{addr}")), Webhooks, app.clone(), myself.get_cell())
+                .await?;
+        Ok(RootState {
+            app,
+            addr,
+            http: Some(http),
+            flusher: Some(flusher),
+            notifier,
+            webhooks: Some(webhooks),
+            stopping: false,
+        })
     }
 
     async fn handle(
@@ -254,6 +267,9 @@ impl Actor for Root {
                 }
                 if let Some(notifier) = state.notifier.take() {
                     notifier.stop_and_wait(None, None).await?;
+                }
+                if let Some(webhooks) = state.webhooks.take() {
+                    webhooks.stop_and_wait(None, None).await?;
                 }
                 let app = state.app.clone();
                 tokio::task::spawn_blocking(move || {
@@ -303,6 +319,15 @@ impl Actor for Root {
                 )
                 .await?;
                 state.http = Some(http);
+            } else if state.webhooks.as_ref().is_some_and(|w| w.get_id() == id) {
+                let (webhooks, _) = Actor::spawn_linked(
+                    Some(format!("webhooks@{}", state.addr)),
+                    Webhooks,
+                    state.app.clone(),
+                    myself.get_cell(),
+                )
+                .await?;
+                state.webhooks = Some(webhooks);
             } else if state.notifier.as_ref().is_some_and(|n| n.get_id() == id) {
                 let (notifier, _) = Actor::spawn_linked(
                     Some(format!("notifier@{}", state.addr)),
@@ -321,6 +346,69 @@ impl Actor for Root {
                 )
                 .await?;
                 state.flusher = Some(flusher);
+            }
+        }
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+pub enum WebhooksMsg {
+    Tick,
+}
+
+/// Delivers queued webhooks every 200 ms; a failed delivery is retried after 2^attempts
+/// seconds, ten times, then dropped with an error in the log.
+struct Webhooks;
+
+const WEBHOOK_ATTEMPTS_MAX: u32 = 10;
+
+impl Actor for Webhooks {
+    type Msg = WebhooksMsg;
+    type State = (Arc<AppState>, reqwest::Client);
+    type Arguments = Arc<AppState>;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        app: Arc<AppState>,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        myself.send_interval(std::time::Duration::from_millis(200), || WebhooksMsg::Tick);
+        let client = reqwest::Client::builder().timeout(std::time::Duration::from_secs(5)).build()?;
+        Ok((app, client))
+    }
+
+    async fn handle(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        _message: WebhooksMsg,
+        (app, client): &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        use hmac::Mac;
+        let now = crate::http::auth::now_s();
+        for (key, mut webhook) in app.store.due_webhooks(now, 64)? {
+            let signing = crate::http::merchant::webhook_key(&app.secret, webhook.merchant);
+            let mut mac = <hmac::Hmac<sha2::Sha256> as hmac::Mac>::new_from_slice(&signing)?;
+            mac.update(format!("{now}\n{}", webhook.body).as_bytes());
+            let signature = hex::encode(mac.finalize().into_bytes());
+            let sent = client
+                .post(&webhook.url)
+                .header("content-type", "application/json")
+                .header("x-qepik-timestamp", now.to_string())
+                .header("x-qepik-signature", signature)
+                .body(webhook.body.clone())
+                .send()
+                .await;
+            let delivered = matches!(&sent, Ok(response) if response.status().is_success());
+            if delivered {
+                app.store.settle_webhook(&key, None)?;
+            } else if webhook.attempts + 1 >= WEBHOOK_ATTEMPTS_MAX {
+                tracing::error!(merchant = webhook.merchant, url = %webhook.url, "webhook dropped after {WEBHOOK_ATTEMPTS_MAX} attempts");
+                app.store.settle_webhook(&key, None)?;
+            } else {
+                webhook.attempts += 1;
+                webhook.next_at_s = now + (1 << webhook.attempts.min(12));
+                app.store.settle_webhook(&key, Some(&webhook))?;
             }
         }
         Ok(())

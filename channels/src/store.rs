@@ -28,6 +28,8 @@ pub enum Role {
     Staff,
     /// Administrators: agents, credentials, tiers, tariffs, the trial balance.
     Admin,
+    /// A merchant: dynamic QR payment requests and their status.
+    Merchant,
 }
 
 impl Role {
@@ -37,6 +39,7 @@ impl Role {
             Role::Atm => "atm",
             Role::Staff => "staff",
             Role::Admin => "admin",
+            Role::Merchant => "merchant",
         }
     }
 }
@@ -63,6 +66,47 @@ pub struct Session {
     pub expires_at_s: u64,
     /// Set on refresh tokens: the session they renew.
     pub refresh: bool,
+}
+
+/// A merchant: where its payment notifications go.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Merchant {
+    pub merchant: u64,
+    pub name: String,
+    pub city: String,
+    /// Where signed payment webhooks are posted, if anywhere.
+    pub webhook_url: Option<String>,
+}
+
+/// A dynamic QR payment request and, once paid, who paid it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PaymentRequest {
+    pub request: String,
+    pub merchant: u64,
+    pub amount: u64,
+    pub reference: String,
+    pub expires_at_s: u64,
+    pub paid: Option<Paid>,
+    /// Who is paying it and until when: one payer at a time (see [`Store::claim`]).
+    #[serde(default)]
+    pub claim: Option<(String, u64)>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Paid {
+    pub msisdn: String,
+    pub operation: String,
+    pub at_s: u64,
+}
+
+/// A webhook waiting to be delivered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Webhook {
+    pub merchant: u64,
+    pub url: String,
+    pub body: String,
+    pub attempts: u32,
+    pub next_at_s: u64,
 }
 
 /// The response of a finished idempotent request.
@@ -92,6 +136,9 @@ pub struct Store {
     credentials: sled::Tree,
     sessions: sled::Tree,
     idempotency: sled::Tree,
+    merchants: sled::Tree,
+    requests: sled::Tree,
+    webhooks: sled::Tree,
     credential_cache: std::sync::Arc<std::sync::RwLock<std::collections::HashMap<String, Credential>>>,
     session_cache: std::sync::Arc<std::sync::RwLock<std::collections::HashMap<String, Session>>>,
     recent: std::sync::Arc<std::sync::Mutex<Recent>>,
@@ -118,6 +165,9 @@ impl Store {
             credentials,
             sessions: db.open_tree("sessions")?,
             idempotency: db.open_tree("idempotency")?,
+            merchants: db.open_tree("merchants")?,
+            requests: db.open_tree("payment_requests")?,
+            webhooks: db.open_tree("webhooks")?,
             db,
             credential_cache: std::sync::Arc::new(std::sync::RwLock::new(cache)),
             session_cache: Default::default(),
@@ -212,6 +262,114 @@ impl Store {
             }
         }
         Ok(unwritten.len())
+    }
+
+    pub fn merchant(&self, merchant: u64) -> Result<Option<Merchant>, StoreError> {
+        self.merchants.get(merchant.to_be_bytes())?.map(|v| decode(&v)).transpose()
+    }
+
+    pub fn put_merchant(&self, merchant: &Merchant) -> Result<(), StoreError> {
+        self.merchants.insert(merchant.merchant.to_be_bytes(), encode(merchant)?)?;
+        self.db.flush()?;
+        Ok(())
+    }
+
+    pub fn payment_request(&self, request: &str) -> Result<Option<PaymentRequest>, StoreError> {
+        self.requests.get(request.as_bytes())?.map(|v| decode(&v)).transpose()
+    }
+
+    pub fn put_payment_request(&self, request: &PaymentRequest) -> Result<(), StoreError> {
+        self.requests.insert(request.request.as_bytes(), encode(request)?)?;
+        Ok(())
+    }
+
+    /// Claims a request for `payer` for `ttl_s`: `Ok(true)` if it is theirs to pay (unclaimed,
+    /// claimed by them, or a claim that lapsed), `Ok(false)` if another payer holds it or paid it.
+    /// The ledger checks a transfer id only on the payer's shard, so this claim is what keeps two
+    /// payers of one request from both paying it.
+    pub fn claim(&self, request: &str, payer: &str, now_s: u64, ttl_s: u64) -> Result<bool, StoreError> {
+        use sled::transaction::{ConflictableTransactionError, TransactionError};
+        let outcome = self.requests.transaction(|requests| {
+            let Some(bytes) = requests.get(request.as_bytes())? else {
+                return Ok(false);
+            };
+            let mut record: PaymentRequest = serde_json::from_slice(&bytes)
+                .map_err(|e| ConflictableTransactionError::Abort(e.to_string()))?;
+            if let Some(paid) = &record.paid {
+                return Ok(paid.msisdn == payer);
+            }
+            match &record.claim {
+                Some((holder, until)) if holder != payer && *until > now_s => return Ok(false),
+                _ => {}
+            }
+            record.claim = Some((payer.to_owned(), now_s + ttl_s));
+            let bytes = serde_json::to_vec(&record)
+                .map_err(|e| ConflictableTransactionError::Abort(e.to_string()))?;
+            requests.insert(request.as_bytes(), bytes)?;
+            Ok(true)
+        });
+        match outcome {
+            Ok(mine) => Ok(mine),
+            Err(TransactionError::Abort(reason)) => Err(StoreError::Corrupt(reason)),
+            Err(TransactionError::Storage(error)) => Err(error.into()),
+        }
+    }
+
+    /// Records a request as paid and queues its webhook, in one sled transaction, unless it was
+    /// already recorded as paid (then nothing changes and `false` is returned).
+    pub fn mark_paid(&self, request: &str, paid: Paid, webhook: Option<Webhook>) -> Result<bool, StoreError> {
+        use sled::transaction::{ConflictableTransactionError, TransactionError, Transactional};
+        let id = self.db.generate_id()?;
+        let outcome = (&self.requests, &self.webhooks).transaction(|(requests, webhooks)| {
+            let Some(bytes) = requests.get(request.as_bytes())? else {
+                return Ok(false);
+            };
+            let mut record: PaymentRequest = serde_json::from_slice(&bytes)
+                .map_err(|e| ConflictableTransactionError::Abort(e.to_string()))?;
+            if record.paid.is_some() {
+                return Ok(false);
+            }
+            record.paid = Some(paid.clone());
+            let bytes = serde_json::to_vec(&record)
+                .map_err(|e| ConflictableTransactionError::Abort(e.to_string()))?;
+            requests.insert(request.as_bytes(), bytes)?;
+            if let Some(webhook) = &webhook {
+                let bytes = serde_json::to_vec(webhook)
+                    .map_err(|e| ConflictableTransactionError::Abort(e.to_string()))?;
+                webhooks.insert(&id.to_be_bytes(), bytes)?;
+            }
+            Ok(true)
+        });
+        match outcome {
+            Ok(done) => Ok(done),
+            Err(TransactionError::Abort(reason)) => Err(StoreError::Corrupt(reason)),
+            Err(TransactionError::Storage(error)) => Err(error.into()),
+        }
+    }
+
+    /// Webhooks due at `now_s`, oldest first, at most `n`.
+    pub fn due_webhooks(&self, now_s: u64, n: usize) -> Result<Vec<(sled::IVec, Webhook)>, StoreError> {
+        let mut due = Vec::new();
+        for entry in self.webhooks.iter() {
+            let (key, value) = entry?;
+            let webhook: Webhook = decode(&value)?;
+            if webhook.next_at_s <= now_s {
+                due.push((key, webhook));
+                if due.len() >= n {
+                    break;
+                }
+            }
+        }
+        Ok(due)
+    }
+
+    /// A webhook delivered (`None`: removed) or to retry later.
+    pub fn settle_webhook(&self, key: &[u8], retry: Option<&Webhook>) -> Result<(), StoreError> {
+        match retry {
+            Some(webhook) => self.webhooks.insert(key, encode(webhook)?).map(drop)?,
+            None => self.webhooks.remove(key).map(drop)?,
+        }
+        Ok(())
     }
 
     pub fn flush(&self) -> Result<(), StoreError> {

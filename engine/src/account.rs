@@ -21,6 +21,8 @@ impl AccountKind {
     pub const KIOSK_FLOAT: AccountKind = AccountKind(10);
     pub const POST_OFFICE_FLOAT: AccountKind = AccountKind(11);
     pub const ATM_NETWORK_FLOAT: AccountKind = AccountKind(12);
+    /// A merchant's receipts from QR and other payments.
+    pub const MERCHANT: AccountKind = AccountKind(13);
 }
 
 /// Constraints on an account, as bits so that they journal compactly.

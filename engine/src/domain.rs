@@ -418,6 +418,36 @@ impl Domain {
         check_created(self.engine.create_accounts(vec![float, commission]).await?)
     }
 
+    /// Creates a merchant's account (it receives payments; it cannot go negative).
+    pub async fn create_merchant(&self, merchant: u64) -> Result<(), OpError> {
+        let account = Account::new(
+            AccountId::merchant(merchant, Currency::Azn),
+            Currency::Azn,
+            AccountKind::MERCHANT,
+            AccountFlags::DEBITS_MUST_NOT_EXCEED_CREDITS,
+        );
+        check_created(self.engine.create_accounts(vec![account]).await?)
+    }
+
+    /// The customer pays a merchant (a QR payment): principal and the tariff's fee as one chain,
+    /// under the customer's limits and authorization, coded [`codes::MERCHANT_PAYMENT`].
+    pub async fn merchant_payment(
+        &self,
+        op: u128,
+        from: Msisdn,
+        merchant: u64,
+        amount: u64,
+        auth: CustomerAuth<'_>,
+    ) -> Result<Receipt, OpError> {
+        let debit = AccountId::wallet(from.get(), Currency::Azn);
+        let credit = AccountId::merchant(merchant, Currency::Azn);
+        let (chain, fee) = self.payment_chain(op, debit, credit, amount, codes::MERCHANT_PAYMENT)?;
+        let authorization = self.authorization(from, &auth)?;
+        let results = self.engine.submit_authorized(authorization, chain).await?;
+        self.outcome(from, from, &results).await?;
+        Ok(Receipt { id: TransferId(op), amount, fee, commission: 0 })
+    }
+
     /// E-money issued to an agent's float against cash or a bank deposit it paid in.
     pub async fn fund_agent(&self, op: u128, agent: u64, amount: u64) -> Result<Receipt, OpError> {
         positive(amount)?;

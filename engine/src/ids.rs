@@ -23,6 +23,8 @@ pub const CLASS_WALLET: u8 = 1;
 /// An agent's float account (purpose 0) and commission account (purpose 1): subject is
 /// `agent << 1 | purpose`.
 pub const CLASS_AGENT: u8 = 2;
+/// A merchant's account: subject is the merchant's number.
+pub const CLASS_MERCHANT: u8 = 3;
 
 impl AccountId {
     /// A system account spread over every shard; `n` must fit in 63 bits.
@@ -57,6 +59,15 @@ impl AccountId {
         )
     }
 
+    /// A merchant's account in `currency`. `merchant` must be below 2^50.
+    pub fn merchant(merchant: u64, currency: crate::money::Currency) -> AccountId {
+        AccountId(
+            (u64::from(CLASS_MERCHANT) << CLASS_SHIFT)
+                | (u64::from(currency as u8) << CURRENCY_SHIFT)
+                | (merchant & SUBJECT_MASK),
+        )
+    }
+
     fn class(self) -> u8 {
         if self.is_spread() { 0 } else { u8::try_from(self.0 >> CLASS_SHIFT).unwrap_or(0) }
     }
@@ -68,7 +79,7 @@ impl AccountId {
 
     /// The currency a wallet or agent account id names.
     pub fn currency(self) -> Option<crate::money::Currency> {
-        if matches!(self.class(), CLASS_WALLET | CLASS_AGENT) {
+        if matches!(self.class(), CLASS_WALLET | CLASS_AGENT | CLASS_MERCHANT) {
             crate::money::Currency::from_u8(u8::try_from((self.0 & CURRENCY_MASK) >> CURRENCY_SHIFT).ok()?)
         } else {
             None
@@ -79,7 +90,7 @@ impl AccountId {
     /// (and without the purpose bit for agents), so that each one's accounts sit together.
     fn placement_key(self) -> u64 {
         match self.class() {
-            CLASS_WALLET => self.0 & !CURRENCY_MASK,
+            CLASS_WALLET | CLASS_MERCHANT => self.0 & !CURRENCY_MASK,
             CLASS_AGENT => self.0 & !CURRENCY_MASK & !1,
             _ => self.0,
         }

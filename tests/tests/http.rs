@@ -67,7 +67,20 @@ impl Server {
         body: &str,
         key: Option<&str>,
     ) -> (u16, Value) {
-        let (key_id, secret) = self.credential(role);
+        let credential = self.credential(role);
+        self.signed_as(&credential, method, path, body, key).await
+    }
+
+    /// A signed request with a given credential.
+    async fn signed_as(
+        &self,
+        credential: &(String, Vec<u8>),
+        method: &str,
+        path: &str,
+        body: &str,
+        key: Option<&str>,
+    ) -> (u16, Value) {
+        let (key_id, secret) = credential.clone();
         let timestamp = now_s();
         let sig = signature(&secret, method, path, timestamp, body.as_bytes());
         let mut request = self
@@ -487,5 +500,105 @@ async fn the_openapi_document_lists_every_route() -> anyhow::Result<()> {
         channels::http::ROUTES.len(),
         "the document lists routes the server does not serve"
     );
+    server.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn merchants_are_paid_once_by_qr_and_told_by_a_signed_webhook() -> anyhow::Result<()> {
+    use hmac::Mac;
+    // The merchant's webhook receiver: a real server on loopback.
+    let received: Arc<std::sync::Mutex<Vec<(String, String, String)>>> = Arc::default();
+    let sink = received.clone();
+    let receiver = axum::Router::new().route(
+        "/hook",
+        axum::routing::post(move |headers: axum::http::HeaderMap, body: String| {
+            let sink = sink.clone();
+            async move {
+                let header = |name: &str| {
+                    headers.get(name).and_then(|v| v.to_str().ok()).unwrap_or_default().to_owned()
+                };
+                sink.lock().unwrap_or_else(|p| p.into_inner()).push((
+                    header("x-qepik-timestamp"),
+                    header("x-qepik-signature"),
+                    body,
+                ));
+                "ok"
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let hook = format!("http://{}/hook", listener.local_addr()?);
+    tokio::spawn(async move { axum::serve(listener, receiver).await });
+
+    let dir = tempfile::tempdir()?;
+    let mut server = Server::start(dir.path()).await?;
+    let create =
+        json!({ "merchant": 6001, "name": "Chai Evi", "city": "Baku", "webhook_url": hook }).to_string();
+    let (status, merchant) = server.signed("admin", "POST", "/v1/admin/merchants", &create, None).await;
+    assert_eq!(status, 201, "{merchant}");
+    let credential = (
+        merchant["key_id"].as_str().unwrap_or_default().to_owned(),
+        hex::decode(merchant["key"].as_str().unwrap_or_default())?,
+    );
+    let webhook_key = hex::decode(merchant["webhook_key"].as_str().unwrap_or_default())?;
+    let (status, qr) = server
+        .signed_as(&credential, "POST", "/v1/merchant/qr", r#"{"amount":"8.40","reference":"table-4"}"#, None)
+        .await;
+    assert_eq!(status, 201, "{qr}");
+    let payload = qr["payload"].as_str().unwrap_or_default().to_owned();
+    assert!(payload.starts_with("000201010212") && payload.contains("5303944"), "{payload}");
+    let status_path = format!("/v1/merchant/payments/{}", qr["request"].as_str().unwrap_or_default());
+    let (_, open) = server.signed_as(&credential, "GET", &status_path, "", None).await;
+    assert_eq!(open["status"], "open");
+
+    let token = server.login("+994501111111").await?;
+    let mut tampered = payload.clone();
+    tampered.replace_range(tampered.len() - 1.., if payload.ends_with('0') { "1" } else { "0" });
+    let (status, refused) = server
+        .customer(
+            "POST",
+            "/v1/customer/qr-payments",
+            Some(&token),
+            json!({ "payload": tampered, "pin": "1111" }),
+            Some("qr-0"),
+        )
+        .await;
+    assert_eq!((status, refused["error"]["code"].as_str()), (422, Some("invalid_qr")), "{refused}");
+    let pay = json!({ "payload": payload, "pin": "1111" });
+    let (status, paid) =
+        server.customer("POST", "/v1/customer/qr-payments", Some(&token), pay.clone(), Some("qr-1")).await;
+    assert_eq!((status, paid["merchant_reference"].as_str()), (200, Some("table-4")), "{paid}");
+    // The same customer again, under another key: the same payment, not a second one.
+    let (status, _) =
+        server.customer("POST", "/v1/customer/qr-payments", Some(&token), pay.clone(), Some("qr-2")).await;
+    assert_eq!(status, 200);
+    // Someone else cannot pay it again.
+    let other = server.login("+994552222222").await?;
+    let pay_other = json!({ "payload": payload, "pin": "2222" });
+    let (status, conflict) =
+        server.customer("POST", "/v1/customer/qr-payments", Some(&other), pay_other, Some("qr-3")).await;
+    assert_eq!(status, 409, "{conflict}");
+    let (_, balance) = server.customer("GET", "/v1/customer/balance", Some(&token), Value::Null, None).await;
+    assert_eq!(balance["accounts"][0]["balance"].as_str(), Some("491.60"), "{balance}");
+    let (_, done) = server.signed_as(&credential, "GET", &status_path, "", None).await;
+    assert_eq!(done["status"], "paid", "{done}");
+
+    // The webhook arrives once, signed with the merchant's webhook key.
+    let mut hooks = Vec::new();
+    for _ in 0..200 {
+        hooks = received.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if !hooks.is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert_eq!(hooks.len(), 1, "{hooks:?}");
+    let (timestamp, signature, body) = &hooks[0];
+    let mut mac = <hmac::Hmac<sha2::Sha256> as Mac>::new_from_slice(&webhook_key)?;
+    mac.update(format!("{timestamp}\n{body}").as_bytes());
+    assert_eq!(&hex::encode(mac.finalize().into_bytes()), signature);
+    let event: Value = serde_json::from_str(body)?;
+    assert_eq!((event["event"].as_str(), event["amount"].as_str()), (Some("payment.paid"), Some("8.40")));
+    server.assert_balanced().await;
     server.stop().await
 }

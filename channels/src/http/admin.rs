@@ -20,6 +20,7 @@ pub fn routes() -> Router<Arc<AppState>> {
     Router::new()
         .route("/v1/admin/agents", post(create_agent))
         .route("/v1/admin/agents/{agent}/funding", post(fund_agent))
+        .route("/v1/admin/merchants", post(create_merchant))
         .route("/v1/admin/credentials", post(issue_credential))
         .route("/v1/admin/credentials/{key_id}", delete(revoke_credential))
         .route("/v1/admin/trial-balance", get(trial_balance))
@@ -65,6 +66,76 @@ async fn create_agent(State(state): State<Arc<AppState>>, signed: Signed) -> Res
     state.domain.create_agent(request.agent, kind).await?;
     Ok((StatusCode::CREATED, axum::Json(json!({ "agent": request.agent, "kind": request.kind })))
         .into_response())
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateMerchant {
+    pub merchant: u64,
+    pub name: String,
+    pub city: String,
+    /// Where signed payment webhooks go (http or https).
+    #[serde(default)]
+    pub webhook_url: Option<String>,
+}
+
+/// Creates a merchant (its account, its record) and its credential.
+pub async fn merchant(state: &AppState, request: CreateMerchant) -> Result<serde_json::Value, ApiError> {
+    let text_ok =
+        |t: &str| !t.trim().is_empty() && t.chars().count() <= 25 && t.chars().all(|c| !c.is_control());
+    if !text_ok(&request.name) {
+        return Err(ApiError::field(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            "name",
+            "1 to 25 printable characters",
+        ));
+    }
+    if !text_ok(&request.city) || request.city.chars().count() > 15 {
+        return Err(ApiError::field(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            "city",
+            "1 to 15 printable characters",
+        ));
+    }
+    if request.merchant == 0 || request.merchant >= 1 << 40 {
+        return Err(ApiError::field(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            "merchant",
+            "1 to 2^40 - 1",
+        ));
+    }
+    if let Some(url) = &request.webhook_url
+        && !(url.starts_with("http://") || url.starts_with("https://"))
+    {
+        return Err(ApiError::field(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+            "webhook_url",
+            "an http or https URL",
+        ));
+    }
+    state.domain.create_merchant(request.merchant).await?;
+    state.store.put_merchant(&crate::store::Merchant {
+        merchant: request.merchant,
+        name: request.name.trim().to_owned(),
+        city: request.city.trim().to_owned(),
+        webhook_url: request.webhook_url,
+    })?;
+    let (credential, key) = issue(state, Role::Merchant, request.merchant, 0)?;
+    let webhook_key = hex::encode(super::merchant::webhook_key(&state.secret, request.merchant));
+    Ok(
+        json!({ "merchant": request.merchant, "key_id": credential.key_id, "key": key, "webhook_key": webhook_key }),
+    )
+}
+
+#[utoipa::path(post, path = "/v1/admin/merchants", tag = "admin", description = "Create a merchant: its account, its record and its API credential; the key and the webhook signing key are returned once.", request_body = CreateMerchant, responses((status = 201, description = "created"), (status = "4XX", description = "refused", body = super::openapi::ErrorBody)))]
+async fn create_merchant(State(state): State<Arc<AppState>>, signed: Signed) -> Result<Response, ApiError> {
+    signed.require(&[Role::Admin])?;
+    let request: CreateMerchant = super::parse(&signed.body)?;
+    Ok((StatusCode::CREATED, axum::Json(merchant(&state, request).await?)).into_response())
 }
 
 #[derive(Debug, Deserialize, utoipa::ToSchema)]
@@ -227,6 +298,7 @@ fn kind_name(kind: engine::AccountKind) -> String {
         K::KIOSK_FLOAT => "kiosk_float",
         K::POST_OFFICE_FLOAT => "post_office_float",
         K::ATM_NETWORK_FLOAT => "atm_network_float",
+        K::MERCHANT => "merchant",
         other => return format!("kind_{}", other.0),
     };
     name.to_owned()

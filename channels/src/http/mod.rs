@@ -9,6 +9,7 @@ pub mod auth;
 pub mod customer;
 pub mod error;
 pub mod idempotency;
+pub mod merchant;
 pub mod openapi;
 pub mod staff;
 pub mod statements;
@@ -82,9 +83,13 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("GET", "/v1/customer/statement"),
     ("POST", "/v1/customer/transfers"),
     ("POST", "/v1/customer/cash-codes"),
+    ("POST", "/v1/customer/qr-payments"),
+    ("POST", "/v1/merchant/qr"),
+    ("GET", "/v1/merchant/payments/{request}"),
     ("GET", "/v1/demo/sms/{msisdn}"),
     ("POST", "/v1/admin/agents"),
     ("POST", "/v1/admin/agents/{agent}/funding"),
+    ("POST", "/v1/admin/merchants"),
     ("POST", "/v1/admin/credentials"),
     ("DELETE", "/v1/admin/credentials/{key_id}"),
     ("GET", "/v1/admin/trial-balance"),
@@ -102,6 +107,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .merge(customer::routes())
         .merge(admin::routes())
         .merge(statements::routes())
+        .merge(merchant::routes())
         .fallback(|| async { ApiError::not_found("route") })
         .layer(axum::middleware::from_fn(record_metrics))
         .layer(

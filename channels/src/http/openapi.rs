@@ -67,6 +67,10 @@ pub struct ErrorDetail {
         super::statements::staff_statement,
         super::statements::staff_export,
         super::statements::agent_report,
+        super::merchant::create_request,
+        super::merchant::status,
+        super::merchant::pay,
+        super::admin::create_merchant,
     ),
     components(schemas(ErrorBody, ErrorDetail))
 )]
