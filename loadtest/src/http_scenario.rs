@@ -196,18 +196,28 @@ async fn enrol(client: &Client, staff: &(String, Vec<u8>), msisdn: String) -> an
     )
     .await?;
     ensure!(status == 200, "funding {msisdn}: {status} {body}");
+    let inbox_url = format!("{}/v1/demo/sms/{msisdn}", client.base);
+    let messages = |inbox: &Value| inbox["messages"].as_array().map_or(0, Vec::len);
+    let (_, before) = json_of(client.http.get(&inbox_url)).await?;
     let (status, _) =
         json_of(client.plain(reqwest::Method::POST, "/v1/customer/otp", json!({ "msisdn": msisdn }))).await?;
     if status == 429 {
         return Ok(None);
     }
-    let (_, inbox) = json_of(client.http.get(format!("{}/v1/demo/sms/{msisdn}", client.base))).await?;
-    let last = inbox["messages"]
-        .as_array()
-        .and_then(|m| m.last())
-        .and_then(Value::as_str)
-        .context("no SMS: is the server running with --demo?")?;
-    let code: String = last.chars().filter(char::is_ascii_digit).collect();
+    // With the views on, the SMS leaves through the outbox a moment after the commit.
+    let mut code = String::new();
+    for _ in 0..400 {
+        let (_, inbox) = json_of(client.http.get(&inbox_url)).await?;
+        let fresh = inbox["messages"]
+            .as_array()
+            .map(|m| m.iter().skip(messages(&before)).filter_map(Value::as_str).collect::<Vec<_>>());
+        if let Some(text) = fresh.unwrap_or_default().into_iter().find(|m| m.contains("your code is")) {
+            code = text.chars().filter(char::is_ascii_digit).collect();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    ensure!(!code.is_empty(), "no SMS for {msisdn}: is the server running with --demo?");
     let (status, session) = json_of(client.plain(
         reqwest::Method::POST,
         "/v1/customer/sessions",

@@ -14,6 +14,11 @@ mod http_scenario;
 
 use clap::{Parser, Subcommand};
 
+/// mimalloc, as in `qepik`: on a shared machine the load tool's allocations take CPU from the
+/// server it measures.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Debug, Parser)]
 #[command(name = "loadtest", about = "Qepik's load generator", version)]
 struct Cli {
