@@ -20,6 +20,9 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("QEPIK_HTTP_LISTEN", "http.listen"),
     ("QEPIK_HTTP_MAX_IN_FLIGHT", "http.max_in_flight"),
     ("QEPIK_HTTP_RATE_PER_S", "http.rate_per_s"),
+    ("QEPIK_HTTP_TLS_CERT", "http.tls.cert_file (with QEPIK_HTTP_TLS_KEY)"),
+    ("QEPIK_HTTP_TLS_KEY", "http.tls.key_file"),
+    ("QEPIK_HTTP_TLS_CLIENT_CA", "http.tls.client_ca_file"),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +77,8 @@ pub struct HttpSection {
     /// Customer session lifetime; refresh tokens live `refresh_ttl_s`.
     pub session_ttl_s: u64,
     pub refresh_ttl_s: u64,
+    /// Serve HTTPS (and require client certificates, if a client CA is given).
+    pub tls: Option<crate::tls::TlsSection>,
 }
 
 impl Default for HttpSection {
@@ -86,6 +91,7 @@ impl Default for HttpSection {
             max_body_bytes: 64 * 1024,
             session_ttl_s: 15 * 60,
             refresh_ttl_s: 7 * 24 * 3600,
+            tls: None,
         }
     }
 }
@@ -175,6 +181,22 @@ impl Config {
         }
         if let Some(v) = get("QEPIK_HTTP_RATE_PER_S") {
             self.http.rate_per_s = parse("QEPIK_HTTP_RATE_PER_S", &v)?;
+        }
+        match (get("QEPIK_HTTP_TLS_CERT"), get("QEPIK_HTTP_TLS_KEY")) {
+            (Some(cert), Some(key)) => {
+                self.http.tls = Some(crate::tls::TlsSection {
+                    cert_file: PathBuf::from(cert),
+                    key_file: PathBuf::from(key),
+                    client_ca_file: get("QEPIK_HTTP_TLS_CLIENT_CA").map(PathBuf::from),
+                });
+            }
+            (None, None) => {}
+            _ => {
+                return Err(ConfigError::Invalid {
+                    key: "QEPIK_HTTP_TLS_CERT".into(),
+                    reason: "set both QEPIK_HTTP_TLS_CERT and QEPIK_HTTP_TLS_KEY".into(),
+                });
+            }
         }
         self.validate()
     }

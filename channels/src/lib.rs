@@ -12,3 +12,4 @@ pub mod http;
 pub mod server;
 pub mod sms;
 pub mod store;
+pub mod tls;

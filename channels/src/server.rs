@@ -591,13 +591,19 @@ impl Actor for HttpServer {
         };
         let (shutdown, mut signal) = watch::channel(false);
         let stop_seen = shutdown.subscribe();
+        let tls = app.config.http.tls.as_ref().map(crate::tls::server_config).transpose()?;
         let router = http::router(app);
         let task = tokio::spawn(async move {
-            let served = axum::serve(listener, router)
-                .with_graceful_shutdown(async move {
-                    let _ = signal.wait_for(|stop| *stop).await;
-                })
-                .await;
+            let stop = async move {
+                let _ = signal.wait_for(|stop| *stop).await;
+            };
+            let served = match tls {
+                Some(config) => match crate::tls::TlsListener::new(listener, config) {
+                    Ok(listener) => axum::serve(listener, router).with_graceful_shutdown(stop).await,
+                    Err(error) => Err(error),
+                },
+                None => axum::serve(listener, router).with_graceful_shutdown(stop).await,
+            };
             // The server ended by itself (not by our signal): the actor fails, and is restarted.
             if !*stop_seen.borrow() {
                 myself.stop(Some("the HTTP server ended".into()));

@@ -602,3 +602,87 @@ async fn merchants_are_paid_once_by_qr_and_told_by_a_signed_webhook() -> anyhow:
     server.assert_balanced().await;
     server.stop().await
 }
+
+/// A CA, a server certificate for 127.0.0.1 and a client certificate, as PEM files in `dir`.
+fn certificates(
+    dir: &Path,
+) -> anyhow::Result<(
+    std::path::PathBuf,
+    std::path::PathBuf,
+    std::path::PathBuf,
+    rcgen::Certificate,
+    rcgen::KeyPair,
+    String,
+    String,
+)> {
+    use rcgen::{BasicConstraints, CertificateParams, ExtendedKeyUsagePurpose, IsCa, KeyPair, SanType};
+    let ca_key = KeyPair::generate()?;
+    let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = ca_params.self_signed(&ca_key)?;
+    let server_key = KeyPair::generate()?;
+    let mut server_params = CertificateParams::new(vec!["localhost".to_owned()])?;
+    server_params.subject_alt_names.push(SanType::IpAddress(std::net::IpAddr::from([127, 0, 0, 1])));
+    server_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    let server = server_params.signed_by(&server_key, &ca, &ca_key)?;
+    let client_key = KeyPair::generate()?;
+    let mut client_params = CertificateParams::new(Vec::<String>::new())?;
+    client_params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    let client = client_params.signed_by(&client_key, &ca, &ca_key)?;
+    let (cert, key, ca_file) = (dir.join("server.pem"), dir.join("server.key"), dir.join("ca.pem"));
+    std::fs::write(&cert, server.pem())?;
+    std::fs::write(&key, server_key.serialize_pem())?;
+    std::fs::write(&ca_file, ca.pem())?;
+    Ok((cert, key, ca_file, ca, ca_key, client.pem(), client_key.serialize_pem()))
+}
+
+/// `GET /health` over TLS, presenting `client` (certificate and key PEM) if given.
+async fn tls_health(
+    addr: std::net::SocketAddr,
+    ca_pem: &str,
+    client: Option<(&str, &str)>,
+) -> anyhow::Result<String> {
+    use rustls_pki_types::pem::PemObject;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(rustls_pki_types::CertificateDer::from_pem_slice(ca_pem.as_bytes())?)?;
+    let builder = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots);
+    let config = match client {
+        Some((cert, key)) => builder.with_client_auth_cert(
+            vec![rustls_pki_types::CertificateDer::from_pem_slice(cert.as_bytes())?],
+            rustls_pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes())?,
+        )?,
+        None => builder.with_no_client_auth(),
+    };
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    let name = rustls_pki_types::ServerName::IpAddress(std::net::IpAddr::from([127, 0, 0, 1]).into());
+    let mut tls = connector.connect(name, tcp).await?;
+    tls.write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n").await?;
+    let mut answer = String::new();
+    tls.read_to_string(&mut answer).await?;
+    Ok(answer)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_client_certificates() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (cert, key, ca_file, ca, _, client_cert, client_key) = certificates(dir.path())?;
+    let mut cfg = config(&dir.path().join("data"));
+    cfg.http.tls =
+        Some(channels::tls::TlsSection { cert_file: cert, key_file: key, client_ca_file: Some(ca_file) });
+    let running = start(cfg, ServeOptions { demo: true, metrics: false }).await?;
+    let answer = tls_health(running.addr, &ca.pem(), Some((&client_cert, &client_key))).await?;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains(r#"{"status":"ok"}"#), "{answer}");
+    // Without a client certificate the handshake (or the first read) fails: no answer.
+    let refused = tls_health(running.addr, &ca.pem(), None).await;
+    assert!(refused.as_ref().map_or(true, |a| !a.contains("200")), "{refused:?}");
+    // Plain HTTP on a TLS port gets nothing either.
+    let plain = send(reqwest::Client::new().get(format!("http://{}/health", running.addr))).await;
+    assert_ne!(plain.0, 200);
+    running.shutdown().await
+}
