@@ -686,3 +686,25 @@ async fn tls_with_client_certificates() -> anyhow::Result<()> {
     assert_ne!(plain.0, 200);
     running.shutdown().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tier_limits_answer_with_what_remains() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut server = Server::start(dir.path()).await?;
+    let (status, settings) = server.signed("admin", "GET", "/v1/admin/wallet-settings", "", None).await;
+    assert_eq!(status, 200, "{settings}");
+    assert_eq!(settings["tiers"][0]["limits"][0]["max_balance"].as_str(), Some("300.00"), "{settings}");
+    // The demo's tier-0 wallet holds 100.00; 250.00 more would pass its 300.00 maximum.
+    let body = r#"{"msisdn":"0552222222","amount":"250.00"}"#;
+    let (status, refused) = server.signed("agent", "POST", "/v1/agent/cash-in", body, Some("limit-1")).await;
+    assert_eq!((status, refused["error"]["code"].as_str()), (422, Some("limit_max_balance")), "{refused}");
+    assert!(
+        refused["error"]["message"].as_str().is_some_and(|m| m.contains("200.00 AZN remaining")),
+        "{refused}"
+    );
+    let body = r#"{"msisdn":"0552222222","amount":"200.00"}"#;
+    let (status, done) = server.signed("agent", "POST", "/v1/agent/cash-in", body, Some("limit-2")).await;
+    assert_eq!(status, 200, "{done}");
+    server.assert_balanced().await;
+    server.stop().await
+}

@@ -24,6 +24,7 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/v1/admin/credentials", post(issue_credential))
         .route("/v1/admin/credentials/{key_id}", delete(revoke_credential))
         .route("/v1/admin/trial-balance", get(trial_balance))
+        .route("/v1/admin/wallet-settings", get(wallet_settings))
 }
 
 pub fn agent_kind(name: &str) -> Option<AgentKind> {
@@ -302,4 +303,65 @@ fn kind_name(kind: engine::AccountKind) -> String {
         other => return format!("kind_{}", other.0),
     };
     name.to_owned()
+}
+
+/// A limit as text: an amount, or "unlimited".
+fn limit(minor: u64) -> serde_json::Value {
+    if minor == u64::MAX { json!("unlimited") } else { json!(super::money(minor)) }
+}
+
+#[utoipa::path(get, path = "/v1/admin/wallet-settings", tag = "admin", description = "The tiers with their limits, the tariffs and commissions, and the attempt limits in force. They come from the configuration file (change it and restart).", responses((status = 200, description = "the settings"), (status = "4XX", description = "refused", body = super::openapi::ErrorBody)))]
+async fn wallet_settings(State(state): State<Arc<AppState>>, signed: Signed) -> Result<Response, ApiError> {
+    signed.require(&[Role::Admin])?;
+    let config = state.domain.config();
+    let policy = &config.policy;
+    let tiers: Vec<serde_json::Value> = policy
+        .tiers
+        .iter()
+        .map(|tier| {
+            let limits: Vec<serde_json::Value> = tier
+                .limits
+                .iter()
+                .map(|(currency, l)| {
+                    json!({
+                        "currency": engine::Currency::from_u8(*currency).map_or("?", |c| c.code()),
+                        "max_balance": limit(l.max_balance),
+                        "max_per_operation": limit(l.max_per_operation),
+                        "daily_amount": limit(l.daily_amount),
+                        "daily_count": l.daily_count,
+                        "monthly_amount": limit(l.monthly_amount),
+                        "monthly_count": l.monthly_count,
+                    })
+                })
+                .collect();
+            json!({ "code": tier.code, "name": tier.name, "limits": limits })
+        })
+        .collect();
+    let table = |table: &engine::tariff::TariffTable| -> Vec<serde_json::Value> {
+        table
+            .iter()
+            .map(|(code, t)| {
+                json!({
+                    "operation": engine::statement::code_name(code),
+                    "fixed": super::money(t.fixed),
+                    "percent_bps": t.percent_bps,
+                    "min": super::money(t.min),
+                    "max": if t.max == 0 { json!(null) } else { json!(super::money(t.max)) },
+                })
+            })
+            .collect()
+    };
+    Ok(axum::Json(json!({
+        "tiers": tiers,
+        "tariffs": table(&config.tariffs),
+        "commissions": table(&config.commissions),
+        "step_up_above": limit(config.step_up_above),
+        "pin_attempts": policy.pin_attempts_max,
+        "otp_attempts": policy.otp_attempts_max,
+        "code_attempts": policy.code_attempts_max,
+        "otp_ttl_s": config.otp_ttl_s,
+        "cash_code_ttl_s": config.cash_code_ttl_s,
+        "reversal_window_s": config.reversal_window_s,
+    }))
+    .into_response())
 }

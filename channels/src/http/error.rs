@@ -93,7 +93,16 @@ pub fn op_error(error: &OpError) -> ApiError {
             WalletRefusal::NotLocal => S::INTERNAL_SERVER_ERROR,
             _ => S::UNPROCESSABLE_ENTITY,
         },
-        OpError::Limit { .. } => S::UNPROCESSABLE_ENTITY,
+        OpError::Limit { result, remaining } => {
+            let counts =
+                matches!(result, TransferResult::LimitDailyCount | TransferResult::LimitMonthlyCount);
+            let left = if counts {
+                format!("{remaining} operations")
+            } else {
+                format!("{} AZN", super::money(*remaining))
+            };
+            return ApiError::new(S::UNPROCESSABLE_ENTITY, code, format!("{result}: {left} remaining"));
+        }
         OpError::Refused(result) => match result {
             TransferResult::AuthWalletNotFound
             | TransferResult::DebitAccountNotFound

@@ -93,6 +93,7 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/admin/credentials"),
     ("DELETE", "/v1/admin/credentials/{key_id}"),
     ("GET", "/v1/admin/trial-balance"),
+    ("GET", "/v1/admin/wallet-settings"),
 ];
 
 pub fn router(state: Arc<AppState>) -> Router {

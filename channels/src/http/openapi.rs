@@ -71,6 +71,7 @@ pub struct ErrorDetail {
         super::merchant::status,
         super::merchant::pay,
         super::admin::create_merchant,
+        super::admin::wallet_settings,
     ),
     components(schemas(ErrorBody, ErrorDetail))
 )]
