@@ -545,6 +545,7 @@ impl Ledger {
         // A retry of a chain that crossed and finished: its crossing transfer is final here, and
         // must not be forwarded again (the credit shard forgot it, and would credit twice).
         if let Some(index) = remote
+            && validate(&chain[index]).is_ok()
             && let Some(Outcome::Done(_)) = self.existing(&chain[index])
         {
             outcomes.extend(chain.iter().map(|t| match self.existing(t) {

@@ -6,8 +6,10 @@
 //!
 //! The model follows the check order of `TransferResult` and the shard layout: a hold, post or
 //! void whose accounts live on two shards is `CrossShardMustBePlain`, and so is a linked chain
-//! whose members live on more than one shard other than through one plain crossing transfer
-//! (such chains are skipped here: the ledger's unit tests and the wallet tests cover them). One thing it does not model: the engine looks a
+//! whose members live on more than one shard other than through one plain crossing transfer.
+//! A chain that crosses through one plain transfer is modelled as the engine runs it: the other
+//! members held, the crossing one reserved, all posted or released on the credit shard's
+//! answer. One thing it does not model: the engine looks a
 //! transfer id up only on the shard that executes the transfer, so reusing an id for a
 //! transfer routed to another shard is not detected there. Operations that would do that are
 //! skipped on both sides.
@@ -247,6 +249,11 @@ fn validate(t: &Transfer) -> Result<(), TransferResult> {
     Ok(())
 }
 
+/// The results of a chain refused at `position`.
+fn refused(len: usize, position: usize, result: TransferResult) -> Vec<TransferResult> {
+    (0..len).map(|p| if p == position { result } else { TransferResult::LinkedEventFailed }).collect()
+}
+
 impl Model {
     fn new() -> Model {
         let mut accounts = BTreeMap::new();
@@ -289,15 +296,15 @@ impl Model {
         if batch.len() == 1 {
             return Ok(vec![self.single(first, coordinator)?]);
         }
-        // A chain that leaves its shard through a plain transfer runs as a two-phase chain
-        // (tested in the ledger's unit tests and the wallet tests); the model skips it.
+        // A chain may leave its shard through its first plain crossing transfer: the other
+        // members are held until the credit shard answers, then posted or released together.
         let crossing = |t: &Transfer| {
             t.flags.is_plain()
                 && lives_on(t.debit_account_id, coordinator)
                 && !lives_on(t.credit_account_id, coordinator)
         };
-        if batch.iter().any(crossing) {
-            return Err(Unmodelled);
+        if let Some(remote) = batch.iter().position(crossing) {
+            return self.crossing_chain(batch, remote, coordinator);
         }
         let mut after = self.clone();
         for (position, transfer) in batch.iter().enumerate() {
@@ -310,6 +317,122 @@ impl Model {
         }
         *self = after;
         Ok(vec![TransferResult::Ok; batch.len()])
+    }
+
+    /// A linked chain whose member `remote` credits another shard (see `submit`).
+    fn crossing_chain(
+        &mut self,
+        batch: &[Transfer],
+        remote: usize,
+        shard: u16,
+    ) -> Result<Vec<TransferResult>, Unmodelled> {
+        // A retry of a chain that crossed: every member answers from what its id has.
+        if validate(&batch[remote]).is_ok() && self.existing(&batch[remote], shard)?.is_some() {
+            return batch
+                .iter()
+                .map(|t| Ok(self.existing(t, shard)?.unwrap_or(TransferResult::ExistsWithDifferentBody)))
+                .collect();
+        }
+        let mut after = self.clone();
+        let mut held = Vec::new();
+        for (position, t) in batch.iter().enumerate() {
+            let earlier: Vec<u128> = held.iter().map(|h: &Transfer| h.id.0).collect();
+            let result = if position == remote {
+                after.reserve_member(t, shard, &earlier)?
+            } else {
+                after.held_member(t, shard, &earlier)?
+            };
+            if !result.is_ok() {
+                return Ok(refused(batch.len(), position, result));
+            }
+            held.push(*t);
+        }
+        // The credit shard's answer.
+        let crossing = batch[remote];
+        if !after.accounts.contains_key(&crossing.credit_account_id) {
+            return Ok(refused(batch.len(), remote, TransferResult::CreditAccountNotFound));
+        }
+        // Posted together: each member's held amounts move to the posted columns.
+        for t in held {
+            let debit = after.balance(t.debit_account_id);
+            debit.debits_pending -= t.amount;
+            debit.debits_posted += t.amount;
+            let credit_pending = t.id != crossing.id;
+            let credit = after.balance(t.credit_account_id);
+            if credit_pending {
+                credit.credits_pending -= t.amount;
+            }
+            credit.credits_posted += t.amount;
+            let record = Record { transfer: t, state: TransferState::Posted, shard, expires_at: 0 };
+            after.transfers.insert(t.id.0, record);
+        }
+        *self = after;
+        Ok(vec![TransferResult::Ok; batch.len()])
+    }
+
+    /// A member of a crossing chain other than the crossing one: local and plain, held in both
+    /// pending columns.
+    /// An id an earlier member of the chain took is open (held or reserved) on the shard: the
+    /// engine answers `ExistsWithDifferentBody` whatever the body.
+    fn held_member(
+        &mut self,
+        t: &Transfer,
+        shard: u16,
+        earlier: &[u128],
+    ) -> Result<TransferResult, Unmodelled> {
+        if let Err(result) = validate(t) {
+            return Ok(result);
+        }
+        if !lives_on(t.debit_account_id, shard)
+            || !lives_on(t.credit_account_id, shard)
+            || !t.flags.is_plain()
+        {
+            return Ok(TransferResult::CrossShardMustBePlain);
+        }
+        if earlier.contains(&t.id.0) {
+            return Ok(TransferResult::ExistsWithDifferentBody);
+        }
+        if let Some(result) = self.existing(t, shard)? {
+            return Ok(result);
+        }
+        if !self.accounts.contains_key(&t.debit_account_id) {
+            return Ok(TransferResult::DebitAccountNotFound);
+        }
+        if !self.accounts.contains_key(&t.credit_account_id) {
+            return Ok(TransferResult::CreditAccountNotFound);
+        }
+        if let Err(result) = self.check_debit(t.debit_account_id, t.amount) {
+            return Ok(result);
+        }
+        self.balance(t.debit_account_id).debits_pending += t.amount;
+        self.balance(t.credit_account_id).credits_pending += t.amount;
+        Ok(TransferResult::Ok)
+    }
+
+    /// The crossing member: reserved on its debit shard (a pending debit).
+    fn reserve_member(
+        &mut self,
+        t: &Transfer,
+        shard: u16,
+        earlier: &[u128],
+    ) -> Result<TransferResult, Unmodelled> {
+        if let Err(result) = validate(t) {
+            return Ok(result);
+        }
+        if earlier.contains(&t.id.0) {
+            return Ok(TransferResult::ExistsWithDifferentBody);
+        }
+        if let Some(result) = self.existing(t, shard)? {
+            return Ok(result);
+        }
+        if !self.accounts.contains_key(&t.debit_account_id) {
+            return Ok(TransferResult::DebitAccountNotFound);
+        }
+        if let Err(result) = self.check_debit(t.debit_account_id, t.amount) {
+            return Ok(result);
+        }
+        self.balance(t.debit_account_id).debits_pending += t.amount;
+        Ok(TransferResult::Ok)
     }
 
     /// The id's earlier use, as seen from `shard`.
