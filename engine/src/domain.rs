@@ -448,6 +448,28 @@ impl Domain {
         Ok(Receipt { id: TransferId(op), amount, fee, commission: 0 })
     }
 
+    /// A merchant refunds a customer: a new transfer back (not a reversal: the original stays,
+    /// its fee is not unwound), coded [`codes::REFUND`], citing the original payment in its user
+    /// data. A credit to the wallet: its maximum balance applies, nothing else of the customer's.
+    pub async fn refund(
+        &self,
+        op: u128,
+        merchant: u64,
+        to: Msisdn,
+        amount: u64,
+        original: u128,
+    ) -> Result<Receipt, OpError> {
+        positive(amount)?;
+        let credit = AccountId::wallet(to.get(), Currency::Azn);
+        let t = Transfer {
+            user_data: original,
+            ..leg(op, 0, AccountId::merchant(merchant, Currency::Azn), credit, amount, codes::REFUND)
+        };
+        let results = self.engine.submit(vec![t]).await?;
+        self.outcome(to, to, &results).await?;
+        Ok(Receipt { id: TransferId(op), amount, fee: 0, commission: 0 })
+    }
+
     /// E-money issued to an agent's float against cash or a bank deposit it paid in.
     pub async fn fund_agent(&self, op: u128, agent: u64, amount: u64) -> Result<Receipt, OpError> {
         positive(amount)?;

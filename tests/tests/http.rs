@@ -599,6 +599,18 @@ async fn merchants_are_paid_once_by_qr_and_told_by_a_signed_webhook() -> anyhow:
     assert_eq!(&hex::encode(mac.finalize().into_bytes()), signature);
     let event: Value = serde_json::from_str(body)?;
     assert_eq!((event["event"].as_str(), event["amount"].as_str()), (Some("payment.paid"), Some("8.40")));
+
+    // A partial refund: a new transfer back, the payment stays.
+    let refund = json!({ "request": qr["request"], "amount": "3.00" }).to_string();
+    let (status, refunded) =
+        server.signed_as(&credential, "POST", "/v1/merchant/refunds", &refund, Some("rf-1")).await;
+    assert_eq!(status, 200, "{refunded}");
+    let too_much = json!({ "request": qr["request"], "amount": "9.00" }).to_string();
+    let (status, _) =
+        server.signed_as(&credential, "POST", "/v1/merchant/refunds", &too_much, Some("rf-2")).await;
+    assert_eq!(status, 422);
+    let (_, balance) = server.customer("GET", "/v1/customer/balance", Some(&token), Value::Null, None).await;
+    assert_eq!(balance["accounts"][0]["balance"].as_str(), Some("494.60"), "{balance}");
     server.assert_balanced().await;
     server.stop().await
 }

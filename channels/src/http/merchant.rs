@@ -37,6 +37,7 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/v1/merchant/qr", post(create_request))
         .route("/v1/merchant/payments/{request}", get(status))
         .route("/v1/customer/qr-payments", post(pay))
+        .route("/v1/merchant/refunds", post(refund))
 }
 
 /// The key a merchant's webhooks are signed with (HMAC-SHA256 over `timestamp \n body`).
@@ -213,6 +214,47 @@ async fn pay(
         let mut answer = super::receipt(&reference, &receipt);
         answer["merchant_reference"] = json!(record.reference);
         Ok((StatusCode::OK, answer))
+    })
+    .await
+}
+
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct Refund {
+    /// The paid payment request to refund (in part or in full).
+    pub request: String,
+    pub amount: String,
+}
+
+#[utoipa::path(post, path = "/v1/merchant/refunds", tag = "merchant", description = "Refund a paid QR payment, in part or in full: a new transfer from the merchant to the payer, citing the payment (a reversal is something else, done by staff). Idempotency-Key required.", request_body = Refund, responses((status = 200, description = "refunded"), (status = "4XX", description = "refused", body = super::openapi::ErrorBody)))]
+async fn refund(State(state): State<Arc<AppState>>, headers: HeaderMap, signed: Signed) -> Response {
+    let (caller, key) = match super::agent::money_call(&signed, &headers, &[Role::Merchant]) {
+        Ok(ok) => ok,
+        Err(error) => return error.into_response(),
+    };
+    let state2 = state.clone();
+    let reference = key.clone();
+    let body = signed.body.clone();
+    idempotency::once(&state, &caller.key_id, &key, &body, |op| async move {
+        let request: Refund = super::parse(&signed.body)?;
+        let amount = super::amount(&request.amount, "amount")?;
+        let record = state2.store.payment_request(&request.request)?.filter(|r| r.merchant == caller.agent);
+        let record = record.ok_or_else(|| ApiError::not_found("payment request"))?;
+        let paid = record.paid.ok_or_else(|| {
+            ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "not_paid", "the request was not paid")
+        })?;
+        if amount > record.amount {
+            return Err(ApiError::field(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_amount",
+                "amount",
+                "more than was paid",
+            ));
+        }
+        let to = super::msisdn(&state2, &paid.msisdn, "request")?;
+        let original = u128::from_str_radix(&paid.operation, 16).unwrap_or(0);
+        let receipt = state2.domain.refund(op, caller.agent, to, amount, original).await?;
+        Ok((StatusCode::OK, super::receipt(&reference, &receipt)))
     })
     .await
 }

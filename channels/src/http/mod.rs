@@ -86,6 +86,8 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("POST", "/v1/customer/qr-payments"),
     ("POST", "/v1/merchant/qr"),
     ("GET", "/v1/merchant/payments/{request}"),
+    ("POST", "/v1/merchant/refunds"),
+    ("GET", "/v1/customer/spending"),
     ("GET", "/v1/demo/sms/{msisdn}"),
     ("POST", "/v1/admin/agents"),
     ("POST", "/v1/admin/agents/{agent}/funding"),

@@ -70,6 +70,8 @@ pub struct ErrorDetail {
         super::merchant::create_request,
         super::merchant::status,
         super::merchant::pay,
+        super::merchant::refund,
+        super::statements::customer_spending,
         super::admin::create_merchant,
         super::admin::wallet_settings,
     ),

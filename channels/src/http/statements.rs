@@ -21,6 +21,7 @@ use crate::store::Role;
 pub fn routes() -> Router<Arc<AppState>> {
     Router::new()
         .route("/v1/customer/statement", get(customer_statement))
+        .route("/v1/customer/spending", get(customer_spending))
         .route("/v1/staff/wallets/{msisdn}/statement", get(staff_statement))
         .route("/v1/staff/wallets/{msisdn}/export", get(staff_export))
         .route("/v1/agent/report", get(agent_report))
@@ -130,6 +131,26 @@ async fn customer_statement(
 ) -> Result<Response, ApiError> {
     let account = AccountId::wallet(customer.msisdn.get(), Currency::Azn);
     Ok(axum::Json(page_json(&state, account, &params)?).into_response())
+}
+
+#[utoipa::path(get, path = "/v1/customer/spending", tag = "customer", description = "What the customer spent over a window (default: 30 days), by category.", params(StatementParams), responses((status = 200, description = "the summary"), (status = "4XX", description = "refused", body = super::openapi::ErrorBody)))]
+async fn customer_spending(
+    State(state): State<Arc<AppState>>,
+    customer: Customer,
+    Query(params): Query<StatementParams>,
+) -> Result<Response, ApiError> {
+    let account = AccountId::wallet(customer.msisdn.get(), Currency::Azn);
+    let query = query(&state, account, &params)?;
+    let summary = statement::spending(views(&state)?, &query).map_err(statement_error)?;
+    let money = |minor: u128| {
+        statement::decimal(i128::try_from(minor).unwrap_or(i128::MAX), Currency::Azn).unwrap_or_default()
+    };
+    let categories: Vec<serde_json::Value> = summary
+        .categories
+        .iter()
+        .map(|c| json!({ "category": c.category.name(), "count": c.count, "total": money(c.total) }))
+        .collect();
+    Ok(axum::Json(json!({ "categories": categories, "total": money(summary.total) })).into_response())
 }
 
 #[utoipa::path(get, path = "/v1/staff/wallets/{msisdn}/statement", tag = "staff", description = "A wallet's statement, paged with a stable cursor.", params(("msisdn" = String, Path), StatementParams), responses((status = 200, description = "a page"), (status = "4XX", description = "refused", body = super::openapi::ErrorBody)))]
