@@ -179,6 +179,18 @@ pub async fn start(config: Config, options: ServeOptions) -> anyhow::Result<Runn
     Ok(Running { addr, state, demo_inbox, root, root_done })
 }
 
+/// Spawns child `name` of the server at `addr`, linked to the root (which restarts it).
+async fn spawn_child<A: Actor>(
+    name: &str,
+    addr: SocketAddr,
+    actor: A,
+    arguments: A::Arguments,
+    root: ractor::ActorCell,
+) -> Result<ActorRef<A::Msg>, ActorProcessingErr> {
+    let (child, _) = Actor::spawn_linked(Some(format!("{name}@{addr}")), actor, arguments, root).await?;
+    Ok(child)
+}
+
 pub enum RootMsg {
     Shutdown(RpcReplyPort<()>),
 }
@@ -212,32 +224,15 @@ impl Actor for Root {
         (app, listener): Self::Arguments,
     ) -> Result<RootState, ActorProcessingErr> {
         let addr = listener.local_addr()?;
-        let (http, _) = Actor::spawn_linked(
-            Some(format!("http@{addr}")),
-            HttpServer,
-            (app.clone(), Some(listener), addr),
-            myself.get_cell(),
-        )
-        .await?;
-        let (flusher, _) =
-            Actor::spawn_linked(Some(format!("flusher@{addr}")), Flusher, app.clone(), myself.get_cell())
-                .await?;
+        let cell = myself.get_cell();
+        let http =
+            spawn_child("http", addr, HttpServer, (app.clone(), Some(listener), addr), cell.clone()).await?;
+        let flusher = spawn_child("flusher", addr, Flusher, app.clone(), cell.clone()).await?;
         let notifier = match app.engine.views() {
-            Some(_) => Some(
-                Actor::spawn_linked(
-                    Some(format!("notifier@{addr}")),
-                    Notifier,
-                    app.clone(),
-                    myself.get_cell(),
-                )
-                .await?
-                .0,
-            ),
+            Some(_) => Some(spawn_child("notifier", addr, Notifier, app.clone(), cell.clone()).await?),
             None => None,
         };
-        let (webhooks, _) =
-            Actor::spawn_linked(Some(format!("webhooks@{addr}")), Webhooks, app.clone(), myself.get_cell())
-                .await?;
+        let webhooks = spawn_child("webhooks", addr, Webhooks, app.clone(), cell).await?;
         Ok(RootState {
             app,
             addr,
@@ -310,42 +305,15 @@ impl Actor for Root {
         if let Some(id) = ended
             && !state.stopping
         {
+            let (app, addr, cell) = (state.app.clone(), state.addr, myself.get_cell());
             if state.http.as_ref().is_some_and(|h| h.get_id() == id) {
-                let (http, _) = Actor::spawn_linked(
-                    Some(format!("http@{}", state.addr)),
-                    HttpServer,
-                    (state.app.clone(), None, state.addr),
-                    myself.get_cell(),
-                )
-                .await?;
-                state.http = Some(http);
+                state.http = Some(spawn_child("http", addr, HttpServer, (app, None, addr), cell).await?);
             } else if state.webhooks.as_ref().is_some_and(|w| w.get_id() == id) {
-                let (webhooks, _) = Actor::spawn_linked(
-                    Some(format!("webhooks@{}", state.addr)),
-                    Webhooks,
-                    state.app.clone(),
-                    myself.get_cell(),
-                )
-                .await?;
-                state.webhooks = Some(webhooks);
+                state.webhooks = Some(spawn_child("webhooks", addr, Webhooks, app, cell).await?);
             } else if state.notifier.as_ref().is_some_and(|n| n.get_id() == id) {
-                let (notifier, _) = Actor::spawn_linked(
-                    Some(format!("notifier@{}", state.addr)),
-                    Notifier,
-                    state.app.clone(),
-                    myself.get_cell(),
-                )
-                .await?;
-                state.notifier = Some(notifier);
+                state.notifier = Some(spawn_child("notifier", addr, Notifier, app, cell).await?);
             } else if state.flusher.as_ref().is_some_and(|f| f.get_id() == id) {
-                let (flusher, _) = Actor::spawn_linked(
-                    Some(format!("flusher@{}", state.addr)),
-                    Flusher,
-                    state.app.clone(),
-                    myself.get_cell(),
-                )
-                .await?;
-                state.flusher = Some(flusher);
+                state.flusher = Some(spawn_child("flusher", addr, Flusher, app, cell).await?);
             }
         }
         Ok(())
