@@ -77,6 +77,18 @@ impl AccountId {
         (self.class() == CLASS_WALLET).then_some(self.0 & SUBJECT_MASK)
     }
 
+    /// The agent of an agent's float or commission account (a spread commission account too),
+    /// and whether it is the commission account.
+    pub fn agent_number(self) -> Option<(u64, bool)> {
+        let id = AccountId(self.0 & !SPREAD_BIT);
+        (id.class() == CLASS_AGENT).then_some(((id.0 & SUBJECT_MASK) >> 1, id.0 & 1 == 1))
+    }
+
+    /// The merchant of a merchant's account.
+    pub fn merchant_number(self) -> Option<u64> {
+        (self.class() == CLASS_MERCHANT).then_some(self.0 & SUBJECT_MASK)
+    }
+
     /// The currency a wallet or agent account id names.
     pub fn currency(self) -> Option<crate::money::Currency> {
         if matches!(self.class(), CLASS_WALLET | CLASS_AGENT | CLASS_MERCHANT) {
@@ -163,6 +175,18 @@ pub fn route(debit: AccountId, credit: AccountId, shard_count: u16) -> Route {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn agent_and_merchant_numbers_read_back() {
+        use crate::money::Currency;
+        assert_eq!(AccountId::agent(1001, false, Currency::Azn).agent_number(), Some((1001, false)));
+        let commission = AccountId::spread(AccountId::agent(1001, true, Currency::Azn).0);
+        assert_eq!(commission.agent_number(), Some((1001, true)));
+        assert_eq!(AccountId::merchant(5001, Currency::Azn).merchant_number(), Some(5001));
+        assert_eq!(AccountId::merchant(5001, Currency::Azn).agent_number(), None);
+        assert_eq!(AccountId::wallet(994_501_234_567, Currency::Azn).merchant_number(), None);
+        assert_eq!(AccountId::spread(1).agent_number(), None);
+    }
 
     #[test]
     fn spread_accounts_follow_the_wallet() {

@@ -515,9 +515,22 @@ fn unsigned_decimal(minor: u128, currency: Currency) -> Result<String, Statement
 /// An account as a statement names it: a wallet by its number (`+994501234567`), any other
 /// account by its id (`s1` for a spread system account).
 pub fn account_name(account: AccountId) -> String {
-    match account.wallet_msisdn() {
-        Some(msisdn) => format!("+{msisdn}"),
-        None => account.to_string(),
+    use crate::domain::system;
+    if let Some(msisdn) = account.wallet_msisdn() {
+        return format!("+{msisdn}");
+    }
+    if let Some((agent, commission)) = account.agent_number() {
+        return if commission { format!("agent {agent} commission") } else { format!("agent {agent}") };
+    }
+    if let Some(merchant) = account.merchant_number() {
+        return format!("merchant {merchant}");
+    }
+    match account {
+        system::FEE_INCOME => "fee income".to_owned(),
+        system::EMONEY_ISSUANCE => "e-money issuance".to_owned(),
+        system::ATM_CLEARING => "ATM clearing".to_owned(),
+        system::REVERSALS => "reversals".to_owned(),
+        other => other.to_string(),
     }
 }
 
