@@ -153,18 +153,11 @@ async fn fund_agent(
     headers: HeaderMap,
     signed: Signed,
 ) -> Response {
-    let (caller, key) = match super::agent::money_call(&signed, &headers, &[Role::Admin]) {
-        Ok(ok) => ok,
-        Err(error) => return error.into_response(),
-    };
-    let state2 = state.clone();
-    let reference = key.clone();
-    let body = signed.body.clone();
-    idempotency::once(&state, &caller.key_id, &key, &body, |op| async move {
-        let request: Funding = super::parse(&signed.body)?;
+    idempotency::signed_once(state, &headers, signed, &[Role::Admin], |call, _caller| async move {
+        let request: Funding = super::parse(&call.body)?;
         let amount = super::amount(&request.amount, "amount")?;
-        let receipt = state2.domain.fund_agent(op, agent, amount).await?;
-        Ok((StatusCode::OK, super::receipt(&reference, &receipt)))
+        let receipt = call.state.domain.fund_agent(call.op, agent, amount).await?;
+        Ok((StatusCode::OK, super::receipt(&call.reference, &receipt)))
     })
     .await
 }

@@ -47,55 +47,31 @@ pub struct CashOut {
 
 const AGENTS: &[Role] = &[Role::Agent, Role::Staff];
 
-/// A money-moving call's caller (one of `roles`) and its Idempotency-Key.
-pub fn money_call(
-    signed: &Signed,
-    headers: &HeaderMap,
-    roles: &[Role],
-) -> Result<(crate::store::Credential, String), ApiError> {
-    let caller = signed.require(roles)?.clone();
-    Ok((caller, idempotency::key_from(headers)?))
-}
-
 #[utoipa::path(post, path = "/v1/agent/cash-in", tag = "agent", description = "Cash-in: the agent takes cash and credits the wallet from its float. Idempotency-Key required.", request_body = CashIn, responses((status = 200, description = "done"), (status = "4XX", description = "refused", body = super::openapi::ErrorBody)))]
 pub async fn cash_in(State(state): State<Arc<AppState>>, headers: HeaderMap, signed: Signed) -> Response {
-    let (caller, key) = match money_call(&signed, &headers, AGENTS) {
-        Ok(ok) => ok,
-        Err(error) => return error.into_response(),
-    };
-    let state2 = state.clone();
-    let reference = key.clone();
-    let body = signed.body.clone();
-    idempotency::once(&state, &caller.key_id, &key, &body, |op| async move {
-        let request: CashIn = super::parse(&signed.body)?;
-        let msisdn = super::msisdn(&state2, &request.msisdn, "msisdn")?;
+    idempotency::signed_once(state, &headers, signed, AGENTS, |call, caller| async move {
+        let request: CashIn = super::parse(&call.body)?;
+        let msisdn = super::msisdn(&call.state, &request.msisdn, "msisdn")?;
         let amount = super::amount(&request.amount, "amount")?;
-        let receipt = state2.domain.cash_in(op, caller.agent, msisdn, amount).await?;
-        Ok((StatusCode::OK, super::receipt(&reference, &receipt)))
+        let receipt = call.state.domain.cash_in(call.op, caller.agent, msisdn, amount).await?;
+        Ok((StatusCode::OK, super::receipt(&call.reference, &receipt)))
     })
     .await
 }
 
 #[utoipa::path(post, path = "/v1/agent/cash-out", tag = "agent", description = "Cash-out confirmed by the customer's PIN or OTP. Idempotency-Key required.", request_body = CashOut, responses((status = 200, description = "done"), (status = "4XX", description = "refused", body = super::openapi::ErrorBody)))]
 pub async fn cash_out(State(state): State<Arc<AppState>>, headers: HeaderMap, signed: Signed) -> Response {
-    let (caller, key) = match money_call(&signed, &headers, AGENTS) {
-        Ok(ok) => ok,
-        Err(error) => return error.into_response(),
-    };
-    let state2 = state.clone();
-    let reference = key.clone();
-    let body = signed.body.clone();
-    idempotency::once(&state, &caller.key_id, &key, &body, |op| async move {
-        let request: CashOut = super::parse(&signed.body)?;
-        let msisdn = super::msisdn(&state2, &request.msisdn, "msisdn")?;
+    idempotency::signed_once(state, &headers, signed, AGENTS, |call, caller| async move {
+        let request: CashOut = super::parse(&call.body)?;
+        let msisdn = super::msisdn(&call.state, &request.msisdn, "msisdn")?;
         let amount = super::amount(&request.amount, "amount")?;
         let pin = request.pin.as_deref().map(|p| super::pin(p, "pin")).transpose()?;
         let otp = request.otp.as_deref().map(|o| super::otp(o, "otp")).transpose()?;
         let channel =
             if caller.role == Role::Staff { channels::POST_OFFICE } else { channels::AGENT_TERMINAL };
         let auth = CustomerAuth { pin: pin.as_ref(), otp: otp.as_ref(), channel };
-        let receipt = state2.domain.cash_out(op, caller.agent, msisdn, amount, auth).await?;
-        Ok((StatusCode::OK, super::receipt(&reference, &receipt)))
+        let receipt = call.state.domain.cash_out(call.op, caller.agent, msisdn, amount, auth).await?;
+        Ok((StatusCode::OK, super::receipt(&call.reference, &receipt)))
     })
     .await
 }
@@ -160,23 +136,19 @@ pub struct Redeem {
 
 #[utoipa::path(post, path = "/v1/atm/redemptions", tag = "atm", description = "An ATM network or post office pays out a cash code. Idempotency-Key required.", request_body = Redeem, responses((status = 200, description = "done"), (status = "4XX", description = "refused", body = super::openapi::ErrorBody)))]
 async fn redeem(State(state): State<Arc<AppState>>, headers: HeaderMap, signed: Signed) -> Response {
-    let (caller, key) = match money_call(&signed, &headers, &[Role::Atm, Role::Staff]) {
-        Ok(ok) => ok,
-        Err(error) => return error.into_response(),
-    };
-    let state2 = state.clone();
-    let reference = key.clone();
-    let body = signed.body.clone();
-    idempotency::once(&state, &caller.key_id, &key, &body, |op| async move {
-        let request: Redeem = super::parse(&signed.body)?;
-        let msisdn = super::msisdn(&state2, &request.msisdn, "msisdn")?;
+    idempotency::signed_once(state, &headers, signed, &[Role::Atm, Role::Staff], |call, caller| async move {
+        let request: Redeem = super::parse(&call.body)?;
+        let msisdn = super::msisdn(&call.state, &request.msisdn, "msisdn")?;
         let amount = super::amount(&request.amount, "amount")?;
         let code = engine::secret::OneTimeCode::parse(&request.code, 8).map_err(|e| {
             ApiError::field(StatusCode::UNPROCESSABLE_ENTITY, e.code(), "code", e.to_string())
         })?;
-        let receipt =
-            state2.domain.redeem_cash_code(op, caller.agent, request.device, msisdn, &code, amount).await?;
-        Ok((StatusCode::OK, super::receipt(&reference, &receipt)))
+        let receipt = call
+            .state
+            .domain
+            .redeem_cash_code(call.op, caller.agent, request.device, msisdn, &code, amount)
+            .await?;
+        Ok((StatusCode::OK, super::receipt(&call.reference, &receipt)))
     })
     .await
 }

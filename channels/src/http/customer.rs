@@ -199,23 +199,16 @@ async fn transfer(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let key = match idempotency::key_from(&headers) {
-        Ok(key) => key,
-        Err(error) => return error.into_response(),
-    };
     let caller = format!("customer:{}", customer.msisdn.get());
-    let state2 = state.clone();
-    let reference = key.clone();
-    let signed_body = body.clone();
-    idempotency::once(&state, &caller, &key, &signed_body, |op| async move {
-        let request: Transfer = super::parse(&body)?;
-        let to = super::msisdn(&state2, &request.to, "to")?;
+    idempotency::run_once(state, &caller, &headers, body, |call| async move {
+        let request: Transfer = super::parse(&call.body)?;
+        let to = super::msisdn(&call.state, &request.to, "to")?;
         let amount = super::amount(&request.amount, "amount")?;
         let pin = super::pin(&request.pin, "pin")?;
         let otp = request.otp.as_deref().map(|o| super::otp(o, "otp")).transpose()?;
         let auth = CustomerAuth { pin: Some(&pin), otp: otp.as_ref(), channel: channels::APP };
-        let receipt = state2.domain.p2p(op, customer.msisdn, to, amount, auth).await?;
-        Ok((StatusCode::OK, super::receipt(&reference, &receipt)))
+        let receipt = call.state.domain.p2p(call.op, customer.msisdn, to, amount, auth).await?;
+        Ok((StatusCode::OK, super::receipt(&call.reference, &receipt)))
     })
     .await
 }

@@ -18,6 +18,59 @@ use super::AppState;
 use super::error::ApiError;
 use crate::store::StoredResponse;
 
+/// What a money-moving operation is given: the server, the request body, its reference (the
+/// caller's Idempotency-Key) and its ledger id.
+#[derive(Debug)]
+pub struct Call {
+    pub state: Arc<AppState>,
+    pub body: axum::body::Bytes,
+    pub reference: String,
+    pub op: u128,
+}
+
+/// A money-moving call of `caller` (an API key id, or a customer): reads its Idempotency-Key and
+/// runs `operation` once per key (see [`once`]).
+pub async fn run_once<F, Fut>(
+    state: Arc<AppState>,
+    caller: &str,
+    headers: &axum::http::HeaderMap,
+    body: axum::body::Bytes,
+    operation: F,
+) -> Response
+where
+    F: FnOnce(Call) -> Fut,
+    Fut: Future<Output = Result<(StatusCode, serde_json::Value), ApiError>>,
+{
+    let key = match key_from(headers) {
+        Ok(key) => key,
+        Err(error) => return error.into_response(),
+    };
+    let shared = state.clone();
+    let reference = key.clone();
+    let hashed = body.clone();
+    once(&shared, caller, &key, &hashed, |op| operation(Call { state, body, reference, op })).await
+}
+
+/// [`run_once`] for a signed caller holding one of `roles`.
+pub async fn signed_once<F, Fut>(
+    state: Arc<AppState>,
+    headers: &axum::http::HeaderMap,
+    signed: super::auth::Signed,
+    roles: &[crate::store::Role],
+    operation: F,
+) -> Response
+where
+    F: FnOnce(Call, crate::store::Credential) -> Fut,
+    Fut: Future<Output = Result<(StatusCode, serde_json::Value), ApiError>>,
+{
+    let caller = match signed.require(roles) {
+        Ok(caller) => caller.clone(),
+        Err(error) => return error.into_response(),
+    };
+    let key_id = caller.key_id.clone();
+    run_once(state, &key_id, headers, signed.body, |call| operation(call, caller)).await
+}
+
 /// Requests running under a key, for retries that arrive meanwhile.
 #[derive(Debug, Default)]
 pub struct InFlight {

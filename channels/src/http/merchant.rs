@@ -146,21 +146,14 @@ async fn pay(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    let key = match idempotency::key_from(&headers) {
-        Ok(key) => key,
-        Err(error) => return error.into_response(),
-    };
     let caller = format!("customer:{}", customer.msisdn.get());
-    let state2 = state.clone();
-    let reference = key.clone();
-    let signed_body = body.clone();
-    idempotency::once(&state, &caller, &key, &signed_body, |_| async move {
-        let request: Pay = super::parse(&body)?;
+    idempotency::run_once(state, &caller, &headers, body, |call| async move {
+        let request: Pay = super::parse(&call.body)?;
         let scanned = emvco::decode(&request.payload).map_err(|e| {
             ApiError::field(StatusCode::UNPROCESSABLE_ENTITY, "invalid_qr", "payload", e.to_string())
         })?;
         let record =
-            state2.store.payment_request(&scanned.request)?.filter(|r| r.merchant == scanned.merchant);
+            call.state.store.payment_request(&scanned.request)?.filter(|r| r.merchant == scanned.merchant);
         let record = record.ok_or_else(|| ApiError::not_found("payment request"))?;
         let amount = super::amount(&scanned.amount, "payload")?;
         if amount != record.amount {
@@ -182,7 +175,7 @@ async fn pay(
         let otp = request.otp.as_deref().map(|o| super::otp(o, "otp")).transpose()?;
         let auth = CustomerAuth { pin: Some(&pin), otp: otp.as_ref(), channel: channels::APP };
         let payer = customer.msisdn.to_string();
-        if !state2.store.claim(&record.request, &payer, now_s(), CLAIM_TTL_S)? {
+        if !call.state.store.claim(&record.request, &payer, now_s(), CLAIM_TTL_S)? {
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
                 "request_taken",
@@ -191,10 +184,10 @@ async fn pay(
         }
         let op = payment_id(&record.request);
         let receipt =
-            state2.domain.merchant_payment(op, customer.msisdn, record.merchant, amount, auth).await?;
+            call.state.domain.merchant_payment(op, customer.msisdn, record.merchant, amount, auth).await?;
         let paid =
             Paid { msisdn: customer.msisdn.to_string(), operation: format!("{op:032x}"), at_s: now_s() };
-        let merchant = state2.store.merchant(record.merchant)?;
+        let merchant = call.state.store.merchant(record.merchant)?;
         let webhook = merchant.and_then(|m| m.webhook_url).map(|url| Webhook {
             merchant: record.merchant,
             url,
@@ -210,8 +203,8 @@ async fn pay(
             attempts: 0,
             next_at_s: 0,
         });
-        state2.store.mark_paid(&record.request, paid, webhook)?;
-        let mut answer = super::receipt(&reference, &receipt);
+        call.state.store.mark_paid(&record.request, paid, webhook)?;
+        let mut answer = super::receipt(&call.reference, &receipt);
         answer["merchant_reference"] = json!(record.reference);
         Ok((StatusCode::OK, answer))
     })
@@ -228,17 +221,11 @@ pub struct Refund {
 
 #[utoipa::path(post, path = "/v1/merchant/refunds", tag = "merchant", description = "Refund a paid QR payment, in part or in full: a new transfer from the merchant to the payer, citing the payment (a reversal is something else, done by staff). Idempotency-Key required.", request_body = Refund, responses((status = 200, description = "refunded"), (status = "4XX", description = "refused", body = super::openapi::ErrorBody)))]
 async fn refund(State(state): State<Arc<AppState>>, headers: HeaderMap, signed: Signed) -> Response {
-    let (caller, key) = match super::agent::money_call(&signed, &headers, &[Role::Merchant]) {
-        Ok(ok) => ok,
-        Err(error) => return error.into_response(),
-    };
-    let state2 = state.clone();
-    let reference = key.clone();
-    let body = signed.body.clone();
-    idempotency::once(&state, &caller.key_id, &key, &body, |op| async move {
-        let request: Refund = super::parse(&signed.body)?;
+    idempotency::signed_once(state, &headers, signed, &[Role::Merchant], |call, caller| async move {
+        let request: Refund = super::parse(&call.body)?;
         let amount = super::amount(&request.amount, "amount")?;
-        let record = state2.store.payment_request(&request.request)?.filter(|r| r.merchant == caller.agent);
+        let record =
+            call.state.store.payment_request(&request.request)?.filter(|r| r.merchant == caller.agent);
         let record = record.ok_or_else(|| ApiError::not_found("payment request"))?;
         let paid = record.paid.ok_or_else(|| {
             ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "not_paid", "the request was not paid")
@@ -251,10 +238,10 @@ async fn refund(State(state): State<Arc<AppState>>, headers: HeaderMap, signed: 
                 "more than was paid",
             ));
         }
-        let to = super::msisdn(&state2, &paid.msisdn, "request")?;
+        let to = super::msisdn(&call.state, &paid.msisdn, "request")?;
         let original = u128::from_str_radix(&paid.operation, 16).unwrap_or(0);
-        let receipt = state2.domain.refund(op, caller.agent, to, amount, original).await?;
-        Ok((StatusCode::OK, super::receipt(&reference, &receipt)))
+        let receipt = call.state.domain.refund(call.op, caller.agent, to, amount, original).await?;
+        Ok((StatusCode::OK, super::receipt(&call.reference, &receipt)))
     })
     .await
 }

@@ -208,15 +208,8 @@ pub struct Reverse {
 
 #[utoipa::path(post, path = "/v1/staff/reversals", tag = "staff", description = "Reverse a posted operation within the window: principal, fee and commission. Idempotency-Key required.", request_body = Reverse, responses((status = 200, description = "done"), (status = "4XX", description = "refused", body = super::openapi::ErrorBody)))]
 async fn reverse(State(state): State<Arc<AppState>>, headers: HeaderMap, signed: Signed) -> Response {
-    let (caller, key) = match super::agent::money_call(&signed, &headers, &[Role::Staff]) {
-        Ok(ok) => ok,
-        Err(error) => return error.into_response(),
-    };
-    let state2 = state.clone();
-    let reference = key.clone();
-    let body = signed.body.clone();
-    idempotency::once(&state, &caller.key_id, &key, &body, |_| async move {
-        let request: Reverse = super::parse(&signed.body)?;
+    idempotency::signed_once(state, &headers, signed, &[Role::Staff], |call, caller| async move {
+        let request: Reverse = super::parse(&call.body)?;
         let op = u128::from_str_radix(&request.operation, 16)
             .ok()
             .filter(|_| request.operation.len() == 32)
@@ -228,8 +221,8 @@ async fn reverse(State(state): State<Arc<AppState>>, headers: HeaderMap, signed:
                     "32 hex digits",
                 )
             })?;
-        let receipt = state2.domain.reverse(op, caller.staff).await?;
-        Ok((StatusCode::OK, super::receipt(&reference, &receipt)))
+        let receipt = call.state.domain.reverse(op, caller.staff).await?;
+        Ok((StatusCode::OK, super::receipt(&call.reference, &receipt)))
     })
     .await
 }
