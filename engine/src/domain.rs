@@ -526,22 +526,10 @@ impl Domain {
         let commission = self.config.commissions.fee(codes::CASH_IN, amount)?;
         let credited = amount.checked_sub(fee).filter(|c| *c > 0).ok_or(OpError::ZeroAmount)?;
         let float = agent_float(agent);
-        let mut chain =
-            vec![leg(op, 0, float, AccountId::wallet(to.get(), Currency::Azn), credited, codes::CASH_IN)];
-        if fee > 0 {
-            chain.push(leg(op, 1, float, system::FEE_INCOME, fee, codes::FEE));
-        }
-        if commission > 0 {
-            chain.push(leg(
-                op,
-                2,
-                system::FEE_INCOME,
-                agent_commission(agent),
-                commission,
-                codes::COMMISSION,
-            ));
-        }
-        let results = self.engine.submit(link(chain)).await?;
+        let principal =
+            leg(op, 0, float, AccountId::wallet(to.get(), Currency::Azn), credited, codes::CASH_IN);
+        let chain = agent_chain(principal, float, fee, agent, commission);
+        let results = self.engine.submit(chain).await?;
         self.outcome(to, to, &results).await?;
         Ok(Receipt { id: TransferId(op), amount: credited, fee, commission })
     }
@@ -559,22 +547,10 @@ impl Domain {
         let fee = self.config.tariffs.fee(codes::CASH_OUT, amount)?;
         let commission = self.config.commissions.fee(codes::CASH_OUT, amount)?;
         let wallet = AccountId::wallet(from.get(), Currency::Azn);
-        let mut chain = vec![leg(op, 0, wallet, agent_float(agent), amount, codes::CASH_OUT)];
-        if fee > 0 {
-            chain.push(leg(op, 1, wallet, system::FEE_INCOME, fee, codes::FEE));
-        }
-        if commission > 0 {
-            chain.push(leg(
-                op,
-                2,
-                system::FEE_INCOME,
-                agent_commission(agent),
-                commission,
-                codes::COMMISSION,
-            ));
-        }
+        let principal = leg(op, 0, wallet, agent_float(agent), amount, codes::CASH_OUT);
+        let chain = agent_chain(principal, wallet, fee, agent, commission);
         let authorization = self.authorization(from, &auth)?;
-        let results = self.engine.submit_authorized(authorization, link(chain)).await?;
+        let results = self.engine.submit_authorized(authorization, chain).await?;
         self.outcome(from, from, &results).await?;
         Ok(Receipt { id: TransferId(op), amount, fee, commission })
     }
@@ -835,6 +811,26 @@ fn leg(op: u128, n: u8, debit: AccountId, credit: AccountId, amount: u64, code: 
         code,
         flags: TransferFlags::empty(),
     }
+}
+
+/// An agent operation as one linked chain: its principal, the customer's fee (from `payer` to
+/// fee income, leg 1), and the agent's commission (from fee income, leg 2).
+fn agent_chain(
+    principal: Transfer,
+    payer: AccountId,
+    fee: u64,
+    agent: u64,
+    commission: u64,
+) -> Vec<Transfer> {
+    let op = principal.id.0;
+    let mut chain = vec![principal];
+    if fee > 0 {
+        chain.push(leg(op, 1, payer, system::FEE_INCOME, fee, codes::FEE));
+    }
+    if commission > 0 {
+        chain.push(leg(op, 2, system::FEE_INCOME, agent_commission(agent), commission, codes::COMMISSION));
+    }
+    link(chain)
 }
 
 /// Marks every transfer but the last as linked: one chain.
