@@ -23,6 +23,7 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("QEPIK_HTTP_TLS_CERT", "http.tls.cert_file (with QEPIK_HTTP_TLS_KEY)"),
     ("QEPIK_HTTP_TLS_KEY", "http.tls.key_file"),
     ("QEPIK_HTTP_TLS_CLIENT_CA", "http.tls.client_ca_file"),
+    ("QEPIK_SMPP_LISTEN", "smpp.listen (or \"off\")"),
 ];
 
 #[derive(Debug, thiserror::Error)]
@@ -96,11 +97,138 @@ impl Default for HttpSection {
     }
 }
 
+/// Who connects whom for an operator's USSD traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SmppMode {
+    /// The operator's gateway binds to Qepik: subscribers' messages arrive as submit_sm (or
+    /// data_sm), Qepik answers with deliver_sm.
+    Server,
+    /// Qepik binds to the operator's gateway (`connect`): messages arrive as deliver_sm, Qepik
+    /// answers with submit_sm; reconnects with backoff.
+    Client,
+}
+
+/// Where an operator puts the USSD session reference.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SessionReference {
+    ItsSessionInfo,
+    UserMessageReference,
+    None,
+}
+
+/// One mobile operator's SMPP link.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperatorSection {
+    pub name: String,
+    /// The system_id the gateway binds with (server mode) or Qepik binds with (client mode).
+    pub system_id: String,
+    pub password: String,
+    /// Source IP addresses a bind may come from; empty: any.
+    #[serde(default)]
+    pub allowed_addresses: Vec<std::net::IpAddr>,
+    #[serde(default = "defaults::max_binds")]
+    pub max_binds: usize,
+    /// Requests the peer may have unanswered on one bind; one more gets ESME_RTHROTTLED. Also
+    /// the number of Qepik's own unanswered requests per bind.
+    #[serde(default = "defaults::window")]
+    pub window: usize,
+    /// Requests a second the peer may send on one bind (and SMS a second Qepik sends on it).
+    #[serde(default = "defaults::throughput")]
+    pub throughput_per_s: u32,
+    #[serde(default = "defaults::mode")]
+    pub mode: SmppMode,
+    /// Client mode: the gateway's address.
+    #[serde(default)]
+    pub connect: Option<SocketAddr>,
+    /// The PDU Qepik sends screens and SMS in (default: deliver_sm in server mode, submit_sm in
+    /// client mode).
+    #[serde(default)]
+    pub outbound: Option<crate::ussd::pdu::Carrier>,
+    #[serde(default = "defaults::session_reference")]
+    pub session_reference: SessionReference,
+    #[serde(default = "defaults::service_type")]
+    pub service_type: String,
+    /// The sender of SMS (notifications, OTPs).
+    #[serde(default = "defaults::sms_source")]
+    pub sms_source: String,
+}
+
+mod defaults {
+    pub fn max_binds() -> usize {
+        8
+    }
+    pub fn window() -> usize {
+        64
+    }
+    pub fn throughput() -> u32 {
+        5_000
+    }
+    pub fn mode() -> super::SmppMode {
+        super::SmppMode::Server
+    }
+    pub fn session_reference() -> super::SessionReference {
+        super::SessionReference::ItsSessionInfo
+    }
+    pub fn service_type() -> String {
+        "USSD".into()
+    }
+    pub fn sms_source() -> String {
+        "Qepik".into()
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SmppSection {
+    /// Where operators' gateways bind (server mode); `None` (`listen = "off"` or
+    /// QEPIK_SMPP_LISTEN=off) opens no port.
+    #[serde(deserialize_with = "listen_or_off")]
+    pub listen: Option<SocketAddr>,
+    /// The code subscribers dial.
+    pub service_code: String,
+    /// A USSD session with no input for this long is dropped.
+    pub session_idle_s: u64,
+    /// Live sessions at most; a dial beyond gets a "busy" screen.
+    pub max_sessions: usize,
+    /// Qepik sends enquire_link after this long without traffic on a bind.
+    pub enquire_link_s: u64,
+    /// A request of Qepik's unanswered this long is given up (its window slot freed).
+    pub response_timeout_s: u64,
+    #[serde(rename = "operator")]
+    pub operators: Vec<OperatorSection>,
+}
+
+fn listen_or_off<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    let text = String::deserialize(d)?;
+    if text == "off" {
+        return Ok(None);
+    }
+    text.parse().map(Some).map_err(serde::de::Error::custom)
+}
+
+impl Default for SmppSection {
+    fn default() -> Self {
+        SmppSection {
+            listen: Some(SocketAddr::from(([127, 0, 0, 1], 2775))),
+            service_code: "*150#".into(),
+            session_idle_s: 120,
+            max_sessions: 200_000,
+            enquire_link_s: 30,
+            response_timeout_s: 10,
+            operators: Vec::new(),
+        }
+    }
+}
+
 /// The whole configuration.
 #[derive(Debug, Clone, Default)]
 pub struct Config {
     pub server: ServerSection,
     pub http: HttpSection,
+    pub smpp: SmppSection,
     /// The `[wallet]`, `[[tariffs]]` and `[[commissions]]` part of the file, as TOML text for
     /// the engine's wallet settings.
     pub wallet_toml: String,
@@ -113,6 +241,8 @@ struct ServerFile {
     server: ServerSection,
     #[serde(default)]
     http: HttpSection,
+    #[serde(default)]
+    smpp: SmppSection,
 }
 
 /// Keys of the file that belong to the wallet settings.
@@ -145,7 +275,7 @@ impl Config {
             .try_into()
             .map_err(|e: toml::de::Error| ConfigError::Toml(e.to_string()))?;
         let wallet_toml = toml::to_string(&wallet).map_err(|e| ConfigError::Toml(e.to_string()))?;
-        let config = Config { server: file.server, http: file.http, wallet_toml };
+        let config = Config { server: file.server, http: file.http, smpp: file.smpp, wallet_toml };
         config.validate()?;
         Ok(config)
     }
@@ -181,6 +311,9 @@ impl Config {
         }
         if let Some(v) = get("QEPIK_HTTP_RATE_PER_S") {
             self.http.rate_per_s = parse("QEPIK_HTTP_RATE_PER_S", &v)?;
+        }
+        if let Some(v) = get("QEPIK_SMPP_LISTEN") {
+            self.smpp.listen = if v.trim() == "off" { None } else { Some(parse("QEPIK_SMPP_LISTEN", &v)?) };
         }
         match (get("QEPIK_HTTP_TLS_CERT"), get("QEPIK_HTTP_TLS_KEY")) {
             (Some(cert), Some(key)) => {
@@ -220,6 +353,39 @@ impl Config {
         }
         if self.http.session_ttl_s == 0 || self.http.refresh_ttl_s < self.http.session_ttl_s {
             return invalid("http.session_ttl_s", "must be positive and not above http.refresh_ttl_s");
+        }
+        if !self.smpp.service_code.starts_with('*') || !self.smpp.service_code.ends_with('#') {
+            return invalid("smpp.service_code", "must look like *150#");
+        }
+        if self.smpp.session_idle_s == 0 || self.smpp.max_sessions == 0 || self.smpp.enquire_link_s == 0 {
+            return invalid("smpp", "session_idle_s, max_sessions and enquire_link_s must be positive");
+        }
+        for (i, operator) in self.smpp.operators.iter().enumerate() {
+            let key = |field: &str| format!("smpp.operator[{i}].{field}");
+            if operator.system_id.is_empty() || operator.system_id.len() > 15 {
+                return Err(ConfigError::Invalid {
+                    key: key("system_id"),
+                    reason: "1 to 15 characters".into(),
+                });
+            }
+            if operator.password.len() > 8 {
+                return Err(ConfigError::Invalid {
+                    key: key("password"),
+                    reason: "at most 8 characters".into(),
+                });
+            }
+            if operator.window == 0 || operator.max_binds == 0 || operator.throughput_per_s == 0 {
+                return Err(ConfigError::Invalid {
+                    key: key("window"),
+                    reason: "window, max_binds and throughput_per_s must be positive".into(),
+                });
+            }
+            if operator.mode == SmppMode::Client && operator.connect.is_none() {
+                return Err(ConfigError::Invalid {
+                    key: key("connect"),
+                    reason: "client mode needs an address".into(),
+                });
+            }
         }
         if self.server.data_dir.as_os_str().is_empty() {
             return invalid("server.data_dir", "must not be empty");

@@ -68,7 +68,33 @@ fn exists_ok(result: Result<(), OpError>) -> anyhow::Result<()> {
 }
 
 /// Seeds the demo world unless `demo.json` exists, then writes it.
-pub async fn seed(state: &Arc<AppState>, addr: SocketAddr) -> anyhow::Result<()> {
+/// The demo operator's gateway credentials: the password derives from the server secret, so it
+/// is the same at every start of one data directory.
+pub fn smpp_operator(secret: &engine::secret::ServerSecret) -> crate::config::OperatorSection {
+    let tag = secret.derive_code("smpp-demo", 0, 0, 8);
+    crate::config::OperatorSection {
+        name: "demo".into(),
+        system_id: "demo-gw".into(),
+        password: tag.expose().to_owned(),
+        allowed_addresses: Vec::new(),
+        max_binds: 64,
+        window: 256,
+        throughput_per_s: 50_000,
+        mode: crate::config::SmppMode::Server,
+        connect: None,
+        outbound: None,
+        session_reference: crate::config::SessionReference::ItsSessionInfo,
+        service_type: "USSD".into(),
+        sms_source: "Qepik".into(),
+    }
+}
+
+pub async fn seed(
+    state: &Arc<AppState>,
+    addr: SocketAddr,
+    smpp_addr: Option<SocketAddr>,
+    smpp: &crate::config::SmppSection,
+) -> anyhow::Result<()> {
     let path = state.config.server.data_dir.join("demo.json");
     if path.exists() {
         tracing::info!(path = %path.display(), "demo world already seeded");
@@ -148,6 +174,14 @@ pub async fn seed(state: &Arc<AppState>, addr: SocketAddr) -> anyhow::Result<()>
         "agents": agent_list,
         "staff": [{ "staff": STAFF, "post_office": POST_OFFICE }],
         "wallets": wallets,
+        "smpp": smpp_addr.map(|at| json!({
+            "address": at.to_string(),
+            "service_code": smpp.service_code,
+            "operators": smpp.operators.iter().filter(|o| o.mode == crate::config::SmppMode::Server).map(|o| json!({
+                "name": o.name, "system_id": o.system_id, "password": o.password,
+                "max_binds": o.max_binds, "window": o.window,
+            })).collect::<Vec<_>>(),
+        })),
         "tiers": domain.config().policy.tiers.iter().map(|t| json!({ "code": t.code, "name": t.name })).collect::<Vec<_>>(),
     });
     let text = serde_json::to_string_pretty(&demo)?;

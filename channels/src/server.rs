@@ -43,6 +43,9 @@ pub struct ServeOptions {
 #[derive(Debug)]
 pub struct Running {
     pub addr: SocketAddr,
+    /// Where operators' gateways bind (SMPP), if on.
+    pub smpp_addr: Option<SocketAddr>,
+    pub ussd: Arc<crate::ussd::Ussd>,
     pub state: Arc<AppState>,
     pub demo_inbox: Option<Arc<DemoInbox>>,
     root: ActorRef<RootMsg>,
@@ -140,9 +143,13 @@ pub async fn open_state(config: Config, options: ServeOptions) -> anyhow::Result
         None
     };
     let demo_inbox = options.demo.then(|| Arc::new(DemoInbox::default()));
-    let sms: Arc<dyn SmsSink> = match &demo_inbox {
-        Some(inbox) => inbox.clone(),
-        None => Arc::new(DemoInbox::default()),
+    let smpp_on = config.smpp.listen.is_some() || !config.smpp.operators.is_empty();
+    let smpp_sms = smpp_on
+        .then(|| Arc::new(crate::ussd::SmppSms { ussd: Default::default(), demo: demo_inbox.clone() }));
+    let sms: Arc<dyn SmsSink> = match (&smpp_sms, &demo_inbox) {
+        (Some(smpp), _) => smpp.clone(),
+        (None, Some(inbox)) => inbox.clone(),
+        (None, None) => Arc::new(DemoInbox::default()),
     };
     Ok(Arc::new(AppState {
         config,
@@ -156,6 +163,7 @@ pub async fn open_state(config: Config, options: ServeOptions) -> anyhow::Result
         ready: std::sync::atomic::AtomicBool::new(false),
         sms,
         demo_inbox,
+        smpp_sms,
     }))
 }
 
@@ -164,19 +172,36 @@ pub async fn start(config: Config, options: ServeOptions) -> anyhow::Result<Runn
     let listen = config.http.listen;
     let listener = TcpListener::bind(listen).await.with_context(|| format!("binding {listen}"))?;
     let addr = listener.local_addr()?;
+    let smpp_listener = match config.smpp.listen {
+        Some(at) => Some(TcpListener::bind(at).await.with_context(|| format!("binding SMPP on {at}"))?),
+        None => None,
+    };
+    let smpp_addr = smpp_listener.as_ref().map(TcpListener::local_addr).transpose()?;
     let state = open_state(config, options.clone()).await?;
+    let mut smpp = state.config.smpp.clone();
+    if options.demo && smpp.operators.is_empty() {
+        smpp.operators.push(crate::demo::smpp_operator(&state.secret));
+    }
+    let ussd = crate::ussd::Ussd::new(state.clone(), smpp);
+    if let Some(sink) = &state.smpp_sms {
+        let _ = sink.ussd.set(Arc::downgrade(&ussd));
+    }
     if options.demo
-        && let Err(error) = crate::demo::seed(&state, addr).await
+        && let Err(error) = crate::demo::seed(&state, addr, smpp_addr, &ussd.config).await
     {
         state.engine.shutdown();
         return Err(error);
     }
-    let (root, root_done) =
-        Actor::spawn(Some(format!("qepik@{addr}")), Root, (state.clone(), listener)).await?;
+    let (root, root_done) = Actor::spawn(
+        Some(format!("qepik@{addr}")),
+        Root,
+        (state.clone(), listener, ussd.clone(), smpp_listener),
+    )
+    .await?;
     state.ready.store(true, Ordering::Release);
-    tracing::info!(%addr, data_dir = %state.config.server.data_dir.display(), "qepik serving");
+    tracing::info!(%addr, smpp = ?smpp_addr, data_dir = %state.config.server.data_dir.display(), "qepik serving");
     let demo_inbox = state.demo_inbox.clone();
-    Ok(Running { addr, state, demo_inbox, root, root_done })
+    Ok(Running { addr, smpp_addr, ussd, state, demo_inbox, root, root_done })
 }
 
 /// Spawns child `name` of the server at `addr`, linked to the root (which restarts it).
@@ -210,20 +235,24 @@ struct RootState {
     flusher: Option<ActorRef<FlusherMsg>>,
     notifier: Option<ActorRef<NotifierMsg>>,
     webhooks: Option<ActorRef<WebhooksMsg>>,
+    smpp: Option<ActorRef<SmppMsg>>,
+    ussd: Arc<crate::ussd::Ussd>,
+    smpp_addr: Option<SocketAddr>,
     stopping: bool,
 }
 
 impl Actor for Root {
     type Msg = RootMsg;
     type State = RootState;
-    type Arguments = (Arc<AppState>, TcpListener);
+    type Arguments = (Arc<AppState>, TcpListener, Arc<crate::ussd::Ussd>, Option<TcpListener>);
 
     async fn pre_start(
         &self,
         myself: ActorRef<Self::Msg>,
-        (app, listener): Self::Arguments,
+        (app, listener, ussd, smpp_listener): Self::Arguments,
     ) -> Result<RootState, ActorProcessingErr> {
         let addr = listener.local_addr()?;
+        let smpp_addr = smpp_listener.as_ref().map(TcpListener::local_addr).transpose()?;
         let cell = myself.get_cell();
         let http =
             spawn_child("http", addr, HttpServer, (app.clone(), Some(listener), addr), cell.clone()).await?;
@@ -232,7 +261,8 @@ impl Actor for Root {
             Some(_) => Some(spawn_child("notifier", addr, Notifier, app.clone(), cell.clone()).await?),
             None => None,
         };
-        let webhooks = spawn_child("webhooks", addr, Webhooks, app.clone(), cell).await?;
+        let webhooks = spawn_child("webhooks", addr, Webhooks, app.clone(), cell.clone()).await?;
+        let smpp = spawn_child("smpp", addr, Smpp, (ussd.clone(), smpp_listener, smpp_addr), cell).await?;
         Ok(RootState {
             app,
             addr,
@@ -240,6 +270,9 @@ impl Actor for Root {
             flusher: Some(flusher),
             notifier,
             webhooks: Some(webhooks),
+            smpp: Some(smpp),
+            ussd,
+            smpp_addr,
             stopping: false,
         })
     }
@@ -256,6 +289,10 @@ impl Actor for Root {
                 if let Some(http) = state.http.take() {
                     // Stops accepting and waits for the requests in progress.
                     http.stop_and_wait(None, None).await?;
+                }
+                if let Some(smpp) = state.smpp.take() {
+                    // Unbinds every bind; sessions end with their binds.
+                    smpp.stop_and_wait(None, None).await?;
                 }
                 if let Some(flusher) = state.flusher.take() {
                     flusher.stop_and_wait(None, None).await?;
@@ -312,6 +349,9 @@ impl Actor for Root {
                 state.webhooks = Some(spawn_child("webhooks", addr, Webhooks, app, cell).await?);
             } else if state.notifier.as_ref().is_some_and(|n| n.get_id() == id) {
                 state.notifier = Some(spawn_child("notifier", addr, Notifier, app, cell).await?);
+            } else if state.smpp.as_ref().is_some_and(|s| s.get_id() == id) {
+                let arguments = (state.ussd.clone(), None, state.smpp_addr);
+                state.smpp = Some(spawn_child("smpp", addr, Smpp, arguments, cell).await?);
             } else if state.flusher.as_ref().is_some_and(|f| f.get_id() == id) {
                 state.flusher = Some(spawn_child("flusher", addr, Flusher, app, cell).await?);
             }
@@ -529,6 +569,75 @@ impl Actor for Flusher {
     ) -> Result<(), ActorProcessingErr> {
         let store = app.store.clone();
         tokio::task::spawn_blocking(move || store.flush_responses()).await??;
+        Ok(())
+    }
+}
+
+#[derive(Debug)]
+pub enum SmppMsg {}
+
+/// The SMPP side: accepts operators' gateways (server mode), keeps Qepik's binds to gateways
+/// (client mode), sends queued SMS, and supervises the USSD session actors.
+struct Smpp;
+
+struct SmppState {
+    ussd: Arc<crate::ussd::Ussd>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Actor for Smpp {
+    type Msg = SmppMsg;
+    type State = SmppState;
+    type Arguments = (Arc<crate::ussd::Ussd>, Option<TcpListener>, Option<SocketAddr>);
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        (ussd, listener, addr): Self::Arguments,
+    ) -> Result<SmppState, ActorProcessingErr> {
+        ussd.stop.send_replace(false);
+        *ussd.supervisor.lock().unwrap_or_else(|p| p.into_inner()) = Some(myself.get_cell());
+        let listener = match (listener, addr) {
+            (Some(listener), _) => Some(listener),
+            (None, Some(addr)) => Some(TcpListener::bind(addr).await?),
+            (None, None) => None,
+        };
+        let mut tasks = Vec::new();
+        if let Some(listener) = listener {
+            tasks.push(tokio::spawn(crate::ussd::accept(ussd.clone(), listener)));
+        }
+        for operator in &ussd.config.operators {
+            if operator.mode == crate::config::SmppMode::Client {
+                let operator = Arc::new(operator.clone());
+                tasks.push(tokio::spawn(crate::ussd::link::keep_bound(ussd.clone(), operator)));
+            }
+        }
+        tasks.push(tokio::spawn(ussd.clone().send_sms()));
+        Ok(SmppState { ussd, tasks })
+    }
+
+    async fn handle_supervisor_evt(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        event: SupervisionEvent,
+        _state: &mut SmppState,
+    ) -> Result<(), ActorProcessingErr> {
+        // A session actor that failed is gone: its subscriber redials. Nothing else to do.
+        if let SupervisionEvent::ActorFailed(_, error) = &event {
+            tracing::error!(%error, "ussd: a session failed");
+        }
+        Ok(())
+    }
+
+    async fn post_stop(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        state: &mut SmppState,
+    ) -> Result<(), ActorProcessingErr> {
+        state.ussd.stop.send_replace(true);
+        for task in state.tasks.drain(..) {
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(3), task).await;
+        }
         Ok(())
     }
 }

@@ -139,6 +139,9 @@ pub struct Store {
     merchants: sled::Tree,
     requests: sled::Tree,
     webhooks: sled::Tree,
+    /// USSD: the language of numbers without a wallet (`lang:` + MSISDN), and the outcome of each
+    /// subscriber's last money-moving operation (`last:` + MSISDN).
+    ussd: sled::Tree,
     credential_cache: std::sync::Arc<std::sync::RwLock<std::collections::HashMap<String, Credential>>>,
     session_cache: std::sync::Arc<std::sync::RwLock<std::collections::HashMap<String, Session>>>,
     recent: std::sync::Arc<std::sync::Mutex<Recent>>,
@@ -168,11 +171,41 @@ impl Store {
             merchants: db.open_tree("merchants")?,
             requests: db.open_tree("payment_requests")?,
             webhooks: db.open_tree("webhooks")?,
+            ussd: db.open_tree("ussd")?,
             db,
             credential_cache: std::sync::Arc::new(std::sync::RwLock::new(cache)),
             session_cache: Default::default(),
             recent: Default::default(),
         })
+    }
+
+    fn ussd_key(kind: &str, msisdn: u64) -> Vec<u8> {
+        let mut key = kind.as_bytes().to_vec();
+        key.extend_from_slice(&msisdn.to_be_bytes());
+        key
+    }
+
+    pub fn ussd_language(&self, msisdn: u64) -> Option<u8> {
+        let value = self.ussd.get(Self::ussd_key("lang:", msisdn)).ok()??;
+        value.first().copied()
+    }
+
+    pub fn put_ussd_language(&self, msisdn: u64, language: u8) -> Result<(), StoreError> {
+        self.ussd.insert(Self::ussd_key("lang:", msisdn), &[language])?;
+        Ok(())
+    }
+
+    pub fn ussd_last(&self, msisdn: u64) -> Result<Option<crate::ussd::flow::LastOperation>, StoreError> {
+        self.ussd.get(Self::ussd_key("last:", msisdn))?.map(|v| decode(&v)).transpose()
+    }
+
+    pub fn put_ussd_last(
+        &self,
+        msisdn: u64,
+        last: &crate::ussd::flow::LastOperation,
+    ) -> Result<(), StoreError> {
+        self.ussd.insert(Self::ussd_key("last:", msisdn), encode(last)?)?;
+        Ok(())
     }
 
     pub fn credential(&self, key_id: &str) -> Result<Option<Credential>, StoreError> {

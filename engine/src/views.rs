@@ -755,6 +755,23 @@ impl Iterator for Lines {
     }
 }
 
+/// Newest first, for the last lines of a window (the USSD mini statement).
+impl DoubleEndedIterator for Lines {
+    fn next_back(&mut self) -> Option<Self::Item> {
+        loop {
+            match self.range.next_back()? {
+                Err(error) => return Some(Err(error)),
+                Ok((key, value)) => {
+                    if let Some(entry) = decode_history(&key, &value) {
+                        return Some(Ok(entry));
+                    }
+                    tracing::warn!("views: an undecodable history line is skipped");
+                }
+            }
+        }
+    }
+}
+
 /// The running views: a tail thread and read access.
 #[derive(Debug)]
 pub struct Views {

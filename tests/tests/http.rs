@@ -27,6 +27,7 @@ fn config(dir: &Path) -> Config {
     config.server.views = false;
     config.server.secret = Some("11".repeat(32));
     config.http.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+    config.smpp.listen = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
     config
 }
 

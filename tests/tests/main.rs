@@ -25,4 +25,5 @@ mod http;
 mod model;
 mod statements;
 mod torn_tail;
+mod ussd;
 mod wallet;

@@ -49,6 +49,8 @@ pub struct AppState {
     pub sms: Arc<dyn crate::sms::SmsSink>,
     /// The demo's simulated handsets, on a `--demo` server.
     pub demo_inbox: Option<Arc<crate::sms::DemoInbox>>,
+    /// The SMS sender over the SMPP binds, when SMPP is on.
+    pub smpp_sms: Option<Arc<crate::ussd::SmppSms>>,
 }
 
 /// Every route of the API, with its method: the OpenAPI test and the docs list these.
