@@ -238,6 +238,19 @@ impl Flow {
         }
     }
 
+    /// [`Flow::refusal`], with the attempts left after a wrong PIN on a transfer (the ledger's
+    /// refusal does not carry them; the wallet's counter does).
+    async fn explain(&self, error: &OpError) -> String {
+        if matches!(error, OpError::Refused(engine::TransferResult::PinInvalid))
+            && let Ok(view) = self.app.domain.wallet(self.msisdn).await
+        {
+            let max = self.app.domain.config().policy.pin_attempts_max;
+            let remaining = max.saturating_sub(view.state.pin_failures);
+            return self.refusal(&OpError::Wallet(WalletRefusal::PinInvalid { remaining }));
+        }
+        self.refusal(error)
+    }
+
     fn next_operation(&mut self) -> u128 {
         self.operations += 1;
         let digest = Sha256::new()
@@ -262,7 +275,9 @@ impl Flow {
         if self.pages.len() > 1 {
             if input == "0" && self.page + 1 < self.pages.len() {
                 self.page += 1;
-                return Screen { text: self.pages[self.page].clone(), end: false };
+                // The last page of a closing screen ends the dialogue.
+                let end = matches!(self.step, Step::Closing) && self.page + 1 == self.pages.len();
+                return Screen { text: self.pages[self.page].clone(), end };
             }
             if input == "00" && self.page > 0 {
                 self.page -= 1;
@@ -388,7 +403,7 @@ impl Flow {
                     }
                     Err(error) => {
                         last.refused = Some(error.code().to_owned());
-                        self.refusal(&error)
+                        self.explain(&error).await
                     }
                 };
                 self.remember(last);
@@ -429,7 +444,7 @@ impl Flow {
                     }
                     Err(error) => {
                         last.refused = Some(error.code().to_owned());
-                        self.refusal(&error)
+                        self.explain(&error).await
                     }
                 };
                 self.remember(last);
