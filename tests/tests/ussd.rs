@@ -161,3 +161,303 @@ async fn transcripts() -> anyhow::Result<()> {
     assert!(server.balanced());
     server.stop().await
 }
+
+mod raw {
+    //! A bare SMPP connection for malformed input.
+    use std::net::SocketAddr;
+
+    use channels::ussd::pdu::{self, Frame};
+    use rusmpp::{Command, CommandStatus};
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpStream;
+
+    pub struct Raw {
+        pub stream: TcpStream,
+    }
+
+    impl Raw {
+        pub async fn connect(at: SocketAddr) -> anyhow::Result<Raw> {
+            Ok(Raw { stream: TcpStream::connect(at).await? })
+        }
+
+        pub async fn bind(at: SocketAddr, system_id: &str, password: &str) -> anyhow::Result<(Raw, Frame)> {
+            let mut raw = Raw::connect(at).await?;
+            let frame = raw.round_trip(bind_pdu(system_id, password, 1)).await?;
+            Ok((raw, frame))
+        }
+
+        pub async fn send(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+            self.stream.write_all(bytes).await?;
+            Ok(())
+        }
+
+        pub async fn read(&mut self) -> anyhow::Result<Frame> {
+            let frame = tokio::time::timeout(
+                std::time::Duration::from_secs(5),
+                pdu::read_frame(&mut self.stream, pdu::MAX_PDU),
+            )
+            .await??;
+            Ok(frame)
+        }
+
+        pub async fn round_trip(&mut self, bytes: Vec<u8>) -> anyhow::Result<Frame> {
+            self.send(&bytes).await?;
+            self.read().await
+        }
+
+        /// Whether the server closed the connection.
+        pub async fn closed(&mut self) -> bool {
+            matches!(
+                tokio::time::timeout(
+                    std::time::Duration::from_secs(5),
+                    pdu::read_frame(&mut self.stream, pdu::MAX_PDU)
+                )
+                .await,
+                Ok(Err(pdu::FrameError::Closed | pdu::FrameError::Io(_)))
+            )
+        }
+    }
+
+    pub fn bind_pdu(system_id: &str, password: &str, sequence: u32) -> Vec<u8> {
+        use rusmpp::pdus::BindTransceiver;
+        use rusmpp::types::COctetString;
+        let bind = BindTransceiver::builder()
+            .system_id(COctetString::from_string(system_id.to_owned()).unwrap_or_default())
+            .password(COctetString::from_string(password.to_owned()).unwrap_or_default())
+            .build();
+        pdu::encode(&Command::new(CommandStatus::EsmeRok, sequence, bind))
+    }
+
+    /// A subscriber's dial as a gateway sends it.
+    pub fn dial(msisdn: &str, text: &str, sequence: u32) -> Vec<u8> {
+        let command = pdu::outgoing(
+            &pdu::Outgoing {
+                carrier: pdu::Carrier::SubmitSm,
+                service_type: "USSD",
+                source: msisdn,
+                destination: "*150",
+                text,
+                ussd_service_op: Some(1),
+                its_session_info: Some((9, 0)),
+                registered_delivery: false,
+            },
+            sequence,
+        );
+        pdu::encode(&command)
+    }
+}
+
+const SUBMIT_SM_RESP: u32 = 0x8000_0004;
+const GENERIC_NACK: u32 = 0x8000_0000;
+const BIND_TRANSCEIVER_RESP: u32 = 0x8000_0009;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn binds_are_authenticated_and_stateful() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut server = UssdServer::start(dir.path()).await?;
+    let (system_id, password) = server.operator();
+    // A wrong password, an unknown system_id: refused, and the connection closed.
+    let (mut raw, frame) = raw::Raw::bind(server.smpp, &system_id, "wrong").await?;
+    assert_eq!((frame.command_id, frame.status), (BIND_TRANSCEIVER_RESP, 0x0E));
+    assert!(raw.closed().await);
+    let (mut raw, frame) = raw::Raw::bind(server.smpp, "nobody", &password).await?;
+    assert_eq!((frame.command_id, frame.status), (BIND_TRANSCEIVER_RESP, 0x0F));
+    assert!(raw.closed().await);
+    // A message before binding: ESME_RINVBNDSTS.
+    let mut raw = raw::Raw::connect(server.smpp).await?;
+    let frame = raw.round_trip(raw::dial("994501111111", "*150#", 7)).await?;
+    assert_eq!((frame.command_id, frame.status, frame.sequence), (SUBMIT_SM_RESP, 0x04, 7));
+    // Bound; a second bind on the same connection: ESME_RALYBND.
+    let frame = raw.round_trip(raw::bind_pdu(&system_id, &password, 8)).await?;
+    assert_eq!(frame.status, 0);
+    let frame = raw.round_trip(raw::bind_pdu(&system_id, &password, 9)).await?;
+    assert_eq!((frame.command_id, frame.status), (BIND_TRANSCEIVER_RESP, 0x05));
+    // enquire_link answered; unbind answered and the connection closed.
+    let frame = raw
+        .round_trip(channels::ussd::pdu::raw_response(
+            rusmpp::CommandId::EnquireLink,
+            rusmpp::CommandStatus::EsmeRok,
+            10,
+        ))
+        .await?;
+    assert_eq!((frame.command_id, frame.sequence), (0x8000_0015, 10));
+    let frame = raw
+        .round_trip(channels::ussd::pdu::raw_response(
+            rusmpp::CommandId::Unbind,
+            rusmpp::CommandStatus::EsmeRok,
+            11,
+        ))
+        .await?;
+    assert_eq!((frame.command_id, frame.sequence), (0x8000_0006, 11));
+    assert!(raw.closed().await);
+    server.stop().await
+}
+
+/// A valid dial with its ussd_service_op TLV's length field set to `declared`, and `extra`
+/// octets after it.
+fn with_bad_tlv(declared: u16, extra: &[u8], sequence: u32) -> Vec<u8> {
+    let mut bytes = raw::dial("994501111111", "*150#", sequence);
+    let at = bytes.windows(4).position(|w| w == [0x05, 0x01, 0x00, 0x01]).unwrap_or(0);
+    bytes[at + 2..at + 4].copy_from_slice(&declared.to_be_bytes());
+    bytes.extend_from_slice(extra);
+    let length = u32::try_from(bytes.len()).unwrap_or(0);
+    bytes[..4].copy_from_slice(&length.to_be_bytes());
+    bytes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_pdus_get_the_right_status_and_harm_nothing() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut server = UssdServer::start(dir.path()).await?;
+    let (system_id, password) = server.operator();
+    let (mut raw, frame) = raw::Raw::bind(server.smpp, &system_id, &password).await?;
+    assert_eq!(frame.status, 0);
+    // An unknown command: generic_nack ESME_RINVCMDID; the connection stays.
+    let unknown = [0, 0, 0, 16, 0, 0, 0x09, 0x99, 0, 0, 0, 0, 0, 0, 0, 21];
+    let frame = raw.round_trip(unknown.to_vec()).await?;
+    assert_eq!((frame.command_id, frame.status, frame.sequence), (GENERIC_NACK, 0x03, 21));
+    // A TLV longer than its type (ussd_service_op is one octet): ESME_RINVTLVLEN.
+    let frame = raw.round_trip(with_bad_tlv(2, &[], 22)).await?;
+    assert_eq!((frame.command_id, frame.status, frame.sequence), (SUBMIT_SM_RESP, 0xC2, 22));
+    // A TLV running past the end of the PDU: ESME_RINVTLVLEN.
+    let frame = raw.round_trip(with_bad_tlv(1, &[0x13, 0x83, 0x00, 0x40, 0x01], 23)).await?;
+    assert_eq!((frame.command_id, frame.status, frame.sequence), (SUBMIT_SM_RESP, 0xC2, 23));
+    // A submit_sm whose body does not parse: generic_nack ESME_RINVCMDLEN; the connection stays.
+    let mut garbage = vec![0, 0, 0, 24, 0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0, 24];
+    garbage.extend_from_slice(&[0xFF; 8]);
+    let frame = raw.round_trip(garbage).await?;
+    assert_eq!((frame.command_id, frame.status, frame.sequence), (SUBMIT_SM_RESP, 0x02, 24));
+    let frame = raw.round_trip(raw::dial("994501111111", "*150#", 25)).await?;
+    assert_eq!((frame.command_id, frame.status, frame.sequence), (SUBMIT_SM_RESP, 0, 25));
+    // command_length below 16: generic_nack, then the connection closes (it cannot be re-framed).
+    raw.send(&[0, 0, 0, 8, 0, 0, 0, 0x15, 0, 0, 0, 0, 0, 0, 0, 26]).await?;
+    let mut nack = None;
+    while let Ok(frame) = raw.read().await {
+        if frame.command_id == GENERIC_NACK {
+            nack = Some(frame);
+            break;
+        }
+    }
+    assert_eq!(nack.map(|f| f.status), Some(0x02));
+    assert!(raw.closed().await);
+    // A huge command_length, and garbage bytes (an HTTP request): the same.
+    for junk in [
+        vec![0x7F, 0xFF, 0xFF, 0xFF, 0, 0, 0, 4, 0, 0, 0, 0, 0, 0, 0, 27],
+        b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec(),
+    ] {
+        let (mut raw, _) = raw::Raw::bind(server.smpp, &system_id, &password).await?;
+        let frame = raw.round_trip(junk).await?;
+        assert_eq!((frame.command_id, frame.status), (GENERIC_NACK, 0x02));
+        assert!(raw.closed().await);
+    }
+    // The server is unharmed: a whole dialogue still works.
+    let gateway = server.gateway().await?;
+    let (_, screen) = gateway.dial("+994552222222", "*150*1*2222#").await?;
+    assert!(screen.end && screen.text.starts_with("Balans"), "{screen:?}");
+    assert!(server.balanced());
+    server.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_than_the_window_is_throttled() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut config = config(dir.path());
+    let mut operator =
+        channels::demo::smpp_operator(&engine::secret::ServerSecret::from_hex(&"22".repeat(32))?);
+    operator.window = 1;
+    config.smpp.operators.push(operator.clone());
+    let mut server = UssdServer::start_with(config).await?;
+    let (mut raw, frame) = raw::Raw::bind(server.smpp, &operator.system_id, &operator.password).await?;
+    assert_eq!(frame.status, 0);
+    // Three dials in one write: the first is being answered (a wallet lookup) when the others
+    // arrive.
+    let mut burst = raw::dial("994501111111", "*150#", 31);
+    burst.extend(raw::dial("994552222222", "*150#", 32));
+    burst.extend(raw::dial("994703333333", "*150#", 33));
+    raw.send(&burst).await?;
+    let mut statuses = std::collections::BTreeMap::new();
+    while statuses.len() < 3 {
+        let frame = raw.read().await?;
+        if frame.command_id == SUBMIT_SM_RESP {
+            statuses.insert(frame.sequence, frame.status);
+        }
+    }
+    assert_eq!(statuses[&31], 0, "{statuses:?}");
+    assert!(statuses.values().any(|&s| s == 0x58), "ESME_RTHROTTLED expected: {statuses:?}");
+    server.stop().await
+}
+
+fn balance(server: &UssdServer, msisdn: &str) -> anyhow::Result<i128> {
+    let running = server.running.as_ref().ok_or_else(|| anyhow::anyhow!("stopped"))?;
+    let domain = &running.state.domain;
+    let view = futures_lite_block(domain.wallet(domain.msisdn(msisdn)?))?;
+    Ok(view.accounts[0].account.balance_posted())
+}
+
+fn futures_lite_block<F: std::future::Future>(future: F) -> F::Output {
+    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(future))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retransmitted_pin_step_moves_money_once() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut server = UssdServer::start(dir.path()).await?;
+    let gateway = server.gateway().await?;
+    let before = balance(&server, "+994501111111")?;
+    let (mut dialogue, _) = gateway.dial("994501111111", "*150*2*0552222222*3#").await?;
+    let screen = dialogue.answer("1").await?;
+    assert!(screen.text.contains("PIN"), "{screen:?}");
+    let sequence = gateway.next_sequence();
+    let first = gateway.send_as(sequence, "994501111111", "1111", 18, Some((0, 6))).await?;
+    let again = gateway.send_as(sequence, "994501111111", "1111", 18, Some((0, 6))).await;
+    assert!(first.end && first.text.contains("göndərildi"), "{first:?}");
+    // The retransmission gets the same screen (or, if the session had already closed, a
+    // "session over" screen); either way the money moved once.
+    if let Ok(again) = again {
+        assert!(again.text == first.text || again.text.contains("Sessiya bitib"), "{again:?}");
+    }
+    let fee = before - balance(&server, "+994501111111")? - 300;
+    assert!((0..100).contains(&fee), "moved once: fee {fee}");
+    assert!(server.balanced());
+    server.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_session_moves_nothing_and_sms_go_over_the_binds() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut config = config(dir.path());
+    config.smpp.session_idle_s = 1;
+    let mut server = UssdServer::start_with(config).await?;
+    let gateway = server.gateway().await?;
+    let before = balance(&server, "+994501111111")?;
+    let (mut dialogue, _) = gateway.dial("994501111111", "*150*2*0552222222*4#").await?;
+    dialogue.answer("1").await?;
+    // The subscriber walks away at the PIN prompt; the session times out.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    let late = dialogue.answer("1111").await?;
+    assert!(late.end && late.text.contains("Sessiya bitib"), "{late:?}");
+    assert_eq!(balance(&server, "+994501111111")?, before);
+    // A completed transfer.
+    let (mut dialogue, _) = gateway.dial("994501111111", "*150*2*0552222222*4#").await?;
+    dialogue.answer("1").await?;
+    let done = dialogue.answer("1111").await?;
+    assert!(done.end && done.text.contains("göndərildi"), "{done:?}");
+    let mut received = Vec::new();
+    for _ in 0..100 {
+        received = gateway.sms.lock().map(|s| s.clone()).unwrap_or_default();
+        if received.iter().any(|(to, text)| to == "994552222222" && text.contains("received")) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    // The notifications of the demo's cash-ins, written to the outbox before any bind existed,
+    // went out over the bind once it was up.
+    assert!(
+        received.iter().any(|(to, text)| to == "994552222222" && text.contains("received")),
+        "{received:?}"
+    );
+    // On redial, the last operation is there.
+    let (_, last) = gateway.dial("994501111111", "*150*7#").await?;
+    assert!(last.text.contains("+994552222222"), "{last:?}");
+    server.stop().await
+}

@@ -187,9 +187,27 @@ impl Gateway {
         op: u8,
         its_session_info: Option<(u8, u8)>,
     ) -> Result<GatewayScreen, GatewayError> {
+        let sequence = self.next_sequence();
+        self.send_as(sequence, msisdn, text, op, its_session_info).await
+    }
+
+    /// A fresh sequence number.
+    pub fn next_sequence(&self) -> u32 {
+        self.sequence.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// [`Gateway::send`] with a given sequence number: the same number again is a
+    /// retransmission.
+    pub async fn send_as(
+        &self,
+        sequence: u32,
+        msisdn: &str,
+        text: &str,
+        op: u8,
+        its_session_info: Option<(u8, u8)>,
+    ) -> Result<GatewayScreen, GatewayError> {
         let (screen_tx, screen_rx) = oneshot::channel();
         self.screens.lock().unwrap_or_else(|p| p.into_inner()).insert(msisdn.to_owned(), screen_tx);
-        let sequence = self.sequence.fetch_add(1, Ordering::Relaxed) + 1;
         let (resp_tx, resp_rx) = oneshot::channel();
         self.responses.lock().unwrap_or_else(|p| p.into_inner()).insert(sequence, resp_tx);
         let command = pdu::outgoing(

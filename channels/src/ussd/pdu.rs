@@ -8,7 +8,8 @@
 //! |---|---|---|
 //! | command_length < 16, or above [`MAX_PDU`] | generic_nack ESME_RINVCMDLEN | closed: the stream cannot be re-framed |
 //! | an unknown command_id | generic_nack ESME_RINVCMDID | stays |
-//! | a body that does not parse in its length | generic_nack ESME_RINVCMDLEN | stays |
+//! | a message whose mandatory part overruns the PDU | `<request>_resp` ESME_RINVCMDLEN | stays |
+//! | any other body that does not parse in its length | generic_nack ESME_RINVCMDLEN | stays |
 //! | a TLV running past the PDU, or of the wrong length for its tag | `<request>_resp` ESME_RINVTLVLEN | stays |
 
 use bytes::BytesMut;
