@@ -437,7 +437,7 @@ async fn a_dropped_session_moves_nothing_and_sms_go_over_the_binds() -> anyhow::
     let late = dialogue.answer("1111").await?;
     assert!(late.end && late.text.contains("Sessiya bitib"), "{late:?}");
     assert_eq!(balance(&server, "+994501111111")?, before);
-    // A completed transfer.
+    // A completed transfer: both parties' notifications come over the bind, after the commit.
     let (mut dialogue, _) = gateway.dial("994501111111", "*150*2*0552222222*4#").await?;
     dialogue.answer("1").await?;
     let done = dialogue.answer("1111").await?;
@@ -445,7 +445,7 @@ async fn a_dropped_session_moves_nothing_and_sms_go_over_the_binds() -> anyhow::
     let mut received = Vec::new();
     for _ in 0..100 {
         received = gateway.sms.lock().map(|s| s.clone()).unwrap_or_default();
-        if received.iter().any(|(to, text)| to == "994552222222" && text.contains("received")) {
+        if received.iter().any(|(to, text)| to == "994552222222" && text.contains("received 4.00")) {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
@@ -461,3 +461,4 @@ async fn a_dropped_session_moves_nothing_and_sms_go_over_the_binds() -> anyhow::
     assert!(last.text.contains("+994552222222"), "{last:?}");
     server.stop().await
 }
+
