@@ -462,3 +462,47 @@ async fn a_dropped_session_moves_nothing_and_sms_go_over_the_binds() -> anyhow::
     server.stop().await
 }
 
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_mode_binds_to_the_gateway_and_rebinds_after_a_drop() -> anyhow::Result<()> {
+    use channels::config::{OperatorSection, SessionReference, SmppMode};
+    let dir = tempfile::tempdir()?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let mut config = config(dir.path());
+    config.smpp.listen = None;
+    config.smpp.operators.push(OperatorSection {
+        name: "operator-b".into(),
+        system_id: "qepik".into(),
+        password: "secret1".into(),
+        allowed_addresses: Vec::new(),
+        max_binds: 1,
+        window: 16,
+        throughput_per_s: 1000,
+        mode: SmppMode::Client,
+        connect: Some(listener.local_addr()?),
+        outbound: None,
+        session_reference: SessionReference::ItsSessionInfo,
+        service_type: "USSD".into(),
+        sms_source: "Qepik".into(),
+    });
+    let demo_path = dir.path().join("demo.json");
+    let running = start(config, ServeOptions { demo: true, metrics: false }).await?;
+    assert!(running.smpp_addr.is_none() && demo_path.exists());
+    // Qepik binds to the gateway; the subscriber's messages go as deliver_sm, the screens come
+    // back as submit_sm.
+    let gateway = Gateway::accept(&listener, "qepik", "secret1", "*150#").await?;
+    let (_, screen) = gateway.dial("994552222222", "*150*1*2222#").await?;
+    assert!(screen.end && screen.text.starts_with("Balans: 100.00 AZN"), "{screen:?}");
+    // The gateway drops the connection; Qepik binds again (after its backoff).
+    gateway.close().await;
+    let gateway = tokio::time::timeout(
+        std::time::Duration::from_secs(15),
+        Gateway::accept(&listener, "qepik", "secret1", "*150#"),
+    )
+    .await??;
+    let (mut dialogue, screen) = gateway.dial("994552222222", "*150#").await?;
+    assert!(screen.text.starts_with("Qepik\n1 Balans"), "{screen:?}");
+    let screen = dialogue.answer("1").await?;
+    assert!(screen.text.contains("PIN"), "{screen:?}");
+    running.shutdown().await
+}

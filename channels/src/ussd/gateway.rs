@@ -53,6 +53,9 @@ pub struct Gateway {
     sessions: AtomicU8,
     pub service_code: String,
     timeout: Duration,
+    /// The PDU subscribers' messages travel in: submit_sm when the gateway bound to Qepik,
+    /// deliver_sm when Qepik bound to it (client mode).
+    carrier: Carrier,
 }
 
 impl Gateway {
@@ -65,30 +68,7 @@ impl Gateway {
     ) -> Result<Arc<Gateway>, GatewayError> {
         let stream = tokio::net::TcpStream::connect(address).await?;
         stream.set_nodelay(true)?;
-        let (read, mut write) = stream.into_split();
-        let (out, mut out_rx) = mpsc::channel::<Vec<u8>>(4096);
-        tokio::spawn(async move {
-            while let Some(bytes) = out_rx.recv().await {
-                let mut batch = bytes;
-                while let Ok(more) = out_rx.try_recv() {
-                    batch.extend_from_slice(&more);
-                }
-                if write.write_all(&batch).await.is_err() {
-                    return;
-                }
-            }
-        });
-        let gateway = Arc::new(Gateway {
-            out,
-            sequence: AtomicU32::new(1),
-            responses: Default::default(),
-            screens: Default::default(),
-            sms: Default::default(),
-            sessions: AtomicU8::new(0),
-            service_code: service_code.to_owned(),
-            timeout: Duration::from_secs(10),
-        });
-        let mut reader = BufReader::new(read);
+        let (gateway, mut reader) = Gateway::over(stream, service_code, Carrier::SubmitSm);
         // Bind.
         let bind = {
             use rusmpp::pdus::BindTransceiver;
@@ -109,16 +89,89 @@ impl Gateway {
         if frame.status != 0 {
             return Err(GatewayError::BindRefused(frame.status));
         }
-        let reading = gateway.clone();
+        gateway.clone().read_loop(reader);
+        Ok(gateway)
+    }
+
+    fn over(
+        stream: tokio::net::TcpStream,
+        service_code: &str,
+        carrier: Carrier,
+    ) -> (Arc<Gateway>, BufReader<tokio::net::tcp::OwnedReadHalf>) {
+        let (read, mut write) = stream.into_split();
+        let (out, mut out_rx) = mpsc::channel::<Vec<u8>>(4096);
+        tokio::spawn(async move {
+            while let Some(bytes) = out_rx.recv().await {
+                // An empty write is [`Gateway::close`].
+                if bytes.is_empty() {
+                    let _ = write.shutdown().await;
+                    return;
+                }
+                let mut batch = bytes;
+                while let Ok(more) = out_rx.try_recv() {
+                    batch.extend_from_slice(&more);
+                }
+                if write.write_all(&batch).await.is_err() {
+                    return;
+                }
+            }
+        });
+        let gateway = Arc::new(Gateway {
+            out,
+            sequence: AtomicU32::new(1),
+            responses: Default::default(),
+            screens: Default::default(),
+            sms: Default::default(),
+            sessions: AtomicU8::new(0),
+            service_code: service_code.to_owned(),
+            timeout: Duration::from_secs(10),
+            carrier,
+        });
+        (gateway, BufReader::new(read))
+    }
+
+    fn read_loop(self: Arc<Self>, mut reader: BufReader<tokio::net::tcp::OwnedReadHalf>) {
         tokio::spawn(async move {
             while let Ok(frame) = pdu::read_frame(&mut reader, pdu::MAX_PDU).await {
-                reading.incoming(frame).await;
+                self.incoming(frame).await;
             }
             // Dropping the waiters fails the dialogues in progress.
-            reading.responses.lock().unwrap_or_else(|p| p.into_inner()).clear();
-            reading.screens.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            self.responses.lock().unwrap_or_else(|p| p.into_inner()).clear();
+            self.screens.lock().unwrap_or_else(|p| p.into_inner()).clear();
         });
-        Ok(gateway)
+    }
+
+    /// Client mode's gateway: listens on `listener` for Qepik's bind as `system_id`, accepts
+    /// it, and carries subscribers' messages as deliver_sm (Qepik answers with submit_sm).
+    pub async fn accept(
+        listener: &tokio::net::TcpListener,
+        system_id: &str,
+        password: &str,
+        service_code: &str,
+    ) -> Result<Arc<Gateway>, GatewayError> {
+        loop {
+            let (stream, _) = listener.accept().await?;
+            stream.set_nodelay(true)?;
+            let (gateway, mut reader) = Gateway::over(stream, service_code, Carrier::DeliverSm);
+            let frame = tokio::time::timeout(gateway.timeout, pdu::read_frame(&mut reader, pdu::MAX_PDU))
+                .await
+                .map_err(|_| GatewayError::Timeout)?
+                .map_err(|_| GatewayError::Closed)?;
+            let Ok(command) = pdu::decode(&frame) else { continue };
+            let Some(Pdu::BindTransceiver(bind)) = command.pdu() else { continue };
+            let ok = pdu::c_string(bind.system_id.as_ref()) == system_id
+                && pdu::c_string(bind.password.as_ref()) == password;
+            let status = if ok { CommandStatus::EsmeRok } else { CommandStatus::EsmeRinvpaswd };
+            let resp = rusmpp::pdus::BindTransceiverResp::new(
+                rusmpp::types::COctetString::from_string("opgw".to_owned()).unwrap_or_default(),
+                None,
+            );
+            let _ = gateway.out.send(pdu::encode(&Command::new(status, frame.sequence, resp))).await;
+            if ok {
+                gateway.clone().read_loop(reader);
+                return Ok(gateway);
+            }
+        }
     }
 
     async fn incoming(&self, frame: pdu::Frame) {
@@ -127,19 +180,15 @@ impl Gateway {
         };
         let sequence = command.sequence_number();
         match command.id() {
-            CommandId::SubmitSmResp | CommandId::DataSmResp | CommandId::GenericNack => {
+            CommandId::SubmitSmResp | CommandId::DeliverSmResp | CommandId::DataSmResp | CommandId::GenericNack => {
                 if let Some(waiter) =
                     self.responses.lock().unwrap_or_else(|p| p.into_inner()).remove(&sequence)
                 {
                     let _ = waiter.send(frame.status);
                 }
             }
-            CommandId::DeliverSm | CommandId::DataSm => {
-                let answer = if command.id() == CommandId::DeliverSm {
-                    CommandId::DeliverSmResp
-                } else {
-                    CommandId::DataSmResp
-                };
+            CommandId::DeliverSm | CommandId::SubmitSm | CommandId::DataSm => {
+                let answer = pdu::response_id(command.id()).unwrap_or(CommandId::DeliverSmResp);
                 let resp = super::link::ok_response(answer, sequence, "gw");
                 let _ = self.out.send(pdu::encode(&resp)).await;
                 let Some(message) = pdu::message(&command) else { return };
@@ -212,7 +261,7 @@ impl Gateway {
         self.responses.lock().unwrap_or_else(|p| p.into_inner()).insert(sequence, resp_tx);
         let command = pdu::outgoing(
             &Outgoing {
-                carrier: Carrier::SubmitSm,
+                carrier: self.carrier,
                 service_type: "USSD",
                 source: msisdn,
                 destination: self.service_code.trim_end_matches('#'),
@@ -253,6 +302,11 @@ impl Gateway {
             sequence: screen.its_session_info.map_or(2, |(_, s)| s & 0xFE),
         };
         Ok((dialogue, screen))
+    }
+
+    /// Closes the connection (without unbinding: a dropped link).
+    pub async fn close(&self) {
+        let _ = self.out.send(Vec::new()).await;
     }
 
     /// A raw PDU, for tests of malformed input.
