@@ -462,7 +462,6 @@ async fn a_dropped_session_moves_nothing_and_sms_go_over_the_binds() -> anyhow::
     server.stop().await
 }
 
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_mode_binds_to_the_gateway_and_rebinds_after_a_drop() -> anyhow::Result<()> {
     use channels::config::{OperatorSection, SessionReference, SmppMode};
@@ -505,4 +504,42 @@ async fn client_mode_binds_to_the_gateway_and_rebinds_after_a_drop() -> anyhow::
     let screen = dialogue.answer("1").await?;
     assert!(screen.text.contains("PIN"), "{screen:?}");
     running.shutdown().await
+}
+
+/// python-smpplib, an SMPP client written by others, completes a USSD session. Skipped (with a
+/// note) when smpplib is not installed, unless `QEPIK_INTEROP=1` (`.ci/run` installs it and sets
+/// that).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn smpplib_completes_a_ussd_session() -> anyhow::Result<()> {
+    let required = std::env::var("QEPIK_INTEROP").is_ok_and(|v| v == "1");
+    let present = std::process::Command::new("python3")
+        .args(["-c", "import smpplib"])
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !present {
+        anyhow::ensure!(!required, "QEPIK_INTEROP=1 but python3 cannot import smpplib");
+        eprintln!("skipped: python3 -m pip install smpplib==2.2.4 to run it");
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let mut server = UssdServer::start(dir.path()).await?;
+    let (system_id, password) = server.operator();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("interop/smpplib_ussd.py");
+    let port = server.smpp.port().to_string();
+    let output = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        tokio::process::Command::new("python3")
+            .arg(&script)
+            .args(["127.0.0.1", &port, &system_id, &password, "994552222222", "2222"])
+            .output(),
+    )
+    .await??;
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success() && stdout.contains("USSD session completed"),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(server.balanced());
+    server.stop().await
 }

@@ -180,7 +180,10 @@ impl Gateway {
         };
         let sequence = command.sequence_number();
         match command.id() {
-            CommandId::SubmitSmResp | CommandId::DeliverSmResp | CommandId::DataSmResp | CommandId::GenericNack => {
+            CommandId::SubmitSmResp
+            | CommandId::DeliverSmResp
+            | CommandId::DataSmResp
+            | CommandId::GenericNack => {
                 if let Some(waiter) =
                     self.responses.lock().unwrap_or_else(|p| p.into_inner()).remove(&sequence)
                 {
