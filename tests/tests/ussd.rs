@@ -543,3 +543,84 @@ async fn smpplib_completes_a_ussd_session() -> anyhow::Result<()> {
     assert!(server.balanced());
     server.stop().await
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dialects_data_sm_both_ways_and_delivery_receipts() -> anyhow::Result<()> {
+    use channels::ussd::pdu::{Carrier, Outgoing, outgoing};
+    let dir = tempfile::tempdir()?;
+    let mut config = config(dir.path());
+    let mut operator =
+        channels::demo::smpp_operator(&engine::secret::ServerSecret::from_hex(&"22".repeat(32))?);
+    operator.outbound = Some(Carrier::DataSm);
+    config.smpp.operators.push(operator.clone());
+    let mut server = UssdServer::start_with(config).await?;
+    let (mut raw, frame) = raw::Raw::bind(server.smpp, &operator.system_id, &operator.password).await?;
+    assert_eq!(frame.status, 0);
+    // A dial in a data_sm: answered with data_sm_resp, the screen comes back as a data_sm with
+    // its text in message_payload.
+    let dial = outgoing(
+        &Outgoing {
+            carrier: Carrier::DataSm,
+            service_type: "USSD",
+            source: "994552222222",
+            destination: "*150",
+            text: "*150*1#",
+            ussd_service_op: Some(1),
+            its_session_info: Some((3, 0)),
+            registered_delivery: false,
+        },
+        41,
+    );
+    raw.send(&channels::ussd::pdu::encode(&dial)).await?;
+    let mut screen = None;
+    while screen.is_none() {
+        let frame = raw.read().await?;
+        match frame.command_id {
+            0x8000_0103 => assert_eq!((frame.status, frame.sequence), (0, 41)),
+            0x0000_0103 => {
+                let command = channels::ussd::pdu::decode(&frame).map_err(|r| anyhow::anyhow!("{r:?}"))?;
+                let message =
+                    channels::ussd::pdu::message(&command).ok_or_else(|| anyhow::anyhow!("no message"))?;
+                if message.ussd_service_op.is_some() {
+                    screen = Some(message);
+                }
+            }
+            _ => {}
+        }
+    }
+    let screen = screen.ok_or_else(|| anyhow::anyhow!("no screen"))?;
+    let text = channels::ussd::text::decode(screen.data_coding, &screen.payload)?;
+    assert_eq!((screen.ussd_service_op, screen.its_session_info), (Some(2), Some((3, 2))));
+    assert_eq!(text, "PIN-i daxil edin");
+    // A delivery receipt for an SMS of ours: accepted and counted.
+    let mut receipt = outgoing(
+        &Outgoing {
+            carrier: Carrier::SubmitSm,
+            service_type: "",
+            source: "994552222222",
+            destination: "Qepik",
+            text: "id:7 sub:001 dlvrd:001 submit date:2611231200 done date:2611231200 stat:DELIVRD err:000",
+            ussd_service_op: None,
+            its_session_info: None,
+            registered_delivery: false,
+        },
+        42,
+    );
+    if let Some(rusmpp::Pdu::SubmitSm(sm)) = receipt.pdu().cloned() {
+        let mut sm = sm;
+        sm.esm_class = rusmpp::values::EsmClass::from(0x04u8);
+        receipt.set_pdu(sm);
+    }
+    raw.send(&channels::ussd::pdu::encode(&receipt)).await?;
+    loop {
+        let frame = raw.read().await?;
+        if frame.command_id == SUBMIT_SM_RESP && frame.sequence == 42 {
+            assert_eq!(frame.status, 0);
+            break;
+        }
+    }
+    let delivered =
+        server.running.as_ref().map(|r| r.ussd.delivered.load(std::sync::atomic::Ordering::Relaxed));
+    assert_eq!(delivered, Some(1));
+    server.stop().await
+}

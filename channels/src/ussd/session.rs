@@ -163,6 +163,8 @@ pub struct SessionState {
     flow: Option<Flow>,
     last: Option<(u32, Screen)>,
     generation: u64,
+    /// The pending idle timeout: one per live session, replaced at each input.
+    idle: Option<tokio::task::JoinHandle<Result<(), ractor::MessagingErr<SessionMsg>>>>,
 }
 
 impl Actor for SessionActor {
@@ -175,7 +177,7 @@ impl Actor for SessionActor {
         _myself: ActorRef<SessionMsg>,
         (ussd, key): Self::Arguments,
     ) -> Result<SessionState, ActorProcessingErr> {
-        Ok(SessionState { ussd, key, flow: None, last: None, generation: 0 })
+        Ok(SessionState { ussd, key, flow: None, last: None, generation: 0, idle: None })
     }
 
     async fn handle(
@@ -224,7 +226,10 @@ impl Actor for SessionActor {
                     state.generation += 1;
                     let generation = state.generation;
                     let idle = Duration::from_secs(ussd.config.session_idle_s);
-                    myself.send_after(idle, move || SessionMsg::Idle(generation));
+                    if let Some(previous) = state.idle.take() {
+                        previous.abort();
+                    }
+                    state.idle = Some(myself.send_after(idle, move || SessionMsg::Idle(generation)));
                 }
             }
         }
@@ -236,6 +241,9 @@ impl Actor for SessionActor {
         myself: ActorRef<SessionMsg>,
         state: &mut SessionState,
     ) -> Result<(), ActorProcessingErr> {
+        if let Some(idle) = state.idle.take() {
+            idle.abort();
+        }
         state.ussd.sessions.ended(&state.key, &myself);
         Ok(())
     }
