@@ -258,8 +258,9 @@ pub fn tlvs(command: &Command) -> Option<&[rusmpp::tlvs::Tlv]> {
     }
 }
 
-/// A USSD or SMS message as the channel sees it, whatever PDU carried it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A USSD or SMS message as the channel sees it, whatever PDU carried it. Its `Debug` shows the
+/// payload's length, not its content (a subscriber's answer may be a PIN).
+#[derive(Clone, PartialEq, Eq)]
 pub struct Message {
     pub source: String,
     pub destination: String,
@@ -272,6 +273,19 @@ pub struct Message {
     pub its_session_info: Option<(u8, u8)>,
     pub user_message_reference: Option<u16>,
     pub receipted_message_id: Option<String>,
+}
+
+impl std::fmt::Debug for Message {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Message")
+            .field("source", &self.source)
+            .field("destination", &self.destination)
+            .field("data_coding", &self.data_coding)
+            .field("payload_len", &self.payload.len())
+            .field("ussd_service_op", &self.ussd_service_op)
+            .field("its_session_info", &self.its_session_info)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A C-octet string's text, without its NUL.

@@ -24,8 +24,8 @@ pub const USSR_REQUEST: u8 = 2;
 pub const PSSR_RESPONSE: u8 = 17;
 pub const USSR_CONFIRM: u8 = 18;
 
-/// A subscriber's message, as the bind hands it to the sessions.
-#[derive(Debug)]
+/// A subscriber's message, as the bind hands it to the sessions. Its `Debug` leaves out the
+/// text: it may be a PIN.
 pub struct Inbound {
     pub link: Arc<Link>,
     /// The request's command (its answer is the matching `_resp`).
@@ -36,6 +36,17 @@ pub struct Inbound {
     pub msisdn: Msisdn,
     pub message: Message,
     pub reference: Option<u32>,
+}
+
+impl std::fmt::Debug for Inbound {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inbound")
+            .field("link", &self.link.id)
+            .field("sequence", &self.sequence)
+            .field("op", &self.op)
+            .field("msisdn", &self.msisdn.get())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Inbound {
