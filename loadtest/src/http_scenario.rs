@@ -46,14 +46,16 @@ pub struct Args {
 
 const PIN: &str = "2580";
 
-struct Client {
-    http: reqwest::Client,
-    base: String,
-    credentials: Value,
+/// The demo's HTTP API and its credentials; `ussd` prepares its wallets through it too.
+#[derive(Clone)]
+pub(crate) struct Client {
+    pub(crate) http: reqwest::Client,
+    pub(crate) base: String,
+    pub(crate) credentials: Value,
 }
 
 impl Client {
-    fn credential(&self, role: &str) -> anyhow::Result<(String, Vec<u8>)> {
+    pub(crate) fn credential(&self, role: &str) -> anyhow::Result<(String, Vec<u8>)> {
         let all = self.credentials["credentials"].as_array().context("demo.json has no credentials")?;
         let c = all
             .iter()
@@ -63,7 +65,7 @@ impl Client {
         Ok((c["key_id"].as_str().context("key_id")?.to_owned(), key))
     }
 
-    fn signed(
+    pub(crate) fn signed(
         &self,
         credential: &(String, Vec<u8>),
         method: reqwest::Method,
@@ -85,12 +87,12 @@ impl Client {
             .body(body)
     }
 
-    fn plain(&self, method: reqwest::Method, path: &str, body: Value) -> reqwest::RequestBuilder {
+    pub(crate) fn plain(&self, method: reqwest::Method, path: &str, body: Value) -> reqwest::RequestBuilder {
         self.http.request(method, format!("{}{path}", self.base)).body(body.to_string())
     }
 }
 
-async fn json_of(request: reqwest::RequestBuilder) -> anyhow::Result<(u16, Value)> {
+pub(crate) async fn json_of(request: reqwest::RequestBuilder) -> anyhow::Result<(u16, Value)> {
     let response = request.send().await?;
     let status = response.status().as_u16();
     let text = response.text().await?;
@@ -98,7 +100,7 @@ async fn json_of(request: reqwest::RequestBuilder) -> anyhow::Result<(u16, Value
 }
 
 /// Sums by account kind from the trial balance, in minor units.
-async fn kinds(
+pub(crate) async fn kinds(
     client: &Client,
     admin: &(String, Vec<u8>),
 ) -> anyhow::Result<(bool, std::collections::HashMap<String, i128>)> {
@@ -121,19 +123,7 @@ struct Wallet {
 
 async fn setup(client: &Client, count: usize) -> anyhow::Result<Vec<Wallet>> {
     let staff = client.credential("staff")?;
-    // Top up the demo agent's float for the run (e-money issued against a deposit).
-    let admin = client.credential("admin")?;
-    let agent = client.credentials["credentials"]
-        .as_array()
-        .and_then(|all| all.iter().find(|c| c["role"] == "agent"))
-        .and_then(|c| c["agent"].as_u64())
-        .context("demo.json names no agent")?;
-    let body = json!({ "amount": "1000000.00" }).to_string();
-    let request =
-        client.signed(&admin, reqwest::Method::POST, &format!("/v1/admin/agents/{agent}/funding"), body);
-    let (status, answer) =
-        json_of(request.header("idempotency-key", format!("lt-float-{}", rand::random::<u64>()))).await?;
-    ensure!(status == 200, "funding the agent: {status} {answer}");
+    fund_agent(client, "1000000.00").await?;
     let mut rng = rand::rng();
     let mut wallets = Vec::with_capacity(count);
     let started = Instant::now();
@@ -147,11 +137,7 @@ async fn setup(client: &Client, count: usize) -> anyhow::Result<Vec<Wallet>> {
         let mut tasks = Vec::new();
         for msisdn in chunk {
             let (msisdn, staff) = (msisdn.clone(), staff.clone());
-            let client = Client {
-                http: client.http.clone(),
-                base: client.base.clone(),
-                credentials: client.credentials.clone(),
-            };
+            let client = client.clone();
             tasks.push(tokio::spawn(async move { enrol(&client, &staff, msisdn).await }));
         }
         for task in tasks {
@@ -169,12 +155,36 @@ async fn setup(client: &Client, count: usize) -> anyhow::Result<Vec<Wallet>> {
     Ok(wallets)
 }
 
-/// Registers, identifies (tier 2) and logs in one wallet; `None` if its OTP was rate-limited.
-async fn enrol(client: &Client, staff: &(String, Vec<u8>), msisdn: String) -> anyhow::Result<Option<Wallet>> {
+/// Tops up the demo agent's float (e-money issued against a deposit) by `amount` (AZN).
+pub(crate) async fn fund_agent(client: &Client, amount: &str) -> anyhow::Result<()> {
+    let admin = client.credential("admin")?;
+    let agent = client.credentials["credentials"]
+        .as_array()
+        .and_then(|all| all.iter().find(|c| c["role"] == "agent"))
+        .and_then(|c| c["agent"].as_u64())
+        .context("demo.json names no agent")?;
+    let body = json!({ "amount": amount }).to_string();
+    let request =
+        client.signed(&admin, reqwest::Method::POST, &format!("/v1/admin/agents/{agent}/funding"), body);
+    let (status, answer) =
+        json_of(request.header("idempotency-key", format!("lt-float-{}", rand::random::<u64>()))).await?;
+    ensure!(status == 200, "funding the agent: {status} {answer}");
+    Ok(())
+}
+
+/// Registers `msisdn` with `pin` (an existing wallet is taken as it is), has the demo's staff
+/// identify it (tier 2) and has the demo agent cash in `amount` (AZN).
+pub(crate) async fn open_wallet(
+    client: &Client,
+    staff: &(String, Vec<u8>),
+    msisdn: &str,
+    pin: &str,
+    amount: &str,
+) -> anyhow::Result<()> {
     let (status, body) = json_of(client.plain(
         reqwest::Method::POST,
         "/v1/customer/register",
-        json!({ "msisdn": msisdn, "pin": PIN }),
+        json!({ "msisdn": msisdn, "pin": pin }),
     ))
     .await?;
     ensure!(status == 201 || status == 409, "register {msisdn}: {status} {body}");
@@ -187,7 +197,7 @@ async fn enrol(client: &Client, staff: &(String, Vec<u8>), msisdn: String) -> an
     let (status, body) = json_of(client.signed(staff, reqwest::Method::POST, &path, identify)).await?;
     ensure!(status == 200, "identify {msisdn}: {status} {body}");
     let agent = client.credential("agent")?;
-    let funding = json!({ "msisdn": msisdn, "amount": "20.00" }).to_string();
+    let funding = json!({ "msisdn": msisdn, "amount": amount }).to_string();
     let key = format!("lt-fund-{msisdn}-{}", rand::random::<u64>());
     let (status, body) = json_of(
         client
@@ -196,6 +206,13 @@ async fn enrol(client: &Client, staff: &(String, Vec<u8>), msisdn: String) -> an
     )
     .await?;
     ensure!(status == 200, "funding {msisdn}: {status} {body}");
+    Ok(())
+}
+
+/// Registers, identifies (tier 2), funds and logs in one wallet; `None` if its OTP was
+/// rate-limited.
+async fn enrol(client: &Client, staff: &(String, Vec<u8>), msisdn: String) -> anyhow::Result<Option<Wallet>> {
+    open_wallet(client, staff, &msisdn, PIN, "20.00").await?;
     let inbox_url = format!("{}/v1/demo/sms/{msisdn}", client.base);
     let messages = |inbox: &Value| inbox["messages"].as_array().map_or(0, Vec::len);
     let (_, before) = json_of(client.http.get(&inbox_url)).await?;

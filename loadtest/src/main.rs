@@ -8,9 +8,15 @@
 //!   times recovery: checkpoint load, journal replay, invariant check.
 //! - `http`: a running `qepik serve --demo` over HTTP: durable agent cash-ins and customer P2P
 //!   transfers; conservation checked through the admin trial balance at the end.
+//! - `ussd`: a running `qepik serve --demo` over SMPP, bound as the demo operator's gateways:
+//!   whole four-step USSD transfer sessions (dial the send shortcut, amount, confirm, PIN).
+//!   Reports sessions/s, PDU round trips/s (one submit_sm/resp plus one deliver_sm/resp per
+//!   step counts as one round trip, so 4 a session), per-step latency and failures by kind;
+//!   conservation checked through the admin trial balance at the end.
 
 mod engine_scenario;
 mod http_scenario;
+mod ussd_scenario;
 
 use clap::{Parser, Subcommand};
 
@@ -34,6 +40,9 @@ enum Scenario {
     Recover(engine_scenario::RecoverArgs),
     /// Drive a running `qepik serve --demo` over HTTP: agent cash-ins and customer P2P.
     Http(http_scenario::Args),
+    /// Drive a running `qepik serve --demo` over SMPP as operator gateways: four-step USSD
+    /// transfer sessions (4 PDU round trips each).
+    Ussd(ussd_scenario::Args),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -42,5 +51,6 @@ fn main() -> anyhow::Result<()> {
         Scenario::Engine(args) => engine_scenario::run(args),
         Scenario::Recover(args) => engine_scenario::recover(args),
         Scenario::Http(args) => http_scenario::run(args),
+        Scenario::Ussd(args) => ussd_scenario::run(args),
     }
 }
