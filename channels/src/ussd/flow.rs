@@ -140,14 +140,26 @@ impl Flow {
             seed: rand::random(),
             operations: 0,
         };
+        let inputs = shortcut(&flow.service_code, dialled);
+        // A shortcut goes straight to its screen: the menu it passes through is not rendered.
         let mut screen = match flow.app.domain.wallet(msisdn).await {
             Ok(view) => {
                 flow.language = view.state.language;
-                flow.main_menu(None)
+                if inputs.is_empty() {
+                    flow.main_menu(None)
+                } else {
+                    flow.step = Step::Main;
+                    Screen { text: String::new(), end: false }
+                }
             }
             Err(OpError::Wallet(WalletRefusal::NotFound)) => {
                 flow.language = flow.app.store.ussd_language(msisdn.get()).unwrap_or(0);
-                flow.guest_menu(None)
+                if inputs.is_empty() {
+                    flow.guest_menu(None)
+                } else {
+                    flow.step = Step::Guest;
+                    Screen { text: String::new(), end: false }
+                }
             }
             Err(error) => {
                 tracing::warn!(%error, "ussd: wallet lookup failed");
@@ -155,7 +167,6 @@ impl Flow {
                 return (flow, Screen { text, end: true });
             }
         };
-        let inputs = shortcut(&flow.service_code, dialled);
         for input in inputs {
             if screen.end {
                 break;
@@ -263,10 +274,14 @@ impl Flow {
         u128::from_be_bytes(id)
     }
 
+    /// Keeps the outcome for "last operation", off the session's thread (a sled write).
     fn remember(&self, last: LastOperation) {
-        if let Err(error) = self.app.store.put_ussd_last(self.msisdn.get(), &last) {
-            tracing::warn!(%error, "ussd: keeping the last operation");
-        }
+        let (app, msisdn) = (self.app.clone(), self.msisdn.get());
+        tokio::task::spawn_blocking(move || {
+            if let Err(error) = app.store.put_ussd_last(msisdn, &last) {
+                tracing::warn!(%error, "ussd: keeping the last operation");
+            }
+        });
     }
 
     /// The subscriber's answer to the current screen.
