@@ -296,31 +296,23 @@ pub fn c_string(bytes: &[u8]) -> String {
 
 /// The message a submit_sm, deliver_sm or data_sm carries.
 pub fn message(command: &Command) -> Option<Message> {
+    // The three PDUs name their common fields alike, in types of their own.
+    macro_rules! common {
+        ($p:expr, $short:expr) => {
+            (
+                c_string($p.source_addr.as_ref()),
+                c_string($p.destination_addr.as_ref()),
+                c_string($p.service_type.value().as_ref()),
+                u8::from($p.esm_class),
+                u8::from($p.data_coding),
+                $short,
+            )
+        };
+    }
     let (source, destination, service_type, esm_class, data_coding, short) = match command.pdu()? {
-        Pdu::SubmitSm(p) => (
-            c_string(p.source_addr.as_ref()),
-            c_string(p.destination_addr.as_ref()),
-            c_string(p.service_type.value().as_ref()),
-            u8::from(p.esm_class),
-            u8::from(p.data_coding),
-            p.short_message().as_ref().to_vec(),
-        ),
-        Pdu::DeliverSm(p) => (
-            c_string(p.source_addr.as_ref()),
-            c_string(p.destination_addr.as_ref()),
-            c_string(p.service_type.value().as_ref()),
-            u8::from(p.esm_class),
-            u8::from(p.data_coding),
-            p.short_message().as_ref().to_vec(),
-        ),
-        Pdu::DataSm(p) => (
-            c_string(p.source_addr.as_ref()),
-            c_string(p.destination_addr.as_ref()),
-            c_string(p.service_type.value().as_ref()),
-            u8::from(p.esm_class),
-            u8::from(p.data_coding),
-            Vec::new(),
-        ),
+        Pdu::SubmitSm(p) => common!(p, p.short_message().as_ref().to_vec()),
+        Pdu::DeliverSm(p) => common!(p, p.short_message().as_ref().to_vec()),
+        Pdu::DataSm(p) => common!(p, Vec::new()),
         _ => return None,
     };
     let mut message = Message {
@@ -392,38 +384,32 @@ pub fn outgoing(message: &Outgoing<'_>, sequence: u32) -> Command {
     let op = message.ussd_service_op.map(UssdServiceOp::from);
     let session = message.its_session_info.map(|(s, q)| ItsSessionInfo::new(s, q));
     let short = || OctetString::<0, 255>::from_slice(&encoded.bytes).unwrap_or_default();
+    // submit_sm and deliver_sm are built alike, each with its own TLV type.
+    macro_rules! short_message {
+        ($pdu:ty, $tlv:ident) => {{
+            let mut tlvs = Vec::new();
+            tlvs.extend(op.map($tlv::UssdServiceOp));
+            tlvs.extend(session.map($tlv::ItsSessionInfo));
+            <$pdu>::builder()
+                .service_type(service_type)
+                .source_addr(address(message.source))
+                .destination_addr(address(message.destination))
+                .registered_delivery(registered)
+                .data_coding(data_coding)
+                .short_message(short())
+                .tlvs(tlvs)
+                .build()
+                .into()
+        }};
+    }
     let pdu: Pdu = match message.carrier {
         Carrier::SubmitSm => {
             use rusmpp::tlvs::MessageSubmissionRequestTlvValue as V;
-            let mut tlvs = Vec::new();
-            tlvs.extend(op.map(V::UssdServiceOp));
-            tlvs.extend(session.map(V::ItsSessionInfo));
-            rusmpp::pdus::SubmitSm::builder()
-                .service_type(service_type)
-                .source_addr(address(message.source))
-                .destination_addr(address(message.destination))
-                .registered_delivery(registered)
-                .data_coding(data_coding)
-                .short_message(short())
-                .tlvs(tlvs)
-                .build()
-                .into()
+            short_message!(rusmpp::pdus::SubmitSm, V)
         }
         Carrier::DeliverSm => {
             use rusmpp::tlvs::MessageDeliveryRequestTlvValue as V;
-            let mut tlvs = Vec::new();
-            tlvs.extend(op.map(V::UssdServiceOp));
-            tlvs.extend(session.map(V::ItsSessionInfo));
-            rusmpp::pdus::DeliverSm::builder()
-                .service_type(service_type)
-                .source_addr(address(message.source))
-                .destination_addr(address(message.destination))
-                .registered_delivery(registered)
-                .data_coding(data_coding)
-                .short_message(short())
-                .tlvs(tlvs)
-                .build()
-                .into()
+            short_message!(rusmpp::pdus::DeliverSm, V)
         }
         Carrier::DataSm => {
             use rusmpp::tlvs::MessageSubmissionRequestTlvValue as V;
