@@ -267,13 +267,29 @@ fn trace(journal: &Path, id: u128) -> anyhow::Result<Vec<(u64, u16, String)>> {
     Ok(found)
 }
 
+/// sled releases its file lock from its flusher thread, a moment after the last handle to the
+/// database is dropped: an open right after may find the lock still held (seen once in CI).
+fn retry_lock<T, E: std::fmt::Display + Send + Sync + 'static>(
+    mut open: impl FnMut() -> Result<T, E>,
+) -> anyhow::Result<T> {
+    for _ in 0..50 {
+        match open() {
+            Err(error) if error.to_string().contains("could not acquire lock") => {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            other => return other.map_err(|e| anyhow::anyhow!("{e}")),
+        }
+    }
+    open().map_err(|e| anyhow::anyhow!("{e}"))
+}
+
 /// Rebuilds the views from the journal alone and checks that acknowledged transfers have both
 /// their history lines. The views are opened with a durable position of 0 so that their tail
 /// thread reads nothing: whatever they hold comes from the reindex.
 fn verify_reindex(dir: &Path, acks: &Acks) -> anyhow::Result<()> {
-    let reached = engine::views::reindex(dir)?;
+    let reached = retry_lock(|| engine::views::reindex(dir))?;
     anyhow::ensure!(reached > 0, "reindex applied nothing");
-    let views = Views::open(&dir.join("views"), &dir.join("journal"), JournalState::new(0))?;
+    let views = retry_lock(|| Views::open(&dir.join("views"), &dir.join("journal"), JournalState::new(0)))?;
     anyhow::ensure!(views.applied() == reached, "applied {} after reindex to {reached}", views.applied());
     for id in acks.ok.iter().step_by(acks.ok.len().div_ceil(20)) {
         let body = crash_body(*id);
