@@ -387,15 +387,11 @@ async fn more_than_the_window_is_throttled() -> anyhow::Result<()> {
     server.stop().await
 }
 
-fn balance(server: &UssdServer, msisdn: &str) -> anyhow::Result<i128> {
+async fn balance(server: &UssdServer, msisdn: &str) -> anyhow::Result<i128> {
     let running = server.running.as_ref().ok_or_else(|| anyhow::anyhow!("stopped"))?;
     let domain = &running.state.domain;
-    let view = futures_lite_block(domain.wallet(domain.msisdn(msisdn)?))?;
+    let view = domain.wallet(domain.msisdn(msisdn)?).await?;
     Ok(view.accounts[0].account.balance_posted())
-}
-
-fn futures_lite_block<F: std::future::Future>(future: F) -> F::Output {
-    tokio::task::block_in_place(|| tokio::runtime::Handle::current().block_on(future))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -403,7 +399,7 @@ async fn a_retransmitted_pin_step_moves_money_once() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let mut server = UssdServer::start(dir.path()).await?;
     let gateway = server.gateway().await?;
-    let before = balance(&server, "+994501111111")?;
+    let before = balance(&server, "+994501111111").await?;
     let (mut dialogue, _) = gateway.dial("994501111111", "*150*2*0552222222*3#").await?;
     let screen = dialogue.answer("1").await?;
     assert!(screen.text.contains("PIN"), "{screen:?}");
@@ -416,7 +412,7 @@ async fn a_retransmitted_pin_step_moves_money_once() -> anyhow::Result<()> {
     if let Ok(again) = again {
         assert!(again.text == first.text || again.text.contains("Sessiya bitib"), "{again:?}");
     }
-    let fee = before - balance(&server, "+994501111111")? - 300;
+    let fee = before - balance(&server, "+994501111111").await? - 300;
     assert!((0..100).contains(&fee), "moved once: fee {fee}");
     assert!(server.balanced());
     server.stop().await
@@ -429,14 +425,14 @@ async fn a_dropped_session_moves_nothing_and_sms_go_over_the_binds() -> anyhow::
     config.smpp.session_idle_s = 1;
     let mut server = UssdServer::start_with(config).await?;
     let gateway = server.gateway().await?;
-    let before = balance(&server, "+994501111111")?;
+    let before = balance(&server, "+994501111111").await?;
     let (mut dialogue, _) = gateway.dial("994501111111", "*150*2*0552222222*4#").await?;
     dialogue.answer("1").await?;
     // The subscriber walks away at the PIN prompt; the session times out.
     tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
     let late = dialogue.answer("1111").await?;
     assert!(late.end && late.text.contains("Sessiya bitib"), "{late:?}");
-    assert_eq!(balance(&server, "+994501111111")?, before);
+    assert_eq!(balance(&server, "+994501111111").await?, before);
     // A completed transfer: both parties' notifications come over the bind, after the commit.
     let (mut dialogue, _) = gateway.dial("994501111111", "*150*2*0552222222*4#").await?;
     dialogue.answer("1").await?;

@@ -176,10 +176,6 @@ impl Flow {
         (flow, screen)
     }
 
-    pub fn msisdn(&self) -> Msisdn {
-        self.msisdn
-    }
-
     fn texts(&self) -> &'static Texts {
         menu::texts(self.language)
     }

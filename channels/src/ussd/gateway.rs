@@ -13,7 +13,7 @@ use rusmpp::{Command, CommandId, CommandStatus, Pdu};
 use tokio::io::{AsyncWriteExt, BufReader};
 use tokio::sync::{mpsc, oneshot};
 
-use super::pdu::{self, Carrier, Message, Outgoing};
+use super::pdu::{self, Carrier, Outgoing};
 
 /// A screen Qepik sent.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -338,12 +338,4 @@ impl Dialogue {
         }
         Ok(screen)
     }
-}
-
-/// What a gateway message looked like, for tests that check the PDU itself.
-pub fn describe(message: &Message) -> String {
-    format!(
-        "{}→{} op {:?} dcs {}",
-        message.source, message.destination, message.ussd_service_op, message.data_coding
-    )
 }

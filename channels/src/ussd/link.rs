@@ -72,7 +72,7 @@ pub struct Link {
     pub operator: Arc<OperatorSection>,
     pub role: Role,
     pub peer: SocketAddr,
-    kind: std::sync::Mutex<Option<BindKind>>,
+    pub kind: BindKind,
     out: mpsc::Sender<Vec<u8>>,
     sequence: AtomicU32,
     pending: std::sync::Mutex<HashMap<u32, Pending>>,
@@ -92,20 +92,16 @@ impl std::fmt::Debug for Link {
 }
 
 impl Link {
-    pub fn kind(&self) -> Option<BindKind> {
-        *self.kind.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
     /// Whether Qepik may send messages on this bind.
     pub fn can_send(&self) -> bool {
         if self.closed.load(Ordering::Acquire) {
             return false;
         }
         matches!(
-            (self.role, self.kind()),
-            (_, Some(BindKind::Transceiver))
-                | (Role::Smsc, Some(BindKind::Receiver))
-                | (Role::Esme, Some(BindKind::Transmitter))
+            (self.role, self.kind),
+            (_, BindKind::Transceiver)
+                | (Role::Smsc, BindKind::Receiver)
+                | (Role::Esme, BindKind::Transmitter)
         )
     }
 
@@ -335,7 +331,7 @@ impl Conn {
             id: LINK_IDS.fetch_add(1, Ordering::Relaxed),
             peer: self.peer,
             role: self.role,
-            kind: std::sync::Mutex::new(Some(kind)),
+            kind,
             out: self.out.clone(),
             sequence: AtomicU32::new(0),
             pending: Default::default(),
@@ -380,7 +376,7 @@ impl Conn {
                 if frame.command_id == u32::from(CommandId::BindTransceiverResp) && frame.status == 0 =>
             {
                 let link = self.new_link(operator.clone(), BindKind::Transceiver);
-                self.link = Some(link.clone());
+                // The bind took sequence number 1.
                 link.sequence.store(1, Ordering::Relaxed);
                 self.ussd.links.add(link);
                 tracing::info!(operator = %operator.name, peer = %self.peer, "smpp: bound to the operator's gateway");
@@ -515,15 +511,15 @@ impl Conn {
         };
         // Which messages the peer may send us, by role and bind.
         let allowed = matches!(
-            (self.role, id, link.kind()),
+            (self.role, id, link.kind),
             (
                 Role::Smsc,
                 CommandId::SubmitSm | CommandId::DataSm,
-                Some(BindKind::Transmitter | BindKind::Transceiver),
+                BindKind::Transmitter | BindKind::Transceiver,
             ) | (
                 Role::Esme,
                 CommandId::DeliverSm | CommandId::DataSm,
-                Some(BindKind::Receiver | BindKind::Transceiver),
+                BindKind::Receiver | BindKind::Transceiver,
             )
         );
         if !allowed {
@@ -619,7 +615,7 @@ pub fn screen_message<'a>(
         source: &message.destination,
         destination: &message.source,
         text,
-        ussd_service_op: Some(if end { 17 } else { 2 }),
+        ussd_service_op: Some(if end { super::session::PSSR_RESPONSE } else { super::session::USSR_REQUEST }),
         its_session_info,
         registered_delivery: false,
     }

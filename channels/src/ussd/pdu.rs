@@ -24,13 +24,6 @@ pub const HEADER: usize = 16;
 /// well under this.
 pub const MAX_PDU: usize = 8 * 1024;
 
-/// TLV tags the USSD channel reads.
-pub const TAG_USSD_SERVICE_OP: u16 = 0x0501;
-pub const TAG_ITS_SESSION_INFO: u16 = 0x1383;
-pub const TAG_MESSAGE_PAYLOAD: u16 = 0x0424;
-pub const TAG_USER_MESSAGE_REFERENCE: u16 = 0x0204;
-pub const TAG_RECEIPTED_MESSAGE_ID: u16 = 0x001E;
-
 /// One PDU as read from the wire, header decoded, not yet parsed.
 #[derive(Debug, Clone)]
 pub struct Frame {
@@ -272,7 +265,6 @@ pub struct Message {
     pub ussd_service_op: Option<u8>,
     pub its_session_info: Option<(u8, u8)>,
     pub user_message_reference: Option<u16>,
-    pub receipted_message_id: Option<String>,
 }
 
 impl std::fmt::Debug for Message {
@@ -325,7 +317,6 @@ pub fn message(command: &Command) -> Option<Message> {
         ussd_service_op: None,
         its_session_info: None,
         user_message_reference: None,
-        receipted_message_id: None,
     };
     for tlv in tlvs(command).unwrap_or_default() {
         match tlv.value() {
@@ -335,9 +326,6 @@ pub fn message(command: &Command) -> Option<Message> {
             }
             Some(TlvValue::MessagePayload(payload)) => message.payload = payload.value.as_ref().to_vec(),
             Some(TlvValue::UserMessageReference(r)) => message.user_message_reference = Some(u16::from(*r)),
-            Some(TlvValue::ReceiptedMessageId(id)) => {
-                message.receipted_message_id = Some(c_string(id.as_ref()))
-            }
             _ => {}
         }
     }

@@ -55,7 +55,7 @@ impl Inbound {
     }
 
     /// Answers the request and sends `screen` back on the same bind.
-    async fn reply(&self, ussd: &Ussd, screen: &Screen) {
+    async fn reply(&self, screen: &Screen) {
         let answer = super::pdu::response_id(self.request).unwrap_or(CommandId::DeliverSmResp);
         self.link.respond(link::ok_response(answer, self.sequence, "")).await;
         self.link.answered();
@@ -65,7 +65,6 @@ impl Inbound {
         self.link.send_message(outgoing, false).await;
         metrics::counter!("qepik_ussd_screens_total", "end" => if screen.end { "true" } else { "false" })
             .increment(1);
-        let _ = ussd;
     }
 }
 
@@ -113,13 +112,13 @@ impl Sessions {
             let language = ussd.app.store.ussd_language(inbound.msisdn.get()).unwrap_or(0);
             let text =
                 super::menu::texts(language).fill("session_over", &[("service", &ussd.config.service_code)]);
-            inbound.reply(ussd, &Screen { text, end: true }).await;
+            inbound.reply(&Screen { text, end: true }).await;
             return;
         }
         if self.live() >= ussd.config.max_sessions {
             metrics::counter!("qepik_ussd_busy_total").increment(1);
             let text = super::menu::texts(0).fill("busy", &[]);
-            inbound.reply(ussd, &Screen { text, end: true }).await;
+            inbound.reply(&Screen { text, end: true }).await;
             return;
         }
         let supervisor = ussd.supervisor.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -137,7 +136,7 @@ impl Sessions {
             Err(error) => {
                 tracing::error!(%error, "ussd: cannot start a session");
                 let text = super::menu::texts(0).fill("unavailable", &[]);
-                inbound.reply(ussd, &Screen { text, end: true }).await;
+                inbound.reply(&Screen { text, end: true }).await;
             }
         }
     }
@@ -211,7 +210,7 @@ impl Actor for SessionActor {
                     && *sequence == inbound.sequence
                 {
                     metrics::counter!("qepik_ussd_retransmissions_total").increment(1);
-                    inbound.reply(&ussd, screen).await;
+                    inbound.reply(screen).await;
                     return Ok(());
                 }
                 let screen = match (&mut state.flow, inbound.is_dial()) {
@@ -229,7 +228,7 @@ impl Actor for SessionActor {
                         screen
                     }
                 };
-                inbound.reply(&ussd, &screen).await;
+                inbound.reply(&screen).await;
                 state.last = Some((inbound.sequence, screen.clone()));
                 if screen.end {
                     myself.stop(None);
