@@ -124,28 +124,16 @@ struct Wallet {
 async fn setup(client: &Client, count: usize) -> anyhow::Result<Vec<Wallet>> {
     let staff = client.credential("staff")?;
     fund_agent(client, "1000000.00").await?;
-    let mut rng = rand::rng();
-    let mut wallets = Vec::with_capacity(count);
     let started = Instant::now();
-    let mut numbers = std::collections::HashSet::new();
-    while numbers.len() < count {
-        numbers.insert(format!("+99455{:07}", rng.random_range(0..10_000_000_u32)));
-    }
-    // In parallel batches: setup is not what is measured.
-    let numbers: Vec<String> = numbers.into_iter().collect();
-    for chunk in numbers.chunks(64) {
-        let mut tasks = Vec::new();
-        for msisdn in chunk {
-            let (msisdn, staff) = (msisdn.clone(), staff.clone());
-            let client = client.clone();
-            tasks.push(tokio::spawn(async move { enrol(&client, &staff, msisdn).await }));
-        }
-        for task in tasks {
-            if let Some(wallet) = task.await?? {
-                wallets.push(wallet);
-            }
-        }
-    }
+    let numbers = distinct_numbers("+99455", count);
+    let wallets: Vec<Wallet> = in_batches(&numbers, |msisdn| {
+        let (client, staff) = (client.clone(), staff.clone());
+        async move { enrol(&client, &staff, msisdn).await }
+    })
+    .await?
+    .into_iter()
+    .flatten()
+    .collect();
     println!(
         "setup               {} wallets registered, identified and logged in in {:.1} s",
         wallets.len(),
@@ -153,6 +141,33 @@ async fn setup(client: &Client, count: usize) -> anyhow::Result<Vec<Wallet>> {
     );
     ensure!(wallets.len() >= 2, "fewer than two wallets could be set up");
     Ok(wallets)
+}
+
+/// `count` distinct random numbers under `prefix` (an operator code: `+99455`).
+pub(crate) fn distinct_numbers(prefix: &str, count: usize) -> Vec<String> {
+    let mut rng = rand::rng();
+    let mut numbers = std::collections::HashSet::new();
+    while numbers.len() < count {
+        numbers.insert(format!("{prefix}{:07}", rng.random_range(0..10_000_000_u32)));
+    }
+    numbers.into_iter().collect()
+}
+
+/// Runs `each` over `numbers` 64 at a time (setup is not what is measured); the results in order.
+pub(crate) async fn in_batches<T, F, Fut>(numbers: &[String], each: F) -> anyhow::Result<Vec<T>>
+where
+    T: Send + 'static,
+    F: Fn(String) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>> + Send + 'static,
+{
+    let mut results = Vec::with_capacity(numbers.len());
+    for chunk in numbers.chunks(64) {
+        let tasks: Vec<_> = chunk.iter().map(|msisdn| tokio::spawn(each(msisdn.clone()))).collect();
+        for task in tasks {
+            results.push(task.await??);
+        }
+    }
+    Ok(results)
 }
 
 /// Tops up the demo agent's float (e-money issued against a deposit) by `amount` (AZN).

@@ -454,25 +454,12 @@ async fn prepare(client: &Client, count: usize) -> anyhow::Result<Vec<String>> {
     let float = u64::try_from(count).unwrap_or(u64::MAX).saturating_mul(funding).saturating_add(1000);
     http_scenario::fund_agent(client, &format!("{float}.00")).await?;
     let staff = client.credential("staff")?;
-    let mut rng = rand::rng();
-    let mut numbers = std::collections::HashSet::new();
-    while numbers.len() < count {
-        numbers.insert(format!("+99470{:07}", rng.random_range(0..10_000_000_u32)));
-    }
-    let numbers: Vec<String> = numbers.into_iter().collect();
-    // In parallel batches: setup is not what is measured.
-    for chunk in numbers.chunks(64) {
-        let mut tasks = Vec::new();
-        for msisdn in chunk {
-            let (client, staff, msisdn) = (client.clone(), staff.clone(), msisdn.clone());
-            tasks.push(tokio::spawn(async move {
-                http_scenario::open_wallet(&client, &staff, &msisdn, PIN, FUNDING).await
-            }));
-        }
-        for task in tasks {
-            task.await??;
-        }
-    }
+    let numbers = http_scenario::distinct_numbers("+99470", count);
+    http_scenario::in_batches(&numbers, |msisdn| {
+        let (client, staff) = (client.clone(), staff.clone());
+        async move { http_scenario::open_wallet(&client, &staff, &msisdn, PIN, FUNDING).await }
+    })
+    .await?;
     println!(
         "setup               {} wallets registered, identified and funded in {:.1} s",
         numbers.len(),
