@@ -207,6 +207,7 @@ pub fn body_hash(t: &Transfer) -> u64 {
 }
 
 /// Undo records of a linked chain, so that a failing member rolls back the members before it.
+#[derive(Debug)]
 enum Undo {
     Account(Account),
     Open(TransferId, Option<StoredTransfer>),
@@ -244,6 +245,9 @@ pub struct Ledger {
     min_max_balance: Vec<(Currency, u64)>,
     /// The day and month of the last batch time asked about: a batch asks once per transfer.
     windows: (u64, wallet::Windows),
+    /// A chain's undo records and commands, kept between chains so that none allocates.
+    chain_undo: Vec<Undo>,
+    chain_applied: Vec<Command>,
 }
 
 impl Ledger {
@@ -262,6 +266,8 @@ impl Ledger {
             policy: Policy::default(),
             min_max_balance: min_max_balance(&Policy::default()),
             windows: (u64::MAX, wallet::Windows { day: 0, month: 0 }),
+            chain_undo: Vec::new(),
+            chain_applied: Vec::new(),
         }
     }
 
@@ -392,6 +398,21 @@ impl Ledger {
                 Some((id, Hot { tier: wallet.tier, flags: wallet.flags, outflow }))
             })
             .collect();
+        let wallet_accounts: Vec<AccountId> =
+            self.accounts.keys().filter(|id| id.wallet_msisdn().is_some()).copied().collect();
+        for id in wallet_accounts {
+            self.make_hot(id);
+        }
+    }
+
+    /// Gives a wallet account its entry in the transfer path (tier, flags, zero counters) when
+    /// the account is made, so that no debit has to look up the wallet record or grow the map.
+    fn make_hot(&mut self, id: AccountId) {
+        let Some(wallet) = id.wallet_msisdn().and_then(|msisdn| self.wallets.get(&msisdn)) else {
+            return;
+        };
+        let (tier, flags) = (wallet.tier, wallet.flags);
+        self.hot.entry(id).or_insert(Hot { tier, flags, outflow: Outflow::default() });
     }
 
     pub fn policy(&self) -> &Policy {
@@ -406,8 +427,12 @@ impl Ledger {
         self.wallets.values()
     }
 
+    /// The outflow counters that have counted something (an untouched wallet's are implied).
     pub fn outflows(&self) -> impl Iterator<Item = (&AccountId, &Outflow)> {
-        self.hot.iter().map(|(id, hot)| (id, &hot.outflow))
+        self.hot
+            .iter()
+            .filter(|(_, hot)| hot.outflow != Outflow::default())
+            .map(|(id, hot)| (id, &hot.outflow))
     }
 
     pub fn create_account(
@@ -449,6 +474,7 @@ impl Ledger {
         account.credits_posted = 0;
         account.timestamp = now;
         self.accounts.insert(account.id, account);
+        self.make_hot(account.id);
         log.push(Command::CreateAccount(account));
         CreateAccountResult::Ok
     }
@@ -555,9 +581,11 @@ impl Ledger {
             return;
         }
         let parent = remote.map(|index| chain[index].id);
-        let mut undo = Vec::new();
+        let mut undo = std::mem::take(&mut self.chain_undo);
+        let mut applied = std::mem::take(&mut self.chain_applied);
+        undo.clear();
+        applied.clear();
         let mut failed: Option<(usize, TransferResult)> = None;
-        let mut applied = Vec::with_capacity(chain.len());
         for (position, transfer) in chain.iter().enumerate() {
             let role = match (remote, parent) {
                 (Some(index), _) if index == position => Role::Remote,
@@ -591,7 +619,7 @@ impl Ledger {
                 }
             }
             Some((failed_at, result)) => {
-                self.rollback(undo);
+                self.rollback(&mut undo);
                 outcomes.extend((0..chain.len()).map(|position| {
                     Outcome::Done(if position == failed_at {
                         result
@@ -601,6 +629,9 @@ impl Ledger {
                 }));
             }
         }
+        undo.clear();
+        self.chain_undo = undo;
+        self.chain_applied = applied;
     }
 
     fn is_here(&self, account: AccountId) -> bool {
@@ -670,8 +701,8 @@ impl Ledger {
         result
     }
 
-    fn rollback(&mut self, undo: Vec<Undo>) {
-        for step in undo.into_iter().rev() {
+    fn rollback(&mut self, undo: &mut Vec<Undo>) {
+        for step in undo.drain(..).rev() {
             match step {
                 Undo::Account(account) => {
                     self.accounts.insert(account.id, account);
@@ -1512,6 +1543,13 @@ impl Ledger {
                     code_failures: 0,
                 },
             );
+            // Accounts made before their wallet record get their entry now.
+            for currency in Currency::ALL {
+                let id = AccountId::wallet(*msisdn, currency);
+                if self.accounts.contains_key(&id) {
+                    self.make_hot(id);
+                }
+            }
             return;
         }
         let Some(wallet) = command.msisdn().and_then(|msisdn| self.wallets.get_mut(&msisdn)) else {
