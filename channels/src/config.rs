@@ -19,6 +19,7 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("QEPIK_VIEWS", "server.views (true/false)"),
     ("QEPIK_HTTP_LISTEN", "http.listen"),
     ("QEPIK_HTTP_MAX_IN_FLIGHT", "http.max_in_flight"),
+    ("QEPIK_HTTP_QUEUE_TARGET_MS", "http.queue_target_ms"),
     ("QEPIK_HTTP_RATE_PER_S", "http.rate_per_s"),
     ("QEPIK_HTTP_TLS_CERT", "http.tls.cert_file (with QEPIK_HTTP_TLS_KEY)"),
     ("QEPIK_HTTP_TLS_KEY", "http.tls.key_file"),
@@ -68,8 +69,12 @@ impl Default for ServerSection {
 #[serde(deny_unknown_fields, default)]
 pub struct HttpSection {
     pub listen: SocketAddr,
-    /// Requests being served at once; beyond it, requests get an immediate 429 (`overloaded`).
+    /// API requests served at once at most; beyond the current limit, an immediate 503
+    /// `overloaded`. The limit adapts below this bound (see `queue_target_ms`).
     pub max_in_flight: usize,
+    /// When even the fastest API request of a 100 ms window took longer than this, a queue
+    /// has formed and the in-flight limit shrinks; set it above the disk's fsync latency.
+    pub queue_target_ms: u64,
     /// Requests a second each caller may make (token bucket, burst of one second's worth).
     pub rate_per_s: u32,
     /// A signed request's timestamp may be this far from the server's clock.
@@ -87,6 +92,7 @@ impl Default for HttpSection {
         HttpSection {
             listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             max_in_flight: 512,
+            queue_target_ms: 10,
             rate_per_s: 20_000,
             signature_window_s: 300,
             max_body_bytes: 64 * 1024,
@@ -309,6 +315,9 @@ impl Config {
         if let Some(v) = get("QEPIK_HTTP_MAX_IN_FLIGHT") {
             self.http.max_in_flight = parse("QEPIK_HTTP_MAX_IN_FLIGHT", &v)?;
         }
+        if let Some(v) = get("QEPIK_HTTP_QUEUE_TARGET_MS") {
+            self.http.queue_target_ms = parse("QEPIK_HTTP_QUEUE_TARGET_MS", &v)?;
+        }
         if let Some(v) = get("QEPIK_HTTP_RATE_PER_S") {
             self.http.rate_per_s = parse("QEPIK_HTTP_RATE_PER_S", &v)?;
         }
@@ -344,6 +353,9 @@ impl Config {
         }
         if self.http.max_in_flight == 0 {
             return invalid("http.max_in_flight", "must be at least 1");
+        }
+        if self.http.queue_target_ms == 0 {
+            return invalid("http.queue_target_ms", "must be at least 1");
         }
         if self.http.rate_per_s == 0 {
             return invalid("http.rate_per_s", "must be at least 1");

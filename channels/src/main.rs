@@ -18,7 +18,7 @@ use channels::server::{self, ServeOptions};
 struct Cli {
     /// The TOML configuration file (default: none; every key has a default, and QEPIK_*
     /// environment variables override the file: QEPIK_DATA_DIR, QEPIK_SHARDS, QEPIK_SECRET, QEPIK_VIEWS,
-    /// QEPIK_HTTP_LISTEN, QEPIK_HTTP_MAX_IN_FLIGHT, QEPIK_HTTP_RATE_PER_S).
+    /// QEPIK_HTTP_LISTEN, QEPIK_HTTP_MAX_IN_FLIGHT, QEPIK_HTTP_QUEUE_TARGET_MS, QEPIK_HTTP_RATE_PER_S).
     #[arg(long, short, global = true)]
     config: Option<PathBuf>,
     #[command(subcommand)]

@@ -151,7 +151,13 @@ pub async fn open_state(config: Config, options: ServeOptions) -> anyhow::Result
         (None, Some(inbox)) => inbox.clone(),
         (None, None) => Arc::new(DemoInbox::default()),
     };
+    let admission = crate::http::admission::Admission::new(
+        config.http.max_in_flight,
+        std::time::Duration::from_millis(config.http.queue_target_ms),
+        std::time::Instant::now(),
+    );
     Ok(Arc::new(AppState {
+        admission,
         config,
         engine,
         domain,

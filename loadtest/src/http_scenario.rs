@@ -304,7 +304,9 @@ async fn drive(args: Args, credentials: Value) -> anyhow::Result<()> {
             (client.clone(), wallets.clone(), counts.clone(), agent.clone());
         let p2p_percent = args.p2p_percent;
         tasks.push(tokio::spawn(async move {
-            let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+            let new = || Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
+            // Accepted, from the intended send time; accepted and refused, from the actual one.
+            let (mut histogram, mut served, mut refused) = (new(), new(), new());
             let mut rng = rand::rngs::StdRng::from_os_rng();
             let mut next = Instant::now();
             let mut n = 0_u64;
@@ -335,6 +337,7 @@ async fn drive(args: Args, credentials: Value) -> anyhow::Result<()> {
                         .plain(reqwest::Method::POST, "/v1/customer/transfers", body)
                         .header("authorization", format!("Bearer {}", wallets[from].token))
                 };
+                let sent = Instant::now();
                 let response = request.header("idempotency-key", key).send().await;
                 let status = match response {
                     Ok(response) => {
@@ -345,15 +348,18 @@ async fn drive(args: Args, credentials: Value) -> anyhow::Result<()> {
                     Err(_) => 0,
                 };
                 let micros = u64::try_from(intended.elapsed().as_micros()).unwrap_or(u64::MAX).max(1);
+                let from_send = u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX).max(1);
                 match status {
                     200 => {
                         histogram.saturating_record(micros);
+                        served.saturating_record(from_send);
                         counts.ok.fetch_add(1, Ordering::Relaxed);
                         if cash_in {
                             counts.cash_in_minor.fetch_add(10, Ordering::Relaxed);
                         }
                     }
                     429 | 503 => {
+                        refused.saturating_record(from_send);
                         counts.rejected.fetch_add(1, Ordering::Relaxed);
                     }
                     _ => {
@@ -361,12 +367,16 @@ async fn drive(args: Args, credentials: Value) -> anyhow::Result<()> {
                     }
                 }
             }
-            histogram
+            (histogram, served, refused)
         }));
     }
     let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let (mut served, mut refused) = (histogram.clone(), histogram.clone());
     for task in tasks {
-        histogram.add(task.await?)?;
+        let (h, s, r) = task.await?;
+        histogram.add(h)?;
+        served.add(s)?;
+        refused.add(r)?;
     }
     let elapsed = started.elapsed().as_secs_f64();
     let (balanced, after) = kinds(&client, &admin).await?;
@@ -388,13 +398,24 @@ async fn drive(args: Args, credentials: Value) -> anyhow::Result<()> {
         args.rate.map_or(String::new(), |r| format!(", offered {r}/s"))
     );
     println!("requests            {ok} ok, {rejected} rejected (429/503), {errors} errors in {elapsed:.1} s");
-    println!("throughput          {:.0} requests/s accepted", ok as f64 / elapsed);
+    println!(
+        "throughput          {:.0} requests/s accepted, {:.0}/s sent",
+        ok as f64 / elapsed,
+        (ok + rejected + errors) as f64 / elapsed
+    );
     println!(
         "latency (accepted)  p50 {} us, p99 {} us, p999 {} us, max {} us",
         histogram.value_at_quantile(0.5),
         histogram.value_at_quantile(0.99),
         histogram.value_at_quantile(0.999),
         histogram.max()
+    );
+    println!(
+        "from send           accepted p50 {} us, p99 {} us; refused p50 {} us, p99 {} us",
+        served.value_at_quantile(0.5),
+        served.value_at_quantile(0.99),
+        refused.value_at_quantile(0.5),
+        refused.value_at_quantile(0.99),
     );
     println!(
         "conservation        floats {floats}, landed {landed}, cash-ins {cash_in} (minor units), balanced {balanced}"
@@ -410,6 +431,9 @@ async fn drive(args: Args, credentials: Value) -> anyhow::Result<()> {
             "p50_us": histogram.value_at_quantile(0.5),
             "p99_us": histogram.value_at_quantile(0.99),
             "rejected": rejected,
+            "sent_per_s": (ok + rejected + errors) * 1000 / u64::try_from(started_ms(elapsed)).unwrap_or(1).max(1),
+            "accepted_p99_from_send_us": served.value_at_quantile(0.99),
+            "rejected_p99_us": refused.value_at_quantile(0.99),
             "errors": errors,
             "conserved": conserved,
         })

@@ -28,6 +28,9 @@ fn config(dir: &Path) -> Config {
     config.server.secret = Some("11".repeat(32));
     config.http.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
     config.smpp.listen = Some(std::net::SocketAddr::from(([127, 0, 0, 1], 0)));
+    // A busy test machine must not shrink the admission limit under the bursts some tests fire;
+    // `an_overloaded_server_refuses_at_once_and_moves_nothing_for_the_refused` tests admission.
+    config.http.queue_target_ms = 600_000;
     config
 }
 
@@ -719,5 +722,72 @@ async fn tier_limits_answer_with_what_remains() -> anyhow::Result<()> {
     let (status, done) = server.signed("agent", "POST", "/v1/agent/cash-in", body, Some("limit-2")).await;
     assert_eq!(status, 200, "{done}");
     server.assert_balanced().await;
+    server.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_overloaded_server_refuses_at_once_and_moves_nothing_for_the_refused() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut config = config(dir.path());
+    config.http.max_in_flight = 4;
+    let server = Arc::new(Server::start_with(config).await?);
+    let before = server.float().await;
+    let amount = |text: &str| -> i64 {
+        let minor: String = text.chars().filter(char::is_ascii_digit).collect();
+        minor.parse().unwrap_or(i64::MIN)
+    };
+    // Bursts of 64 cash-ins at 4 slots, until one burst has been refused in part (the first,
+    // all but always).
+    let (mut posted, mut refused) = (0_i64, 0_usize);
+    for burst in 0..5 {
+        let mut tasks = Vec::new();
+        for n in 0..64 {
+            let server = server.clone();
+            tasks.push(tokio::spawn(async move {
+                let client = reqwest::Client::new();
+                let (key_id, secret) = server.credential("agent");
+                let body = r#"{"msisdn":"0552222222","amount":"0.01"}"#;
+                let timestamp = now_s();
+                let sig = signature(&secret, "POST", "/v1/agent/cash-in", timestamp, body.as_bytes());
+                let response = client
+                    .post(format!("{}/v1/agent/cash-in", server.base))
+                    .header("x-qepik-key", key_id)
+                    .header("x-qepik-timestamp", timestamp.to_string())
+                    .header("x-qepik-signature", sig)
+                    .header("idempotency-key", format!("overload-{burst}-{n}"))
+                    .body(body)
+                    .send()
+                    .await?;
+                let retry_after = response.headers().get("retry-after").cloned();
+                let status = response.status().as_u16();
+                let body: Value = serde_json::from_str(&response.text().await?)?;
+                anyhow::Ok((status, body, retry_after))
+            }));
+        }
+        for task in tasks {
+            let (status, body, retry_after) = task.await??;
+            match status {
+                200 => posted += 1,
+                503 => {
+                    assert_eq!(body["error"]["code"].as_str(), Some("overloaded"), "{body}");
+                    assert_eq!(retry_after.as_ref().and_then(|v| v.to_str().ok()), Some("1"));
+                    refused += 1;
+                }
+                other => panic!("unexpected {other}: {body}"),
+            }
+        }
+        if refused > 0 {
+            break;
+        }
+    }
+    assert!(refused > 0, "no burst of 64 at 4 slots was refused in part");
+    assert!(posted > 0, "every request was refused");
+    // Operations stay reachable however busy the API is.
+    let health = server.client.get(format!("{}/health", server.base)).send().await?;
+    assert_eq!(health.status().as_u16(), 200);
+    // Exactly the admitted cash-ins left the float: a refused one did nothing.
+    assert_eq!(amount(&before) - amount(&server.float().await), posted);
+    server.assert_balanced().await;
+    let mut server = Arc::try_unwrap(server).map_err(|_| anyhow::anyhow!("server still shared"))?;
     server.stop().await
 }

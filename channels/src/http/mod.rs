@@ -4,6 +4,7 @@
 //! itself.
 
 pub mod admin;
+pub mod admission;
 pub mod agent;
 pub mod auth;
 pub mod customer;
@@ -51,6 +52,8 @@ pub struct AppState {
     pub demo_inbox: Option<Arc<crate::sms::DemoInbox>>,
     /// The SMS sender over the SMPP binds, when SMPP is on.
     pub smpp_sms: Option<Arc<crate::ussd::SmppSms>>,
+    /// How many API requests are served at once (adapts to their latency).
+    pub admission: admission::Admission,
 }
 
 /// Every route of the API, with its method: the OpenAPI test and the docs list these.
@@ -101,31 +104,29 @@ pub const ROUTES: &[(&str, &str)] = &[
 ];
 
 pub fn router(state: Arc<AppState>) -> Router {
-    let max_in_flight = state.config.http.max_in_flight;
-    Router::new()
-        .route("/health", get(health))
-        .route("/ready", get(ready))
-        .route("/metrics", get(metrics))
-        .route("/openapi.json", get(openapi::openapi_json))
+    // The API admits what it can serve in time and refuses the rest at once; the operations
+    // routes stay reachable under any load.
+    let api = Router::new()
         .merge(agent::routes())
         .merge(staff::routes())
         .merge(customer::routes())
         .merge(admin::routes())
         .merge(statements::routes())
         .merge(merchant::routes())
+        .layer(axum::middleware::from_fn_with_state(state.clone(), admission::admit));
+    Router::new()
+        .route("/health", get(health))
+        .route("/ready", get(ready))
+        .route("/metrics", get(metrics))
+        .route("/openapi.json", get(openapi::openapi_json))
+        .merge(api)
         .fallback(|| async { ApiError::not_found("route") })
         .layer(axum::middleware::from_fn(record_metrics))
         .layer(
             tower::ServiceBuilder::new()
                 .layer(axum::error_handling::HandleErrorLayer::new(|_: tower::BoxError| async {
-                    ApiError::new(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "overloaded",
-                        "the server is at capacity; retry",
-                    )
+                    ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "timeout", "the request took too long")
                 }))
-                .load_shed()
-                .concurrency_limit(max_in_flight)
                 .timeout(Duration::from_secs(30)),
         )
         .with_state(state)
