@@ -396,7 +396,7 @@ impl Table {
         }
     }
 
-    /// The action's name in the change log, and the thing in "no such …".
+    /// The actions' names in the change log (put, delete), and the thing in "no such …".
     fn names(self) -> (&'static str, &'static str, &'static str) {
         match self {
             Table::Tariffs => ("put_tariff", "delete_tariff", "tariff"),
@@ -405,74 +405,67 @@ impl Table {
     }
 }
 
-async fn put_fee(
+/// Whether a fee route sets a tariff or removes it.
+#[derive(Debug, Clone, Copy)]
+enum FeeChange {
+    Put,
+    Delete,
+}
+
+async fn change_fee(
     state: &AppState,
     signed: &Signed,
-    table: Table,
     operation: &str,
+    (table, change): (Table, FeeChange),
 ) -> Result<Response, ApiError> {
     let caller = signed.require(&[Role::Admin])?;
     let code = settings::operation(operation)?;
-    let request: TariffJson = super::parse(&signed.body)?;
-    let tariff = settings::tariff(&request)?;
-    let view = tariff_view(code, &tariff);
     let target = engine::statement::code_name(code);
-    settings::change(state, &caller.key_id, table.names().0, target, view.clone(), |rules| {
-        table.of(rules).set(code, tariff).map_err(|e| {
-            ApiError::field(StatusCode::UNPROCESSABLE_ENTITY, e.code(), "percent_bps", e.to_string())
-        })
-    })
-    .await?;
-    Ok(axum::Json(view).into_response())
+    let (put, delete, what) = table.names();
+    match change {
+        FeeChange::Put => {
+            let request: TariffJson = super::parse(&signed.body)?;
+            let tariff = settings::tariff(&request)?;
+            let view = tariff_view(code, &tariff);
+            settings::change(state, &caller.key_id, put, target, view.clone(), |rules| {
+                table.of(rules).set(code, tariff).map_err(|e| {
+                    ApiError::field(StatusCode::UNPROCESSABLE_ENTITY, e.code(), "percent_bps", e.to_string())
+                })
+            })
+            .await?;
+            Ok(axum::Json(view).into_response())
+        }
+        FeeChange::Delete => {
+            settings::change(state, &caller.key_id, delete, target, json!(null), |rules| {
+                table.of(rules).remove(code).map(drop).ok_or_else(|| ApiError::not_found(what))
+            })
+            .await?;
+            Ok(StatusCode::NO_CONTENT.into_response())
+        }
+    }
 }
 
-async fn delete_fee(
-    state: &AppState,
-    signed: &Signed,
-    table: Table,
-    operation: &str,
-) -> Result<Response, ApiError> {
-    let caller = signed.require(&[Role::Admin])?;
-    let code = settings::operation(operation)?;
-    let (_, action, what) = table.names();
-    let target = engine::statement::code_name(code);
-    settings::change(state, &caller.key_id, action, target, json!(null), |rules| {
-        table.of(rules).remove(code).map(drop).ok_or_else(|| ApiError::not_found(what))
-    })
-    .await?;
-    Ok(StatusCode::NO_CONTENT.into_response())
-}
-
-/// A route handler over `put_fee` or `delete_fee` for one table, with its OpenAPI annotation.
-macro_rules! fee_route {
-    ($(#[$doc:meta])* $name:ident => $inner:ident($table:expr)) => {
+/// Route handlers over `change_fee`, one per table and change, with their OpenAPI annotations.
+macro_rules! fee_routes {
+    ($($(#[$doc:meta])* $name:ident => $table:expr, $change:expr;)*) => {$(
         $(#[$doc])*
         async fn $name(
             State(state): State<Arc<AppState>>,
             Path(operation): Path<String>,
             signed: Signed,
         ) -> Result<Response, ApiError> {
-            $inner(&state, &signed, $table, &operation).await
+            change_fee(&state, &signed, &operation, ($table, $change)).await
         }
-    };
+    )*};
 }
 
-fee_route! {
+fee_routes! {
     #[utoipa::path(put, path = "/v1/admin/tariffs/{operation}", tag = "admin", description = "Set the customer fee of an operation (p2p, cash_in, cash_out, cash_code, merchant_payment, bill_payment, issuance, refund, or its code number): fixed + percent_bps of the amount, at least min, at most max (absent or null: no maximum). Amounts are AZN decimal text. The next operation pays it; kept across restarts; recorded with who and when.", request_body = TariffJson, params(("operation" = String, Path)), responses((status = 200, description = "the tariff as now in force"), (status = "4XX", description = "refused", body = super::openapi::ErrorBody)))]
-    put_tariff => put_fee(Table::Tariffs)
-}
-
-fee_route! {
+    put_tariff => Table::Tariffs, FeeChange::Put;
     #[utoipa::path(delete, path = "/v1/admin/tariffs/{operation}", tag = "admin", description = "Remove the customer fee of an operation: it is free from the next one.", params(("operation" = String, Path)), responses((status = 204, description = "removed"), (status = "4XX", description = "refused (404: the operation has no tariff)", body = super::openapi::ErrorBody)))]
-    delete_tariff => delete_fee(Table::Tariffs)
-}
-
-fee_route! {
+    delete_tariff => Table::Tariffs, FeeChange::Delete;
     #[utoipa::path(put, path = "/v1/admin/commissions/{operation}", tag = "admin", description = "Set the agent commission of an operation (paid from fee income), in the same form as a tariff.", request_body = TariffJson, params(("operation" = String, Path)), responses((status = 200, description = "the commission as now in force"), (status = "4XX", description = "refused", body = super::openapi::ErrorBody)))]
-    put_commission => put_fee(Table::Commissions)
-}
-
-fee_route! {
+    put_commission => Table::Commissions, FeeChange::Put;
     #[utoipa::path(delete, path = "/v1/admin/commissions/{operation}", tag = "admin", description = "Remove the agent commission of an operation.", params(("operation" = String, Path)), responses((status = 204, description = "removed"), (status = "4XX", description = "refused (404: the operation has no commission)", body = super::openapi::ErrorBody)))]
-    delete_commission => delete_fee(Table::Commissions)
+    delete_commission => Table::Commissions, FeeChange::Delete;
 }
