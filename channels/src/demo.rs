@@ -182,7 +182,7 @@ pub async fn seed(
                 "max_binds": o.max_binds, "window": o.window,
             })).collect::<Vec<_>>(),
         })),
-        "tiers": domain.config().policy.tiers.iter().map(|t| json!({ "code": t.code, "name": t.name })).collect::<Vec<_>>(),
+        "tiers": domain.rules().policy.tiers.iter().map(|t| json!({ "code": t.code, "name": t.name })).collect::<Vec<_>>(),
     });
     let text = serde_json::to_string_pretty(&demo)?;
     crate::server::write_private(&path, text.as_bytes()).context("writing demo.json")?;

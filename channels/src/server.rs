@@ -118,16 +118,21 @@ pub async fn open_state(config: Config, options: ServeOptions) -> anyhow::Result
     if options.demo {
         crate::demo::default_tariffs(&mut domain_config)?;
     }
+    let store = Store::open(&data_dir.join("server"))?;
+    // The file's tiers, tariffs and commissions, or the live ones administrators changed since
+    // (`settings::reconcile` says which win).
+    let file_rules = engine::Rules {
+        policy: domain_config.policy.clone(),
+        tariffs: domain_config.tariffs.clone(),
+        commissions: domain_config.commissions.clone(),
+    };
+    let live = crate::settings::reconcile(&store, file_rules)?;
+    domain_config.policy = live.policy;
+    domain_config.tariffs = live.tariffs;
+    domain_config.commissions = live.commissions;
     let engine = tokio::task::spawn_blocking(move || Engine::open(engine_config)).await??;
     let domain = match Domain::open(engine.clone(), domain_config).await {
         Ok(domain) => domain,
-        Err(error) => {
-            engine.shutdown();
-            return Err(error.into());
-        }
-    };
-    let store = match Store::open(&data_dir.join("server")) {
-        Ok(store) => store,
         Err(error) => {
             engine.shutdown();
             return Err(error.into());

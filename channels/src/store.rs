@@ -1,5 +1,6 @@
-//! The server's own state in sled (`data_dir/server`): credentials, customer sessions and the
-//! responses of idempotent requests. None of it is money: the ledger's journal is the record of
+//! The server's own state in sled (`data_dir/server`): credentials, customer sessions, the
+//! responses of idempotent requests, and the live wallet rules with their change log
+//! ([`crate::settings`]). None of it is money: the ledger's journal is the record of
 //! money, and a lost idempotency record cannot cause a second posting (an operation's ledger id
 //! derives from the caller and its key, and the ledger answers a repeated id with the first
 //! result). Secrets are not stored: API keys and session tokens are kept as SHA-256 hashes.
@@ -142,6 +143,10 @@ pub struct Store {
     /// USSD: the language of numbers without a wallet (`lang:` + MSISDN), and the outcome of each
     /// subscriber's last money-moving operation (`last:` + MSISDN).
     ussd: sled::Tree,
+    /// `live`: the wallet rules in force ([`crate::settings::StoredRules`]).
+    settings: sled::Tree,
+    /// Every change of the rules, keyed by a growing id: who, when, what.
+    settings_changes: sled::Tree,
     credential_cache: std::sync::Arc<std::sync::RwLock<std::collections::HashMap<String, Credential>>>,
     session_cache: std::sync::Arc<std::sync::RwLock<std::collections::HashMap<String, Session>>>,
     recent: std::sync::Arc<std::sync::Mutex<Recent>>,
@@ -172,6 +177,8 @@ impl Store {
             requests: db.open_tree("payment_requests")?,
             webhooks: db.open_tree("webhooks")?,
             ussd: db.open_tree("ussd")?,
+            settings: db.open_tree("settings")?,
+            settings_changes: db.open_tree("settings_changes")?,
             db,
             credential_cache: std::sync::Arc::new(std::sync::RwLock::new(cache)),
             session_cache: Default::default(),
@@ -403,6 +410,39 @@ impl Store {
             None => self.webhooks.remove(key).map(drop)?,
         }
         Ok(())
+    }
+
+    /// The live wallet rules, if any were recorded.
+    pub fn rules(&self) -> Result<Option<crate::settings::StoredRules>, StoreError> {
+        self.settings.get(b"live")?.map(|v| decode(&v)).transpose()
+    }
+
+    /// Records new live rules and the change that made them, together, durably.
+    pub fn put_rules(
+        &self,
+        rules: &crate::settings::StoredRules,
+        change: &crate::settings::SettingsChange,
+    ) -> Result<(), StoreError> {
+        use sled::transaction::{TransactionError, Transactional};
+        let id = self.db.generate_id()?;
+        let (rules, change) = (encode(rules)?, encode(change)?);
+        let outcome = (&self.settings, &self.settings_changes).transaction(|(settings, changes)| {
+            settings.insert(b"live".as_slice(), rules.as_slice())?;
+            changes.insert(&id.to_be_bytes(), change.as_slice())?;
+            Ok::<(), sled::transaction::ConflictableTransactionError<String>>(())
+        });
+        match outcome {
+            Ok(()) => {}
+            Err(TransactionError::Abort(reason)) => return Err(StoreError::Corrupt(reason)),
+            Err(TransactionError::Storage(error)) => return Err(error.into()),
+        }
+        self.db.flush()?;
+        Ok(())
+    }
+
+    /// The last `n` changes of the wallet rules, newest first.
+    pub fn settings_changes(&self, n: usize) -> Result<Vec<crate::settings::SettingsChange>, StoreError> {
+        self.settings_changes.iter().rev().take(n).map(|entry| decode(&entry?.1)).collect()
     }
 
     pub fn flush(&self) -> Result<(), StoreError> {

@@ -332,8 +332,8 @@ impl<'de> Deserialize<'de> for DecimalText {
 }
 
 /// A count limit: a non-negative integer, or `"unlimited"`.
-#[derive(Debug)]
-enum Count {
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Count {
     Number(i64),
     Unlimited,
 }
@@ -522,11 +522,11 @@ fn amount(path: &str, text: &str, currency: Currency, zero: Zero) -> Result<u64,
 }
 
 /// A tier limit in minor units: positive, or `"unlimited"` (`u64::MAX`).
-fn amount_limit(path: &str, text: &DecimalText, currency: Currency) -> Result<u64, ConfigError> {
-    if text.0.trim() == UNLIMITED {
+fn amount_limit(path: &str, text: &str, currency: Currency) -> Result<u64, ConfigError> {
+    if text.trim() == UNLIMITED {
         return Ok(u64::MAX);
     }
-    match amount(path, &text.0, currency, Zero::Rejected) {
+    match amount(path, text, currency, Zero::Rejected) {
         Err(ConfigError { problem: ConfigProblem::Amount { error: ParseAmountError::Zero, .. }, .. }) => {
             Err(error(path, ConfigProblem::ZeroLimit))
         }
@@ -571,10 +571,8 @@ fn tiers(rows: &[TierRow]) -> Result<Vec<Tier>, ConfigError> {
             }
             None => Currency::Azn,
         };
-        let name = row.name.trim();
-        if name.is_empty() || name.chars().count() > TIER_NAME_LEN_MAX {
-            return Err(error(format!("{path}.name"), ConfigProblem::TierName));
-        }
+        let name = tier_name(&format!("{path}.name"), &row.name)?;
+        let name = name.as_str();
         let limits = row.limits(&path, currency)?;
         if let Some((_, _, first)) = seen.iter().find(|(c, cur, _)| *c == row.code && *cur == currency) {
             let first = format!("wallet.tiers[{first}]");
@@ -610,34 +608,85 @@ fn tiers(rows: &[TierRow]) -> Result<Vec<Tier>, ConfigError> {
 
 impl TierRow {
     fn limits(&self, path: &str, currency: Currency) -> Result<Limits, ConfigError> {
-        let key = |name: &str| format!("{path}.{name}");
-        let limits = Limits {
-            max_balance: amount_limit(&key("max_balance"), &self.max_balance, currency)?,
-            max_per_operation: amount_limit(&key("max_per_operation"), &self.max_per_operation, currency)?,
-            daily_amount: amount_limit(&key("daily_amount"), &self.daily_amount, currency)?,
-            daily_count: count_limit(&key("daily_count"), &self.daily_count)?,
-            monthly_amount: amount_limit(&key("monthly_amount"), &self.monthly_amount, currency)?,
-            monthly_count: count_limit(&key("monthly_count"), &self.monthly_count)?,
+        let text = LimitsText {
+            max_balance: &self.max_balance.0,
+            max_per_operation: &self.max_per_operation.0,
+            daily_amount: &self.daily_amount.0,
+            daily_count: self.daily_count,
+            monthly_amount: &self.monthly_amount.0,
+            monthly_count: self.monthly_count,
         };
-        let l = &limits;
-        let (money, count) = (Some(currency), None);
-        // (key, value, the limit it may not exceed, its value, the currency): a finite value
-        // above its bound can never be reached. An unlimited value leaves the bound in charge.
-        let pairs = [
-            ("max_per_operation", l.max_per_operation, "daily_amount", l.daily_amount, money),
-            ("max_per_operation", l.max_per_operation, "max_balance", l.max_balance, money),
-            ("daily_amount", l.daily_amount, "monthly_amount", l.monthly_amount, money),
-            ("daily_count", l.daily_count.into(), "monthly_count", l.monthly_count.into(), count),
-        ];
-        for (name, value, other, bound, currency) in pairs {
-            let unlimited = if currency.is_some() { u64::MAX } else { u32::MAX.into() };
-            if value != unlimited && value > bound {
-                let (value, other_value) = (show(value, currency), show(bound, currency));
-                return Err(error(key(name), ConfigProblem::LimitAboveLimit { value, other, other_value }));
-            }
-        }
-        Ok(limits)
+        limits(path, &text, currency)
     }
+}
+
+/// One tier's limits in one currency as text, the way the configuration file and the admin API
+/// both receive them: amounts as decimal text or `"unlimited"`, counts as numbers or
+/// [`Count::Unlimited`]. [`limits`] checks them the same way for both.
+#[derive(Debug, Clone, Copy)]
+pub struct LimitsText<'a> {
+    pub max_balance: &'a str,
+    pub max_per_operation: &'a str,
+    pub daily_amount: &'a str,
+    pub daily_count: Count,
+    pub monthly_amount: &'a str,
+    pub monthly_count: Count,
+}
+
+/// Checks one tier's limits in `currency`; errors name `path.key` (`path` may be empty).
+pub fn limits(path: &str, text: &LimitsText<'_>, currency: Currency) -> Result<Limits, ConfigError> {
+    let key = |name: &str| if path.is_empty() { name.to_owned() } else { format!("{path}.{name}") };
+    let limits = Limits {
+        max_balance: amount_limit(&key("max_balance"), text.max_balance, currency)?,
+        max_per_operation: amount_limit(&key("max_per_operation"), text.max_per_operation, currency)?,
+        daily_amount: amount_limit(&key("daily_amount"), text.daily_amount, currency)?,
+        daily_count: count_limit(&key("daily_count"), &text.daily_count)?,
+        monthly_amount: amount_limit(&key("monthly_amount"), text.monthly_amount, currency)?,
+        monthly_count: count_limit(&key("monthly_count"), &text.monthly_count)?,
+    };
+    let l = &limits;
+    let (money, count) = (Some(currency), None);
+    // (key, value, the limit it may not exceed, its value, the currency): a finite value
+    // above its bound can never be reached. An unlimited value leaves the bound in charge.
+    let pairs = [
+        ("max_per_operation", l.max_per_operation, "daily_amount", l.daily_amount, money),
+        ("max_per_operation", l.max_per_operation, "max_balance", l.max_balance, money),
+        ("daily_amount", l.daily_amount, "monthly_amount", l.monthly_amount, money),
+        ("daily_count", l.daily_count.into(), "monthly_count", l.monthly_count.into(), count),
+    ];
+    for (name, value, other, bound, currency) in pairs {
+        let unlimited = if currency.is_some() { u64::MAX } else { u32::MAX.into() };
+        if value != unlimited && value > bound {
+            let (value, other_value) = (show(value, currency), show(bound, currency));
+            return Err(error(key(name), ConfigProblem::LimitAboveLimit { value, other, other_value }));
+        }
+    }
+    Ok(limits)
+}
+
+/// A tier's name, trimmed: 1..=[`TIER_NAME_LEN_MAX`] characters.
+pub fn tier_name(path: &str, name: &str) -> Result<String, ConfigError> {
+    let name = name.trim();
+    if name.is_empty() || name.chars().count() > TIER_NAME_LEN_MAX || name.chars().any(char::is_control) {
+        return Err(error(path, ConfigProblem::TierName));
+    }
+    Ok(name.to_owned())
+}
+
+/// Puts `tier` into `tiers` in place of the tier with its code, or after the others when its
+/// code is new (so the first tier, the one self-registration gives, stays first). Refused, at
+/// `name_path`, when another tier already has its name. No tier is ever removed here: a wallet
+/// keeps its tier code, and a replaced tier's new limits apply to its next operation.
+pub fn put_tier(tiers: &mut Vec<Tier>, tier: Tier, name_path: &str) -> Result<(), ConfigError> {
+    if let Some(other) = tiers.iter().find(|t| t.name == tier.name && t.code != tier.code) {
+        let problem = ConfigProblem::TierNameTaken { name: tier.name.clone(), code: other.code };
+        return Err(error(name_path, problem));
+    }
+    match tiers.iter_mut().find(|t| t.code == tier.code) {
+        Some(slot) => *slot = tier,
+        None => tiers.push(tier),
+    }
+    Ok(())
 }
 
 /// The tariff entries of `section` (`tariffs` or `commissions`), one per operation code.
@@ -663,7 +712,7 @@ fn operation_code(path: &str, operation: &Operation) -> Result<u16, ConfigError>
     let code = match operation {
         Operation::Name(name) => OPERATIONS
             .iter()
-            .find(|(known, _)| *known == name.trim())
+            .find(|(known, code)| *known == name.trim() || crate::statement::code_name(*code) == name.trim())
             .map(|(_, code)| *code)
             .ok_or_else(|| error(path, ConfigProblem::UnknownOperation { name: echo(name) }))?,
         Operation::Code(n) => u16::try_from(*n).ok().filter(|code| *code > 0).ok_or_else(|| {
@@ -676,36 +725,72 @@ fn operation_code(path: &str, operation: &Operation) -> Result<u16, ConfigError>
     Ok(code)
 }
 
+/// An operation a tariff can price, from text: a name of [`OPERATIONS`] (or the name
+/// statements give it, such as `cash_by_code`), or a code number.
+pub fn operation(path: &str, text: &str) -> Result<u16, ConfigError> {
+    let text = text.trim();
+    let operation = match text.parse::<i64>() {
+        Ok(n) => Operation::Code(n),
+        Err(_) => Operation::Name(text.to_owned()),
+    };
+    operation_code(path, &operation)
+}
+
 impl TariffRow {
     fn tariff(&self, path: &str) -> Result<Tariff, ConfigError> {
-        let key = |name: &str| format!("{path}.{name}");
-        let azn = |name: &str, text: &Option<DecimalText>| match text {
-            Some(DecimalText(text)) => amount(&key(name), text, Currency::Azn, Zero::Allowed),
-            None => Ok(0),
+        let percent_bps = match &self.percent {
+            Some(PercentText(text)) => percent_bps(&format!("{path}.percent"), text)?,
+            None => 0,
         };
-        let tariff = Tariff {
-            fixed: azn("fixed", &self.fixed)?,
-            percent_bps: match &self.percent {
-                Some(PercentText(text)) => percent_bps(&key("percent"), text)?,
-                None => 0,
-            },
-            min: azn("min", &self.min)?,
-            max: azn("max", &self.max)?,
-        };
-        if self.max.is_some() && tariff.max == 0 {
-            return Err(error(key("max"), ConfigProblem::TariffMaxZero));
+        fn text(t: &Option<DecimalText>) -> Option<&str> {
+            t.as_ref().map(|t| t.0.as_str())
         }
-        if tariff.max > 0 {
-            let max = show(tariff.max, Some(Currency::Azn));
-            for (name, value) in [("min", tariff.min), ("fixed", tariff.fixed)] {
-                if value > tariff.max {
-                    let value = show(value, Some(Currency::Azn));
-                    return Err(error(key(name), ConfigProblem::TariffAboveMax { value, max }));
-                }
+        tariff(
+            path,
+            &TariffText { fixed: text(&self.fixed), percent_bps, min: text(&self.min), max: text(&self.max) },
+        )
+    }
+}
+
+/// A tariff as text, the way the configuration file (its percentage already in basis points)
+/// and the admin API receive it: AZN amounts as decimal text; an absent `fixed` or `min` is 0,
+/// an absent `max` is no maximum.
+#[derive(Debug, Clone, Copy)]
+pub struct TariffText<'a> {
+    pub fixed: Option<&'a str>,
+    pub percent_bps: u32,
+    pub min: Option<&'a str>,
+    pub max: Option<&'a str>,
+}
+
+/// Checks a tariff; errors name `path.key` (`path` may be empty).
+pub fn tariff(path: &str, text: &TariffText<'_>) -> Result<Tariff, ConfigError> {
+    let key = |name: &str| if path.is_empty() { name.to_owned() } else { format!("{path}.{name}") };
+    let azn = |name: &str, text: Option<&str>| match text {
+        Some(text) => amount(&key(name), text, Currency::Azn, Zero::Allowed),
+        None => Ok(0),
+    };
+    let tariff = Tariff {
+        fixed: azn("fixed", text.fixed)?,
+        percent_bps: text.percent_bps,
+        min: azn("min", text.min)?,
+        max: azn("max", text.max)?,
+    };
+    if text.max.is_some() && tariff.max == 0 {
+        return Err(error(key("max"), ConfigProblem::TariffMaxZero));
+    }
+    if tariff.max > 0 {
+        let max = show(tariff.max, Some(Currency::Azn));
+        for (name, value) in [("min", tariff.min), ("fixed", tariff.fixed)] {
+            if value > tariff.max {
+                let value = show(value, Some(Currency::Azn));
+                return Err(error(key(name), ConfigProblem::TariffAboveMax { value, max }));
             }
         }
-        Ok(tariff)
     }
+    // The file's percentage was bounded when read; the API's basis points are bounded here.
+    tariff.validate().map_err(|e| error(key("percent_bps"), e.into()))?;
+    Ok(tariff)
 }
 
 /// A percentage to basis points, exactly: `"0.5"` is 50 bps, `"0.005"` an error.
@@ -780,6 +865,26 @@ mod tests {
     #[test]
     fn the_example_file_is_the_defaults() {
         assert_eq!(WalletSettings::from_toml(EXAMPLE), Ok(WalletSettings::default()));
+    }
+
+    #[test]
+    fn put_tier_replaces_in_place_appends_new_codes_and_keeps_names_unique() {
+        let mut tiers = Policy::default().tiers;
+        let basic = |code, name: &str| Tier { code, name: name.to_owned(), limits: vec![] };
+        put_tier(&mut tiers, basic(1, "verified"), "name").expect("a new name");
+        assert_eq!(
+            tiers.iter().map(|t| (t.code, t.name.as_str())).collect::<Vec<_>>(),
+            [(0, "unidentified"), (1, "verified"), (2, "enhanced")]
+        );
+        put_tier(&mut tiers, basic(9, "vip"), "name").expect("a new tier");
+        assert_eq!(tiers.last().map(|t| t.code), Some(9));
+        assert_eq!(tiers.first().map(|t| t.code), Some(0), "the registration tier stays first");
+        let taken = put_tier(&mut tiers, basic(5, "enhanced"), "name").expect_err("taken");
+        assert_eq!(taken.path, "name");
+        assert_eq!(taken.problem, ConfigProblem::TierNameTaken { name: "enhanced".into(), code: 2 });
+        assert_eq!(tiers.len(), 4);
+        assert_eq!(tier_name("n", "  a  "), Ok("a".to_owned()));
+        assert_eq!(tier_name("n", "a\u{7}").map_err(|e| e.problem), Err(ConfigProblem::TierName));
     }
 
     #[test]

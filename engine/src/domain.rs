@@ -39,7 +39,28 @@ pub mod system {
 pub const OTP_TTL_MAX_S: u32 = 300;
 const OTP_DIGITS: u32 = 6;
 
-/// What the domain needs besides the engine.
+/// The wallet rules administrators change at run time: the tier table (inside the policy every
+/// shard enforces) and the fee tables. A [`Domain`] holds the live ones behind an atomic pointer:
+/// an operation loads them once (a few atomic instructions) and prices itself with that
+/// snapshot; [`RulesEditor::apply`] swaps in new ones for the next operation.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rules {
+    pub policy: Policy,
+    /// Customer fees per operation code.
+    pub tariffs: TariffTable,
+    /// Agent commissions per operation code, paid from fee income.
+    pub commissions: TariffTable,
+}
+
+impl Rules {
+    /// Every tariff and commission valid.
+    pub fn validate(&self) -> Result<(), TariffError> {
+        self.tariffs.iter().chain(self.commissions.iter()).try_for_each(|(_, tariff)| tariff.validate())
+    }
+}
+
+/// What the domain needs besides the engine. `policy`, `tariffs` and `commissions` are the
+/// rules the domain opens with; the live ones are [`Domain::rules`].
 #[derive(Debug)]
 pub struct DomainConfig {
     pub secret: Arc<ServerSecret>,
@@ -244,6 +265,34 @@ pub use crate::wallet::leg_id;
 pub struct Domain {
     engine: Engine,
     config: Arc<DomainConfig>,
+    rules: Arc<arc_swap::ArcSwap<Rules>>,
+    /// One rules change at a time, from reading the live rules to swapping in the new ones.
+    rules_edit: Arc<tokio::sync::Mutex<()>>,
+}
+
+/// The right to change the live rules, held by one caller at a time (see [`Domain::edit_rules`]).
+#[derive(Debug)]
+pub struct RulesEditor<'a> {
+    domain: &'a Domain,
+    _turn: tokio::sync::MutexGuard<'a, ()>,
+}
+
+impl RulesEditor<'_> {
+    /// The rules in force now; no other editor can change them while this one lives.
+    pub fn current(&self) -> Arc<Rules> {
+        self.domain.rules.load_full()
+    }
+
+    /// Puts `rules` in force: the policy is journaled on every shard (where it differs), then
+    /// the next operation prices itself with the new fee tables.
+    pub async fn apply(&self, rules: Rules) -> Result<(), OpError> {
+        rules.validate()?;
+        if rules.policy != self.domain.rules.load().policy {
+            self.domain.engine.set_policy(rules.policy.clone()).await?;
+        }
+        self.domain.rules.store(Arc::new(rules));
+        Ok(())
+    }
 }
 
 impl std::fmt::Debug for Domain {
@@ -261,9 +310,12 @@ impl Domain {
         if config.cash_code_ttl_s == 0 {
             return Err(OpError::CashCodeTtl);
         }
-        for tariff in config.tariffs.iter().chain(config.commissions.iter()) {
-            tariff.1.validate()?;
-        }
+        let rules = Rules {
+            policy: config.policy.clone(),
+            tariffs: config.tariffs.clone(),
+            commissions: config.commissions.clone(),
+        };
+        rules.validate()?;
         let system = [
             (system::FEE_INCOME, AccountKind::FEE_INCOME),
             (system::EMONEY_ISSUANCE, AccountKind::EMONEY_ISSUANCE),
@@ -274,15 +326,31 @@ impl Domain {
             system.iter().map(|(id, kind)| azn_account(*id, *kind, AccountFlags::empty())).collect();
         check_created(engine.create_accounts(accounts).await?)?;
         engine.set_policy(config.policy.clone()).await?;
-        Ok(Domain { engine, config: Arc::new(config) })
+        Ok(Domain {
+            engine,
+            config: Arc::new(config),
+            rules: Arc::new(arc_swap::ArcSwap::from_pointee(rules)),
+            rules_edit: Arc::default(),
+        })
     }
 
     pub fn engine(&self) -> &Engine {
         &self.engine
     }
 
+    /// The configuration the domain opened with (see [`Domain::rules`] for the live rules).
     pub fn config(&self) -> &DomainConfig {
         &self.config
+    }
+
+    /// The tiers, tariffs and commissions in force now.
+    pub fn rules(&self) -> Arc<Rules> {
+        self.rules.load_full()
+    }
+
+    /// Waits for the turn to change the rules (one editor at a time).
+    pub async fn edit_rules(&self) -> RulesEditor<'_> {
+        RulesEditor { domain: self, _turn: self.rules_edit.lock().await }
     }
 
     /// Normalises a number to E.164 under the configured numbering plan.
@@ -310,7 +378,7 @@ impl Domain {
         actor: Actor,
     ) -> Result<(), OpError> {
         let pin = pin.map(|pin| self.pin_tag(msisdn, pin));
-        let tier = self.config.policy.tiers.first().map_or(0, |t| t.code);
+        let tier = self.rules.load().policy.tiers.first().map_or(0, |t| t.code);
         let currencies = self.config.currencies.clone();
         self.request(WalletRequest::Register { msisdn: msisdn.get(), currencies, tier, pin, language, actor })
             .await
@@ -510,7 +578,7 @@ impl Domain {
         code: u16,
     ) -> Result<(Vec<Transfer>, u64), OpError> {
         positive(amount)?;
-        let fee = self.config.tariffs.fee(code, amount)?;
+        let fee = self.rules.load().tariffs.fee(code, amount)?;
         let mut chain = vec![leg(op, 0, debit, credit, amount, code)];
         if fee > 0 {
             chain.push(leg(op, 1, debit, system::FEE_INCOME, fee, codes::FEE));
@@ -522,8 +590,10 @@ impl Domain {
     /// has one) is kept from the amount, and the agent earns its commission from fee income.
     pub async fn cash_in(&self, op: u128, agent: u64, to: Msisdn, amount: u64) -> Result<Receipt, OpError> {
         positive(amount)?;
-        let fee = self.config.tariffs.fee(codes::CASH_IN, amount)?;
-        let commission = self.config.commissions.fee(codes::CASH_IN, amount)?;
+        let (fee, commission) = {
+            let rules = self.rules.load();
+            (rules.tariffs.fee(codes::CASH_IN, amount)?, rules.commissions.fee(codes::CASH_IN, amount)?)
+        };
         let credited = amount.checked_sub(fee).filter(|c| *c > 0).ok_or(OpError::ZeroAmount)?;
         let float = agent_float(agent);
         let principal =
@@ -544,8 +614,10 @@ impl Domain {
         auth: CustomerAuth<'_>,
     ) -> Result<Receipt, OpError> {
         positive(amount)?;
-        let fee = self.config.tariffs.fee(codes::CASH_OUT, amount)?;
-        let commission = self.config.commissions.fee(codes::CASH_OUT, amount)?;
+        let (fee, commission) = {
+            let rules = self.rules.load();
+            (rules.tariffs.fee(codes::CASH_OUT, amount)?, rules.commissions.fee(codes::CASH_OUT, amount)?)
+        };
         let wallet = AccountId::wallet(from.get(), Currency::Azn);
         let principal = leg(op, 0, wallet, agent_float(agent), amount, codes::CASH_OUT);
         let chain = agent_chain(principal, wallet, fee, agent, commission);
@@ -578,7 +650,7 @@ impl Domain {
         auth: CustomerAuth<'_>,
     ) -> Result<CashCode, OpError> {
         positive(amount)?;
-        let fee = self.config.tariffs.fee(codes::CASH_CODE, amount)?;
+        let fee = self.rules.load().tariffs.fee(codes::CASH_CODE, amount)?;
         let authorization = self.authorization(msisdn, &auth)?;
         let code = self.config.secret.derive_code("cash", msisdn.get(), op, CASH_CODE_DIGITS);
         let hold = self.code_hold(msisdn, &code);
@@ -622,7 +694,7 @@ impl Domain {
         if !matches!(kind, Some(AccountKind::ATM_NETWORK_FLOAT | AccountKind::POST_OFFICE_FLOAT)) {
             return Err(OpError::NotARedeemer);
         }
-        let commission = self.config.commissions.fee(codes::CASH_CODE, amount)?;
+        let commission = self.rules.load().commissions.fee(codes::CASH_CODE, amount)?;
         let user_data = (u128::from(redeemer) << 64) | u128::from(device);
         let resolve = Transfer {
             user_data,

@@ -31,7 +31,7 @@ pub mod views;
 pub mod wallet;
 
 pub use account::{Account, AccountFlags, AccountKind, CreateAccountResult};
-pub use domain::{Domain, DomainConfig, OpError};
+pub use domain::{Domain, DomainConfig, OpError, Rules};
 pub use engine::{Engine, EngineConfig, EngineError, RecoveryReport};
 pub use ids::{AccountId, ShardId, TransferId};
 pub use ledger::{Ledger, StoredTransfer, Totals, TransferState, TransferStatus};

@@ -107,6 +107,11 @@ impl TariffTable {
         Ok(())
     }
 
+    /// Takes the tariff for `code` out; the operation is free from then on.
+    pub fn remove(&mut self, code: u16) -> Option<Tariff> {
+        self.by_code.remove(&code)
+    }
+
     pub fn get(&self, code: u16) -> Option<&Tariff> {
         self.by_code.get(&code)
     }
@@ -227,6 +232,9 @@ mod tests {
         assert_eq!(table.set(2, Tariff::FREE), Ok(()));
         assert_eq!(table.fee(2, 10_000), Ok(0));
         assert_eq!(table.iter().count(), 2);
+        assert_eq!(table.remove(1), Some(Tariff { fixed: 5, ..Tariff::FREE }));
+        assert_eq!(table.remove(1), None);
+        assert_eq!(table.fee(1, 10_000), Ok(0));
     }
 
     fn valid_tariff() -> impl Strategy<Value = Tariff> {

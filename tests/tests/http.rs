@@ -2,7 +2,8 @@
 //! directory seeded with the demo world, driven over real HTTP. Authentication, idempotency
 //! (1000 concurrent identical requests post once), input errors naming their field, the customer
 //! login and transfer, cash codes redeemed by the ATM network, staff operations, a restart with
-//! state and idempotency keys intact, and the trial balance at the end of every test.
+//! state and idempotency keys intact, and the trial balance at the end of every test. The helpers
+//! ([`Server`]) serve the other server-level modules too.
 
 use std::path::Path;
 use std::sync::Arc;
@@ -13,14 +14,14 @@ use channels::server::{Running, ServeOptions, start};
 use serde_json::{Value, json};
 
 /// A running demo server and what demo.json says about it.
-struct Server {
+pub(crate) struct Server {
     running: Option<Running>,
     base: String,
     demo: Value,
     client: reqwest::Client,
 }
 
-fn config(dir: &Path) -> Config {
+pub(crate) fn config(dir: &Path) -> Config {
     let mut config = Config::default();
     config.server.data_dir = dir.to_path_buf();
     config.server.shards = Some(2);
@@ -35,11 +36,11 @@ fn config(dir: &Path) -> Config {
 }
 
 impl Server {
-    async fn start(dir: &Path) -> anyhow::Result<Server> {
+    pub(crate) async fn start(dir: &Path) -> anyhow::Result<Server> {
         Server::start_with(config(dir)).await
     }
 
-    async fn start_with(config: Config) -> anyhow::Result<Server> {
+    pub(crate) async fn start_with(config: Config) -> anyhow::Result<Server> {
         let demo_path = config.server.data_dir.join("demo.json");
         let running = start(config, ServeOptions { demo: true, metrics: false }).await?;
         let demo: Value = serde_json::from_str(&std::fs::read_to_string(demo_path)?)?;
@@ -47,7 +48,7 @@ impl Server {
         Ok(Server { running: Some(running), base, demo, client: reqwest::Client::new() })
     }
 
-    async fn stop(&mut self) -> anyhow::Result<()> {
+    pub(crate) async fn stop(&mut self) -> anyhow::Result<()> {
         if let Some(running) = self.running.take() {
             running.shutdown().await?;
         }
@@ -55,7 +56,7 @@ impl Server {
     }
 
     /// The demo credential of `role` (the first, for agents).
-    fn credential(&self, role: &str) -> (String, Vec<u8>) {
+    pub(crate) fn credential(&self, role: &str) -> (String, Vec<u8>) {
         let credentials = self.demo["credentials"].as_array().cloned().unwrap_or_default();
         let c = credentials.iter().find(|c| c["role"] == role).cloned().unwrap_or(Value::Null);
         let key = hex::decode(c["key"].as_str().unwrap_or_default()).unwrap_or_default();
@@ -63,7 +64,7 @@ impl Server {
     }
 
     /// A signed request as `role`; `key` is the Idempotency-Key, if any.
-    async fn signed(
+    pub(crate) async fn signed(
         &self,
         role: &str,
         method: &str,
@@ -76,7 +77,7 @@ impl Server {
     }
 
     /// A signed request with a given credential.
-    async fn signed_as(
+    pub(crate) async fn signed_as(
         &self,
         credential: &(String, Vec<u8>),
         method: &str,
@@ -100,7 +101,7 @@ impl Server {
         send(request).await
     }
 
-    async fn customer(
+    pub(crate) async fn customer(
         &self,
         method: &str,
         path: &str,
@@ -122,7 +123,7 @@ impl Server {
     }
 
     /// Logs a demo customer in through the OTP sent to their simulated handset.
-    async fn login(&self, msisdn: &str) -> anyhow::Result<String> {
+    pub(crate) async fn login(&self, msisdn: &str) -> anyhow::Result<String> {
         let before = self.sms(msisdn).await.len();
         let (status, _) =
             self.customer("POST", "/v1/customer/otp", None, json!({ "msisdn": msisdn }), None).await;
@@ -159,7 +160,7 @@ impl Server {
         float["balance"].as_str().unwrap_or_default().to_owned()
     }
 
-    async fn assert_balanced(&self) {
+    pub(crate) async fn assert_balanced(&self) {
         let (status, trial) = self.signed("admin", "GET", "/v1/admin/trial-balance", "", None).await;
         assert_eq!(status, 200, "{trial}");
         assert_eq!(trial["balanced"], true, "{trial}");
@@ -476,7 +477,9 @@ async fn every_listed_route_is_served() -> anyhow::Result<()> {
             .replace("{reference}", "x")
             .replace("{msisdn}", "0501111111")
             .replace("{agent}", "1001")
-            .replace("{key_id}", "x");
+            .replace("{key_id}", "x")
+            .replace("{code}", "1")
+            .replace("{operation}", "p2p");
         let request = server.client.request(method.parse()?, format!("{}{path}", server.base));
         let (status, body) = send(request).await;
         let unrouted = status == 404 && body["error"]["message"] == "no such route";

@@ -6,6 +6,9 @@
 //!   regression tests for the bugs the other modules found.
 //! - `http`: the `qepik` server in-process on an OS-chosen port, over real HTTP: authentication,
 //!   idempotency, input errors, customer, ATM, staff and admin flows, a restart.
+//! - `admin_settings`: administrators change tiers, tariffs and commissions over HTTP: in force
+//!   for the next operation, kept across restarts, overridden only by an edited configuration
+//!   file; refusals for other roles and bad input.
 //! - `model`: proptest operations on the engine and on a plain map model, restarts included.
 //! - `crash`: a child process killed with SIGKILL under load, five times over one directory;
 //!   what it was told must hold after each recovery.
@@ -18,6 +21,7 @@
 //!   category, restarts and reindex; the notification outbox (OTPs, money notices, blocks,
 //!   acknowledgements across restarts, nothing re-sent by a reindex).
 
+mod admin_settings;
 mod cash;
 mod crash;
 mod engine;

@@ -1,5 +1,7 @@
-//! Administrators: agents and their funding, credentials, and the trial balance that operators
-//! and the load tool use to check that nothing was created or lost.
+//! Administrators: agents and their funding, credentials, the trial balance that operators and
+//! the load tool use to check that nothing was created or lost, and the wallet rules (tiers and
+//! their limits, tariffs, commissions), read and changed at run time through
+//! [`crate::settings`].
 
 use std::sync::Arc;
 
@@ -7,13 +9,14 @@ use axum::Router;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{delete, get, post};
+use axum::routing::{delete, get, post, put};
 use engine::domain::AgentKind;
 use serde::Deserialize;
 use serde_json::json;
 
 use super::error::ApiError;
 use super::{AppState, auth::Signed, idempotency};
+use crate::settings::{self, TariffJson, TierJson};
 use crate::store::{Credential, Role};
 
 pub fn routes() -> Router<Arc<AppState>> {
@@ -25,6 +28,10 @@ pub fn routes() -> Router<Arc<AppState>> {
         .route("/v1/admin/credentials/{key_id}", delete(revoke_credential))
         .route("/v1/admin/trial-balance", get(trial_balance))
         .route("/v1/admin/wallet-settings", get(wallet_settings))
+        .route("/v1/admin/wallet-settings/changes", get(settings_changes))
+        .route("/v1/admin/tiers/{code}", put(put_tier))
+        .route("/v1/admin/tariffs/{operation}", put(put_tariff).delete(delete_tariff))
+        .route("/v1/admin/commissions/{operation}", put(put_commission).delete(delete_commission))
 }
 
 pub fn agent_kind(name: &str) -> Option<AgentKind> {
@@ -298,57 +305,21 @@ fn kind_name(kind: engine::AccountKind) -> String {
     name.to_owned()
 }
 
-/// A limit as text: an amount, or "unlimited".
-fn limit(minor: u64) -> serde_json::Value {
-    if minor == u64::MAX { json!("unlimited") } else { json!(super::money(minor)) }
-}
-
-#[utoipa::path(get, path = "/v1/admin/wallet-settings", tag = "admin", description = "The tiers with their limits, the tariffs and commissions, and the attempt limits in force. They come from the configuration file (change it and restart).", responses((status = 200, description = "the settings"), (status = "4XX", description = "refused", body = super::openapi::ErrorBody)))]
+#[utoipa::path(get, path = "/v1/admin/wallet-settings", tag = "admin", description = "The tiers with their limits, the tariffs and commissions, and the attempt limits in force. Tiers, tariffs and commissions are the live ones: the configuration file's, or administrators' changes since (PUT /v1/admin/tiers/{code}, PUT|DELETE /v1/admin/tariffs/{operation} and /v1/admin/commissions/{operation}); the rest comes from the configuration file.", responses((status = 200, description = "the settings"), (status = "4XX", description = "refused", body = super::openapi::ErrorBody)))]
 async fn wallet_settings(State(state): State<Arc<AppState>>, signed: Signed) -> Result<Response, ApiError> {
     signed.require(&[Role::Admin])?;
     let config = state.domain.config();
-    let policy = &config.policy;
-    let tiers: Vec<serde_json::Value> = policy
-        .tiers
-        .iter()
-        .map(|tier| {
-            let limits: Vec<serde_json::Value> = tier
-                .limits
-                .iter()
-                .map(|(currency, l)| {
-                    json!({
-                        "currency": engine::Currency::from_u8(*currency).map_or("?", |c| c.code()),
-                        "max_balance": limit(l.max_balance),
-                        "max_per_operation": limit(l.max_per_operation),
-                        "daily_amount": limit(l.daily_amount),
-                        "daily_count": l.daily_count,
-                        "monthly_amount": limit(l.monthly_amount),
-                        "monthly_count": l.monthly_count,
-                    })
-                })
-                .collect();
-            json!({ "code": tier.code, "name": tier.name, "limits": limits })
-        })
-        .collect();
+    let rules = state.domain.rules();
+    let policy = &rules.policy;
+    let tiers: Vec<serde_json::Value> = policy.tiers.iter().map(tier_view).collect();
     let table = |table: &engine::tariff::TariffTable| -> Vec<serde_json::Value> {
-        table
-            .iter()
-            .map(|(code, t)| {
-                json!({
-                    "operation": engine::statement::code_name(code),
-                    "fixed": super::money(t.fixed),
-                    "percent_bps": t.percent_bps,
-                    "min": super::money(t.min),
-                    "max": if t.max == 0 { json!(null) } else { json!(super::money(t.max)) },
-                })
-            })
-            .collect()
+        table.iter().map(|(code, t)| tariff_view(code, t)).collect()
     };
     Ok(axum::Json(json!({
         "tiers": tiers,
-        "tariffs": table(&config.tariffs),
-        "commissions": table(&config.commissions),
-        "step_up_above": limit(config.step_up_above),
+        "tariffs": table(&rules.tariffs),
+        "commissions": table(&rules.commissions),
+        "step_up_above": if config.step_up_above == u64::MAX { json!("unlimited") } else { json!(super::money(config.step_up_above)) },
         "pin_attempts": policy.pin_attempts_max,
         "otp_attempts": policy.otp_attempts_max,
         "code_attempts": policy.code_attempts_max,
@@ -357,4 +328,144 @@ async fn wallet_settings(State(state): State<Arc<AppState>>, signed: Signed) -> 
         "reversal_window_s": config.reversal_window_s,
     }))
     .into_response())
+}
+
+/// A tier as the GET shows it: its code, name and limits.
+fn tier_view(tier: &engine::wallet::Tier) -> serde_json::Value {
+    let json = settings::tier_json(tier);
+    json!({ "code": tier.code, "name": json.name, "limits": json.limits })
+}
+
+/// A tariff as the GET shows it: its operation and its rule.
+fn tariff_view(code: u16, tariff: &engine::tariff::Tariff) -> serde_json::Value {
+    let json = settings::tariff_json(tariff);
+    json!({
+        "operation": engine::statement::code_name(code),
+        "fixed": json.fixed,
+        "percent_bps": json.percent_bps,
+        "min": json.min,
+        "max": json.max,
+    })
+}
+
+#[utoipa::path(get, path = "/v1/admin/wallet-settings/changes", tag = "admin", description = "The last 100 changes of the tiers, tariffs and commissions, newest first: when (unix seconds), by whom (the administrator's key id, or the configuration file when it won at a start), what, and the new value (null: removed).", responses((status = 200, description = "the changes"), (status = "4XX", description = "refused", body = super::openapi::ErrorBody)))]
+async fn settings_changes(State(state): State<Arc<AppState>>, signed: Signed) -> Result<Response, ApiError> {
+    signed.require(&[Role::Admin])?;
+    let changes = state.store.settings_changes(100)?;
+    Ok(axum::Json(json!({ "changes": changes })).into_response())
+}
+
+fn tier_code(text: &str) -> Result<u8, ApiError> {
+    text.trim().parse::<u8>().map_err(|_| {
+        ApiError::field(StatusCode::UNPROCESSABLE_ENTITY, "invalid_field", "code", "a tier code, 0 to 255")
+    })
+}
+
+#[utoipa::path(put, path = "/v1/admin/tiers/{code}", tag = "admin", description = "Create or replace a KYC tier and its limits per currency. Amounts are decimal text or \"unlimited\"; counts are whole numbers or \"unlimited\". Wallets on the tier keep it and meet the new limits from their next operation; a new tier goes after the others (the first stays the one self-registration gives). Tiers are never removed over the API, so no wallet is ever left without one. In force at once, kept across restarts, recorded with who and when.", request_body = TierJson, params(("code" = u8, Path)), responses((status = 200, description = "the tier as now in force"), (status = "4XX", description = "refused", body = super::openapi::ErrorBody)))]
+async fn put_tier(
+    State(state): State<Arc<AppState>>,
+    Path(code): Path<String>,
+    signed: Signed,
+) -> Result<Response, ApiError> {
+    let caller = signed.require(&[Role::Admin])?;
+    let code = tier_code(&code)?;
+    let request: TierJson = super::parse(&signed.body)?;
+    let tier = settings::tier(code, &request)?;
+    let view = tier_view(&tier);
+    settings::change(&state, &caller.key_id, "put_tier", &code.to_string(), view.clone(), |rules| {
+        engine::config::put_tier(&mut rules.policy.tiers, tier, "name").map_err(|e| {
+            ApiError::field(StatusCode::CONFLICT, "tier_name_taken", &e.path, e.problem.to_string())
+        })
+    })
+    .await?;
+    Ok(axum::Json(view).into_response())
+}
+
+/// Which fee table a route changes.
+#[derive(Debug, Clone, Copy)]
+enum Table {
+    Tariffs,
+    Commissions,
+}
+
+impl Table {
+    fn of(self, rules: &mut engine::Rules) -> &mut engine::tariff::TariffTable {
+        match self {
+            Table::Tariffs => &mut rules.tariffs,
+            Table::Commissions => &mut rules.commissions,
+        }
+    }
+
+    /// The actions' names in the change log (put, delete), and the thing in "no such …".
+    fn names(self) -> (&'static str, &'static str, &'static str) {
+        match self {
+            Table::Tariffs => ("put_tariff", "delete_tariff", "tariff"),
+            Table::Commissions => ("put_commission", "delete_commission", "commission"),
+        }
+    }
+}
+
+/// Whether a fee route sets a tariff or removes it.
+#[derive(Debug, Clone, Copy)]
+enum FeeChange {
+    Put,
+    Delete,
+}
+
+async fn change_fee(
+    state: &AppState,
+    signed: &Signed,
+    operation: &str,
+    (table, change): (Table, FeeChange),
+) -> Result<Response, ApiError> {
+    let caller = signed.require(&[Role::Admin])?;
+    let code = settings::operation(operation)?;
+    let target = engine::statement::code_name(code);
+    let (put, delete, what) = table.names();
+    match change {
+        FeeChange::Put => {
+            let request: TariffJson = super::parse(&signed.body)?;
+            let tariff = settings::tariff(&request)?;
+            let view = tariff_view(code, &tariff);
+            settings::change(state, &caller.key_id, put, target, view.clone(), |rules| {
+                table.of(rules).set(code, tariff).map_err(|e| {
+                    ApiError::field(StatusCode::UNPROCESSABLE_ENTITY, e.code(), "percent_bps", e.to_string())
+                })
+            })
+            .await?;
+            Ok(axum::Json(view).into_response())
+        }
+        FeeChange::Delete => {
+            settings::change(state, &caller.key_id, delete, target, json!(null), |rules| {
+                table.of(rules).remove(code).map(drop).ok_or_else(|| ApiError::not_found(what))
+            })
+            .await?;
+            Ok(StatusCode::NO_CONTENT.into_response())
+        }
+    }
+}
+
+/// Route handlers over `change_fee`, one per table and change, with their OpenAPI annotations.
+macro_rules! fee_routes {
+    ($($(#[$doc:meta])* $name:ident => $table:expr, $change:expr;)*) => {$(
+        $(#[$doc])*
+        async fn $name(
+            State(state): State<Arc<AppState>>,
+            Path(operation): Path<String>,
+            signed: Signed,
+        ) -> Result<Response, ApiError> {
+            change_fee(&state, &signed, &operation, ($table, $change)).await
+        }
+    )*};
+}
+
+fee_routes! {
+    #[utoipa::path(put, path = "/v1/admin/tariffs/{operation}", tag = "admin", description = "Set the customer fee of an operation (p2p, cash_in, cash_out, cash_code, merchant_payment, bill_payment, issuance, refund, or its code number): fixed + percent_bps of the amount, at least min, at most max (absent or null: no maximum). Amounts are AZN decimal text. The next operation pays it; kept across restarts; recorded with who and when.", request_body = TariffJson, params(("operation" = String, Path)), responses((status = 200, description = "the tariff as now in force"), (status = "4XX", description = "refused", body = super::openapi::ErrorBody)))]
+    put_tariff => Table::Tariffs, FeeChange::Put;
+    #[utoipa::path(delete, path = "/v1/admin/tariffs/{operation}", tag = "admin", description = "Remove the customer fee of an operation: it is free from the next one.", params(("operation" = String, Path)), responses((status = 204, description = "removed"), (status = "4XX", description = "refused (404: the operation has no tariff)", body = super::openapi::ErrorBody)))]
+    delete_tariff => Table::Tariffs, FeeChange::Delete;
+    #[utoipa::path(put, path = "/v1/admin/commissions/{operation}", tag = "admin", description = "Set the agent commission of an operation (paid from fee income), in the same form as a tariff.", request_body = TariffJson, params(("operation" = String, Path)), responses((status = 200, description = "the commission as now in force"), (status = "4XX", description = "refused", body = super::openapi::ErrorBody)))]
+    put_commission => Table::Commissions, FeeChange::Put;
+    #[utoipa::path(delete, path = "/v1/admin/commissions/{operation}", tag = "admin", description = "Remove the agent commission of an operation.", params(("operation" = String, Path)), responses((status = 204, description = "removed"), (status = "4XX", description = "refused (404: the operation has no commission)", body = super::openapi::ErrorBody)))]
+    delete_commission => Table::Commissions, FeeChange::Delete;
 }

@@ -101,6 +101,12 @@ pub const ROUTES: &[(&str, &str)] = &[
     ("DELETE", "/v1/admin/credentials/{key_id}"),
     ("GET", "/v1/admin/trial-balance"),
     ("GET", "/v1/admin/wallet-settings"),
+    ("GET", "/v1/admin/wallet-settings/changes"),
+    ("PUT", "/v1/admin/tiers/{code}"),
+    ("PUT", "/v1/admin/tariffs/{operation}"),
+    ("DELETE", "/v1/admin/tariffs/{operation}"),
+    ("PUT", "/v1/admin/commissions/{operation}"),
+    ("DELETE", "/v1/admin/commissions/{operation}"),
 ];
 
 pub fn router(state: Arc<AppState>) -> Router {

@@ -74,6 +74,12 @@ pub struct ErrorDetail {
         super::statements::customer_spending,
         super::admin::create_merchant,
         super::admin::wallet_settings,
+        super::admin::settings_changes,
+        super::admin::put_tier,
+        super::admin::put_tariff,
+        super::admin::delete_tariff,
+        super::admin::put_commission,
+        super::admin::delete_commission,
     ),
     components(schemas(ErrorBody, ErrorDetail))
 )]

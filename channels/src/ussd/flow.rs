@@ -251,7 +251,7 @@ impl Flow {
         if matches!(error, OpError::Refused(engine::TransferResult::PinInvalid))
             && let Ok(view) = self.app.domain.wallet(self.msisdn).await
         {
-            let max = self.app.domain.config().policy.pin_attempts_max;
+            let max = self.app.domain.rules().policy.pin_attempts_max;
             let remaining = max.saturating_sub(view.state.pin_failures);
             return self.refusal(&OpError::Wallet(WalletRefusal::PinInvalid { remaining }));
         }
@@ -365,7 +365,7 @@ impl Flow {
                 let Some(amount) = parse_amount(input) else {
                     return self.ask(Step::SendAmount { to }, "ask_amount", Some("invalid_amount"));
                 };
-                let fee = match self.app.domain.config().tariffs.fee(codes::P2P, amount) {
+                let fee = match self.app.domain.rules().tariffs.fee(codes::P2P, amount) {
                     Ok(fee) => fee,
                     Err(error) => {
                         let text = self.refusal(&OpError::Tariff(error));
