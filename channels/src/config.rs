@@ -73,7 +73,7 @@ pub struct HttpSection {
     /// `overloaded`. The limit adapts below this bound (see `queue_target_ms`).
     pub max_in_flight: usize,
     /// When even the fastest API request of a 100 ms window took longer than this, a queue
-    /// has formed and the in-flight limit shrinks; set it above the disk's fsync latency.
+    /// has formed and the in-flight limit shrinks; keep it above the disk's fsync latency.
     pub queue_target_ms: u64,
     /// Requests a second each caller may make (token bucket, burst of one second's worth).
     pub rate_per_s: u32,
