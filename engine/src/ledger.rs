@@ -1492,14 +1492,13 @@ impl Ledger {
     pub fn wallet_view(&self, msisdn: u64, now: u64) -> Result<WalletView, WalletRefusal> {
         let state = self.wallets.get(&msisdn).ok_or(WalletRefusal::NotFound)?.clone();
         let windows = self.policy.windows(now);
-        let tier = self.policy.tier(state.tier);
         let accounts = Currency::ALL
             .iter()
             .filter_map(|currency| {
                 let account = *self.accounts.get(&AccountId::wallet(msisdn, *currency))?;
                 Some(WalletAccountView {
                     account,
-                    limits: tier.map_or(wallet::Limits::NONE, |t| t.limits(*currency)),
+                    limits: self.policy.limits(state.tier, *currency),
                     outflow: self
                         .hot
                         .get(&account.id)
@@ -1822,7 +1821,7 @@ fn wallet_debit(
     if entry.flags & (WalletState::PIN_BLOCKED | WalletState::STAFF_BLOCKED) != 0 {
         return Err(TransferResult::DebitWalletBlocked);
     }
-    let limits = policy.tier(entry.tier).map_or(wallet::Limits::NONE, |t| t.limits(transfer.currency));
+    let limits = policy.limits(entry.tier, transfer.currency);
     entry
         .outflow
         .add(windows, &limits, transfer.amount, wallet::counts_as_operation(transfer.code))
@@ -1861,15 +1860,15 @@ fn wallet_credit(
             None => return Ok(()),
         },
     };
-    let limits = policy.tier(tier).map_or(wallet::Limits::NONE, |t| t.limits(transfer.currency));
+    let limits = policy.limits(tier, transfer.currency);
     if balance > u128::from(limits.max_balance) {
         return Err(TransferResult::LimitMaxBalance);
     }
     Ok(())
 }
 
-/// Per currency, the lowest maximum balance of the policy's tiers (a wallet whose tier is not in
-/// the policy has no limits, so the lowest of the listed ones bounds every wallet).
+/// Per currency, the lowest maximum balance of the policy's tiers, which bounds every wallet (a
+/// wallet whose tier is not in the policy gets the strictest limits: `Policy::limits`).
 fn min_max_balance(policy: &Policy) -> Vec<(Currency, u64)> {
     Currency::ALL
         .iter()

@@ -189,6 +189,27 @@ impl Policy {
         self.tiers.iter().find(|t| t.code == code)
     }
 
+    /// The limits of tier `code` in `currency`. A wallet whose tier is no longer in the policy
+    /// (a configuration that dropped it) gets the strictest of every tier's limits, field by
+    /// field: it fails closed, never open.
+    pub fn limits(&self, code: u8, currency: Currency) -> Limits {
+        if let Some(tier) = self.tier(code) {
+            return tier.limits(currency);
+        }
+        self.tiers
+            .iter()
+            .map(|t| t.limits(currency))
+            .reduce(|a, b| Limits {
+                max_balance: a.max_balance.min(b.max_balance),
+                max_per_operation: a.max_per_operation.min(b.max_per_operation),
+                daily_amount: a.daily_amount.min(b.daily_amount),
+                daily_count: a.daily_count.min(b.daily_count),
+                monthly_amount: a.monthly_amount.min(b.monthly_amount),
+                monthly_count: a.monthly_count.min(b.monthly_count),
+            })
+            .unwrap_or(Limits::NONE)
+    }
+
     /// The day and month (counted from the epoch, in the policy's offset) that `now_ns` falls in.
     pub fn windows(&self, now_ns: u64) -> Windows {
         let local = i64::try_from(now_ns / 1_000_000_000).unwrap_or(i64::MAX) + i64::from(self.utc_offset_s);
@@ -754,6 +775,41 @@ mod tests {
         assert_eq!(december.month, a.month + 1);
         assert_eq!(civil_from_days(0), (1970, 1, 1));
         assert_eq!(civil_from_days(20_415), (2025, 11, 23));
+    }
+
+    #[test]
+    fn a_tier_missing_from_the_policy_gets_the_strictest_limits_field_by_field() {
+        let policy = Policy::default();
+        let azn = Currency::Azn;
+        assert_eq!(policy.limits(1, azn), policy.tier(1).expect("tier 1").limits(azn));
+        let strictest = policy.limits(200, azn);
+        for tier in &policy.tiers {
+            let l = tier.limits(azn);
+            assert!(
+                strictest.max_balance <= l.max_balance && strictest.max_per_operation <= l.max_per_operation
+            );
+            assert!(strictest.daily_amount <= l.daily_amount && strictest.daily_count <= l.daily_count);
+            assert!(
+                strictest.monthly_amount <= l.monthly_amount && strictest.monthly_count <= l.monthly_count
+            );
+        }
+        let fields = |l: Limits| {
+            [
+                l.max_balance,
+                l.max_per_operation,
+                l.daily_amount,
+                u64::from(l.daily_count),
+                l.monthly_amount,
+                u64::from(l.monthly_count),
+            ]
+        };
+        // Each field is one tier's own value: the strictest is not made up.
+        for (n, value) in fields(strictest).into_iter().enumerate() {
+            assert!(policy.tiers.iter().any(|t| fields(t.limits(azn))[n] == value));
+        }
+        assert_ne!(strictest, Limits::NONE);
+        let empty = Policy { tiers: Vec::new(), ..Policy::default() };
+        assert_eq!(empty.limits(0, azn), Limits::NONE);
     }
 
     #[test]

@@ -544,6 +544,36 @@ fn tier_limits_hold_at_their_boundaries_and_days_reset_at_baku_midnight() -> any
     w.assert_balanced()
 }
 
+#[test]
+fn a_wallet_whose_tier_left_the_policy_gets_the_strictest_limits_not_none() -> anyhow::Result<()> {
+    use TransferResult::LimitPerOperation;
+    let mut w = World::open(2, default_config)?;
+    w.agent(10_000_000)?;
+    let pin = Pin::parse("2580")?;
+    let a = w.wallet(Some(&pin), any)?;
+    let b = w.wallet(Some(&pin), any)?;
+    block_on(w.domain.identify(a, 2, profile(), STAFF))?;
+    w.cash_in(a, 100_000)?;
+    let tier0 = limits_of(&Policy::default(), 0)?;
+    // A configuration without tier 2: `a` keeps its tier code, and gets the strictest limits.
+    let mut without = Policy::default();
+    without.tiers.retain(|t| t.code != 2);
+    block_on(w.engine.set_policy(without.clone()))?;
+    w.restart()?;
+    block_on(w.engine.set_policy(without))?;
+    assert_eq!(w.view(a)?.state.tier, 2);
+    assert_eq!(w.azn(a)?.limits.max_per_operation, tier0.max_per_operation);
+    let over = tier0.max_per_operation + 1;
+    assert_eq!(
+        refusal(w.p2p(a, b, over, with_pin(&pin))),
+        Refusal::Limit(LimitPerOperation, tier0.max_per_operation)
+    );
+    // Tier 2 back: its limits again.
+    block_on(w.engine.set_policy(Policy::default()))?;
+    assert_eq!(w.p2p(a, b, over, with_pin(&pin))?.amount, over);
+    w.assert_balanced()
+}
+
 /// The `remaining` of a refusal by the receiver's maximum balance is what the receiver may still
 /// take, as [`OpError::Limit`] documents ("what is left under that limit"), on either route.
 #[test]
