@@ -160,6 +160,11 @@ pub struct OperatorSection {
     /// The sender of SMS (notifications, OTPs).
     #[serde(default = "defaults::sms_source")]
     pub sms_source: String,
+    /// The subscribers this operator serves, as E.164 digit prefixes (`"99450"`, `"99451"`):
+    /// their SMS go over this operator's binds while one can carry them. An SMS whose number no
+    /// ready operator claims goes over any bind.
+    #[serde(default)]
+    pub sms_prefixes: Vec<String>,
 }
 
 mod defaults {
@@ -390,6 +395,16 @@ impl Config {
                 return Err(ConfigError::Invalid {
                     key: key("window"),
                     reason: "window, max_binds and throughput_per_s must be positive".into(),
+                });
+            }
+            if let Some(bad) = operator
+                .sms_prefixes
+                .iter()
+                .find(|p| p.is_empty() || p.len() > 15 || !p.bytes().all(|b| b.is_ascii_digit()))
+            {
+                return Err(ConfigError::Invalid {
+                    key: key("sms_prefixes"),
+                    reason: format!("{bad:?} is not 1 to 15 digits of an E.164 number"),
                 });
             }
             if operator.mode == SmppMode::Client && operator.connect.is_none() {

@@ -86,6 +86,7 @@ pub fn smpp_operator(secret: &engine::secret::ServerSecret) -> crate::config::Op
         session_reference: crate::config::SessionReference::ItsSessionInfo,
         service_type: "USSD".into(),
         sms_source: "Qepik".into(),
+        sms_prefixes: Vec::new(),
     }
 }
 

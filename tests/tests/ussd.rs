@@ -459,6 +459,76 @@ async fn a_dropped_session_moves_nothing_and_sms_go_over_the_binds() -> anyhow::
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sms_go_over_the_binds_of_the_operator_whose_prefixes_claim_the_number() -> anyhow::Result<()> {
+    use channels::config::{OperatorSection, SessionReference, SmppMode};
+    let dir = tempfile::tempdir()?;
+    let mut config = config(dir.path());
+    // Operator A serves +994 50 (the payer below), operator B +994 55 (the payee).
+    for (name, system_id, prefix) in [("operator-a", "op-a", "99450"), ("operator-b", "op-b", "99455")] {
+        config.smpp.operators.push(OperatorSection {
+            name: name.into(),
+            system_id: system_id.into(),
+            password: "secret".into(),
+            allowed_addresses: Vec::new(),
+            max_binds: 2,
+            window: 64,
+            throughput_per_s: 1000,
+            mode: SmppMode::Server,
+            connect: None,
+            outbound: None,
+            session_reference: SessionReference::ItsSessionInfo,
+            service_type: "USSD".into(),
+            sms_source: "Qepik".into(),
+            sms_prefixes: vec![prefix.into()],
+        });
+    }
+    let mut server = UssdServer::start_with(config).await?;
+    let operator_a = Gateway::connect(server.smpp, "op-a", "secret", "*150#").await?;
+    let operator_b = Gateway::connect(server.smpp, "op-b", "secret", "*150#").await?;
+    // A transfer dialled through operator A from +994 50 to +994 55: each party is told over
+    // their own operator's bind.
+    let (mut dialogue, _) = operator_a.dial("994501111111", "*150*2*0552222222*4#").await?;
+    dialogue.answer("1").await?;
+    let done = dialogue.answer("1111").await?;
+    assert!(done.end && done.text.contains("göndərildi"), "{done:?}");
+    let sms = |gateway: &Gateway| gateway.sms.lock().map(|s| s.clone()).unwrap_or_default();
+    let told = |gateway: &Gateway, to: &str, what: &str| {
+        sms(gateway).iter().any(|(number, text)| number == to && text.contains(what))
+    };
+    for _ in 0..200 {
+        if told(&operator_b, "994552222222", "received 4.00")
+            && told(&operator_a, "994501111111", "sent 4.00")
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert!(told(&operator_b, "994552222222", "received 4.00"), "{:?}", sms(&operator_b));
+    assert!(told(&operator_a, "994501111111", "sent 4.00"), "{:?}", sms(&operator_a));
+    // Neither notice went over the other operator's bind.
+    assert!(!told(&operator_a, "994552222222", "4.00"), "{:?}", sms(&operator_a));
+    assert!(!told(&operator_b, "994501111111", "4.00"), "{:?}", sms(&operator_b));
+    // And back, dialled through operator B (notices in the other order: a bind chosen by turns
+    // would now get them wrong).
+    let (mut dialogue, _) = operator_b.dial("994552222222", "*150*2*0501111111*3#").await?;
+    dialogue.answer("1").await?;
+    let done = dialogue.answer("2222").await?;
+    assert!(done.end && done.text.contains("göndərildi"), "{done:?}");
+    for _ in 0..200 {
+        if told(&operator_b, "994552222222", "sent 3.00")
+            && told(&operator_a, "994501111111", "received 3.00")
+        {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert!(told(&operator_b, "994552222222", "sent 3.00"), "{:?}", sms(&operator_b));
+    assert!(told(&operator_a, "994501111111", "received 3.00"), "{:?}", sms(&operator_a));
+    assert!(!told(&operator_a, "994552222222", "3.00") && !told(&operator_b, "994501111111", "3.00"));
+    server.stop().await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn client_mode_binds_to_the_gateway_and_rebinds_after_a_drop() -> anyhow::Result<()> {
     use channels::config::{OperatorSection, SessionReference, SmppMode};
     let dir = tempfile::tempdir()?;
@@ -479,6 +549,7 @@ async fn client_mode_binds_to_the_gateway_and_rebinds_after_a_drop() -> anyhow::
         session_reference: SessionReference::ItsSessionInfo,
         service_type: "USSD".into(),
         sms_source: "Qepik".into(),
+        sms_prefixes: Vec::new(),
     });
     let demo_path = dir.path().join("demo.json");
     let running = start(config, ServeOptions { demo: true, metrics: false }).await?;

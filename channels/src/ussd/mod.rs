@@ -64,13 +64,24 @@ impl Links {
         self.len() == 0
     }
 
-    /// A bind that can carry an SMS now (round robin), if any.
-    fn for_sms(&self) -> Option<Arc<Link>> {
+    /// A bind that can carry an SMS to `msisdn` now, if any: one of the operator whose
+    /// `sms_prefixes` match the number longest, else any (round robin among them).
+    fn for_sms(&self, msisdn: u64) -> Option<Arc<Link>> {
         let map = self.map.read().unwrap_or_else(|p| p.into_inner());
-        let mut ready: Vec<&Arc<Link>> = map.values().filter(|l| l.can_send()).collect();
-        if ready.is_empty() {
-            return None;
-        }
+        let digits = msisdn.to_string();
+        let claim = |link: &Link| {
+            link.operator
+                .sms_prefixes
+                .iter()
+                .filter(|p| digits.starts_with(p.as_str()))
+                .map(String::len)
+                .max()
+        };
+        let ready: Vec<(&Arc<Link>, usize)> =
+            map.values().filter(|l| l.can_send()).map(|l| (l, claim(l).unwrap_or(0))).collect();
+        let best = ready.iter().map(|(_, claim)| *claim).max()?;
+        let mut ready: Vec<&Arc<Link>> =
+            ready.into_iter().filter(|(_, claim)| *claim == best).map(|(l, _)| l).collect();
         ready.sort_by_key(|l| l.id);
         let start = usize::try_from(self.turn.fetch_add(1, Ordering::Relaxed) % 1024).unwrap_or(0);
         (0..ready.len()).map(|i| ready[(start + i) % ready.len()]).find(|l| l.take_outbound()).cloned()
@@ -170,7 +181,7 @@ impl Ussd {
                 _ = stop.changed() => return,
             };
             let link = loop {
-                if let Some(link) = self.links.for_sms() {
+                if let Some(link) = self.links.for_sms(msisdn) {
                     break link;
                 }
                 tokio::select! {
