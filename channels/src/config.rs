@@ -455,6 +455,19 @@ mod tests {
         let error = Config::parse("[server]\nshards = 0\n").expect_err("zero shards");
         assert!(error.to_string().contains("server.shards"), "{error}");
         assert!(Config::parse("[server").is_err());
+        let operator = |prefixes: &str| {
+            format!(
+                "[[smpp.operator]]\nname = \"a\"\nsystem_id = \"a\"\npassword = \"p\"\nsms_prefixes = {prefixes}\n"
+            )
+        };
+        let config = Config::parse(&operator(r#"["99450", "99451"]"#)).expect("digit prefixes");
+        assert_eq!(config.smpp.operators[0].sms_prefixes, ["99450", "99451"]);
+        for bad in [r#"["99a5"]"#, r#"[""]"#, r#"["9945012345678901"]"#] {
+            let error = Config::parse(&operator(bad)).expect_err(bad);
+            assert!(error.to_string().contains("smpp.operator[0].sms_prefixes"), "{error}");
+        }
+        let error = Config::parse("[http]\nqueue_target_ms = 0\n").expect_err("zero target");
+        assert!(error.to_string().contains("http.queue_target_ms"), "{error}");
     }
 
     #[test]
