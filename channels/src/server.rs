@@ -442,56 +442,107 @@ pub enum NotifierMsg {
 /// Drains the notification outbox every 50 ms.
 struct Notifier;
 
+/// The notifier's state: the server, and the notifications handed to the SMS binds whose
+/// answer has not come yet (not handed again meanwhile).
+struct NotifierState {
+    app: Arc<AppState>,
+    in_flight: std::collections::HashSet<engine::outbox::NotificationKey>,
+    pending: Vec<(engine::outbox::NotificationKey, tokio::sync::oneshot::Receiver<bool>)>,
+}
+
 impl Actor for Notifier {
     type Msg = NotifierMsg;
-    type State = Arc<AppState>;
+    type State = NotifierState;
     type Arguments = Arc<AppState>;
 
     async fn pre_start(
         &self,
         myself: ActorRef<Self::Msg>,
         app: Arc<AppState>,
-    ) -> Result<Arc<AppState>, ActorProcessingErr> {
+    ) -> Result<NotifierState, ActorProcessingErr> {
         myself.send_interval(std::time::Duration::from_millis(50), || NotifierMsg::Tick);
-        Ok(app)
+        Ok(NotifierState { app, in_flight: Default::default(), pending: Vec::new() })
     }
 
     async fn handle(
         &self,
         _myself: ActorRef<Self::Msg>,
         _message: NotifierMsg,
-        app: &mut Arc<AppState>,
+        state: &mut NotifierState,
     ) -> Result<(), ActorProcessingErr> {
-        let app = app.clone();
-        tokio::task::spawn_blocking(move || drain_outbox(&app)).await??;
+        // What the SMSCs answered since the last round: taken ones are acknowledged, refused
+        // or lost ones are handed again below.
+        let mut taken = Vec::new();
+        state.pending.retain_mut(|(key, answer)| match answer.try_recv() {
+            Err(tokio::sync::oneshot::error::TryRecvError::Empty) => true,
+            Ok(accepted) => {
+                if accepted {
+                    taken.push(*key);
+                }
+                state.in_flight.remove(key);
+                false
+            }
+            Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
+                state.in_flight.remove(key);
+                false
+            }
+        });
+        let app = state.app.clone();
+        let mut in_flight = std::mem::take(&mut state.in_flight);
+        let (in_flight, handed) = tokio::task::spawn_blocking(move || {
+            let handed = drain_outbox(&app, &taken, &mut in_flight);
+            (in_flight, handed)
+        })
+        .await?;
+        state.in_flight = in_flight;
+        state.pending.extend(handed?);
         Ok(())
     }
 }
 
-/// Sends what the outbox holds, oldest first, and acknowledges it. Delivery is at least once:
-/// a crash between the send and the acknowledgement sends that message again.
-fn drain_outbox(app: &AppState) -> Result<(), ActorProcessingErr> {
+/// Notifications looked at in one round, oldest first.
+const OUTBOX_ROUND: usize = 4_096;
+
+/// Acknowledges `taken` (what the SMSCs accepted since the last round), then hands what the
+/// outbox holds to the SMS sink, oldest first, skipping what is `in_flight`, and acknowledges
+/// what the sink took for good; returns the ones whose taking is still to be heard (acknowledged when the
+/// SMSC accepts them, handed again in a later round if it does not). Delivery is at least once:
+/// a crash, or an SMSC answer lost, between the send and the acknowledgement sends that message
+/// again; a crash before the SMSC took it loses nothing.
+#[allow(clippy::type_complexity)]
+fn drain_outbox(
+    app: &AppState,
+    taken: &[engine::outbox::NotificationKey],
+    in_flight: &mut std::collections::HashSet<engine::outbox::NotificationKey>,
+) -> Result<Vec<(engine::outbox::NotificationKey, tokio::sync::oneshot::Receiver<bool>)>, ActorProcessingErr>
+{
     let Some(views) = app.engine.views() else {
-        return Ok(());
+        return Ok(Vec::new());
     };
     let outbox = views.outbox();
-    loop {
-        let entries = outbox.oldest(256)?;
-        if entries.is_empty() {
-            return Ok(());
+    outbox.ack(taken)?;
+    let entries = outbox.oldest(OUTBOX_ROUND)?;
+    let now = app.engine.now_ns();
+    let mut done = Vec::new();
+    let mut pending = Vec::new();
+    for (key, notification) in entries {
+        if in_flight.contains(&key) {
+            continue;
         }
-        let now = app.engine.now_ns();
-        let mut done = Vec::with_capacity(entries.len());
-        for (key, notification) in entries {
-            if !notification.expired(now)
-                && let Some(text) = notification_text(app, &notification)
-            {
-                app.sms.send(notification.msisdn(), text);
-            }
+        let Some(text) = notification_text(app, &notification).filter(|_| !notification.expired(now)) else {
             done.push(key);
+            continue;
+        };
+        match app.sms.send(notification.msisdn(), text) {
+            crate::sms::Delivery::Taken => done.push(key),
+            crate::sms::Delivery::Pending(delivery) => {
+                in_flight.insert(key);
+                pending.push((key, delivery));
+            }
         }
-        outbox.ack(&done)?;
     }
+    outbox.ack(&done)?;
+    Ok(pending)
 }
 
 /// The SMS for a notification (English until the menus of the USSD issue bring three languages).

@@ -10,7 +10,18 @@ use std::sync::Mutex;
 const KEPT: usize = 20;
 
 pub trait SmsSink: Send + Sync + std::fmt::Debug {
-    fn send(&self, msisdn: u64, text: String);
+    /// Hands an SMS on. The outbox keeps a notification until its delivery says it was taken.
+    fn send(&self, msisdn: u64, text: String) -> Delivery;
+}
+
+/// What became of an SMS handed to a sink.
+#[derive(Debug)]
+pub enum Delivery {
+    /// Taken for good (the demo's handsets take every message at once).
+    Taken,
+    /// Answers `true` once the operator's SMSC accepted it (its `_resp` said ESME_ROK); `false`
+    /// or a dropped sender: not taken, to be sent again.
+    Pending(tokio::sync::oneshot::Receiver<bool>),
 }
 
 /// The simulated handsets of the demo.
@@ -28,12 +39,13 @@ impl DemoInbox {
 }
 
 impl SmsSink for DemoInbox {
-    fn send(&self, msisdn: u64, text: String) {
+    fn send(&self, msisdn: u64, text: String) -> Delivery {
         let mut messages = self.messages.lock().unwrap_or_else(|p| p.into_inner());
         let inbox = messages.entry(msisdn).or_default();
         inbox.push_back(text);
         if inbox.len() > KEPT {
             inbox.pop_front();
         }
+        Delivery::Taken
     }
 }

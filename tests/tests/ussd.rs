@@ -458,6 +458,73 @@ async fn a_dropped_session_moves_nothing_and_sms_go_over_the_binds() -> anyhow::
     server.stop().await
 }
 
+/// Starts a server again on `dir` right after a stop, retrying while the stores of the stopped
+/// one still hold their file locks (sled releases them from its own threads a moment later).
+async fn start_again(dir: &Path) -> anyhow::Result<UssdServer> {
+    let mut tries = 0;
+    loop {
+        match UssdServer::start(dir).await {
+            Ok(server) => return Ok(server),
+            Err(error) if tries < 100 && format!("{error:#}").contains("could not acquire lock") => {
+                tries += 1;
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sms_handed_to_the_binds_but_not_taken_by_an_smsc_survive_a_restart() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut server = UssdServer::start(dir.path()).await?;
+    // The demo's cash-ins notified their wallets. No bind is up: once the notice has been handed
+    // to the SMS queue (the demo handset sees it then), it waits there for a bind.
+    let payee = 994_552_222_222_u64;
+    let handed = |server: &UssdServer| {
+        server
+            .running
+            .as_ref()
+            .and_then(|r| r.demo_inbox.as_ref())
+            .is_some_and(|inbox| inbox.messages(payee).iter().any(|m| m.contains("received 100.00")))
+    };
+    for _ in 0..200 {
+        if handed(&server) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert!(handed(&server), "the notice never reached the SMS queue");
+    // The server stops with the SMS still queued in memory; the outbox must still hold it.
+    server.stop().await?;
+    let mut server = start_again(dir.path()).await?;
+    let gateway = server.gateway().await?;
+    let mut received = Vec::new();
+    for _ in 0..200 {
+        received = gateway.sms.lock().map(|s| s.clone()).unwrap_or_default();
+        if received.iter().any(|(to, text)| to == "994552222222" && text.contains("received 100.00")) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert!(
+        received.iter().any(|(to, text)| to == "994552222222" && text.contains("received 100.00")),
+        "{received:?}"
+    );
+    // Taken by the SMSC now: acknowledged, so a third start sends it no more.
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    server.stop().await?;
+    let mut server = start_again(dir.path()).await?;
+    let gateway = server.gateway().await?;
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    let again = gateway.sms.lock().map(|s| s.clone()).unwrap_or_default();
+    assert!(
+        !again.iter().any(|(to, text)| to == "994552222222" && text.contains("received 100.00")),
+        "{again:?}"
+    );
+    server.stop().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sms_go_over_the_binds_of_the_operator_whose_prefixes_claim_the_number() -> anyhow::Result<()> {
     use channels::config::{OperatorSection, SessionReference, SmppMode};

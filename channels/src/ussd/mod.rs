@@ -25,11 +25,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use rusmpp::CommandStatus;
 use subtle::ConstantTimeEq;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::config::{OperatorSection, SmppMode, SmppSection};
 use crate::http::AppState;
 use link::Link;
+
+/// An SMS for the binds: the number, the text, and who hears whether the SMSC took it.
+type QueuedSms = (u64, String, oneshot::Sender<bool>);
 
 /// The binds that are up, by id.
 #[derive(Debug, Default)]
@@ -100,8 +103,8 @@ pub struct Ussd {
     /// Session actors are linked to it (the SMPP actor of the supervision tree).
     pub supervisor: std::sync::Mutex<Option<ractor::ActorCell>>,
     /// SMS waiting for a bind.
-    sms: std::sync::Mutex<Option<mpsc::Receiver<(u64, String)>>>,
-    sms_tx: mpsc::Sender<(u64, String)>,
+    sms: std::sync::Mutex<Option<mpsc::Receiver<QueuedSms>>>,
+    sms_tx: mpsc::Sender<QueuedSms>,
     pub delivered: AtomicU64,
 }
 
@@ -163,9 +166,9 @@ impl Ussd {
         metrics::counter!("qepik_sms_receipts_total", "state" => state).increment(1);
     }
 
-    /// Queues an SMS for the binds.
-    pub fn queue_sms(&self, msisdn: u64, text: String) -> bool {
-        self.sms_tx.try_send((msisdn, text)).is_ok()
+    /// Queues an SMS for the binds; `taken` hears whether the SMSC accepted it.
+    pub fn queue_sms(&self, msisdn: u64, text: String, taken: oneshot::Sender<bool>) -> bool {
+        self.sms_tx.try_send((msisdn, text, taken)).is_ok()
     }
 
     /// Sends queued SMS over the binds, throttled per bind, until the server stops. An SMS
@@ -176,7 +179,7 @@ impl Ussd {
         };
         let mut stop = self.stop.subscribe();
         loop {
-            let (msisdn, text) = tokio::select! {
+            let (msisdn, text, taken) = tokio::select! {
                 next = queue.recv() => match next { Some(next) => next, None => return },
                 _ = stop.changed() => return,
             };
@@ -200,8 +203,17 @@ impl Ussd {
                 its_session_info: None,
                 registered_delivery: true,
             };
-            link.send_message(outgoing, false).await;
+            let answer = link.send_message(outgoing, true).await;
             metrics::counter!("qepik_sms_sent_total").increment(1);
+            // The answer frees nothing here (the window slot goes with the bind's pending
+            // request); it only tells the outbox whether to keep the notification.
+            tokio::spawn(async move {
+                let accepted = match answer {
+                    Some(answer) => answer.await.is_ok_and(|resp| resp.status() == CommandStatus::EsmeRok),
+                    None => false,
+                };
+                let _ = taken.send(accepted);
+            });
         }
     }
 }
@@ -215,14 +227,20 @@ pub struct SmppSms {
 }
 
 impl crate::sms::SmsSink for SmppSms {
-    fn send(&self, msisdn: u64, text: String) {
+    fn send(&self, msisdn: u64, text: String) -> crate::sms::Delivery {
         if let Some(demo) = &self.demo {
             crate::sms::SmsSink::send(demo.as_ref(), msisdn, text.clone());
         }
-        if let Some(ussd) = self.ussd.get().and_then(std::sync::Weak::upgrade)
-            && !ussd.queue_sms(msisdn, text)
-        {
-            tracing::warn!("sms: the queue to the binds is full; an SMS is dropped");
+        let (taken, delivery) = oneshot::channel();
+        match self.ussd.get().and_then(std::sync::Weak::upgrade) {
+            Some(ussd) => {
+                if !ussd.queue_sms(msisdn, text, taken) {
+                    tracing::warn!("sms: the queue to the binds is full; the SMS waits in the outbox");
+                }
+                crate::sms::Delivery::Pending(delivery)
+            }
+            // Not started yet: the outbox keeps it for the next round.
+            None => crate::sms::Delivery::Pending(delivery),
         }
     }
 }
