@@ -446,7 +446,6 @@ struct Notifier;
 /// answer has not come yet (not handed again meanwhile).
 struct NotifierState {
     app: Arc<AppState>,
-    in_flight: std::collections::HashSet<engine::outbox::NotificationKey>,
     pending: Vec<(engine::outbox::NotificationKey, tokio::sync::oneshot::Receiver<bool>)>,
 }
 
@@ -461,7 +460,7 @@ impl Actor for Notifier {
         app: Arc<AppState>,
     ) -> Result<NotifierState, ActorProcessingErr> {
         myself.send_interval(std::time::Duration::from_millis(50), || NotifierMsg::Tick);
-        Ok(NotifierState { app, in_flight: Default::default(), pending: Vec::new() })
+        Ok(NotifierState { app, pending: Vec::new() })
     }
 
     async fn handle(
@@ -479,23 +478,14 @@ impl Actor for Notifier {
                 if accepted {
                     taken.push(*key);
                 }
-                state.in_flight.remove(key);
                 false
             }
-            Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
-                state.in_flight.remove(key);
-                false
-            }
+            Err(tokio::sync::oneshot::error::TryRecvError::Closed) => false,
         });
         let app = state.app.clone();
-        let mut in_flight = std::mem::take(&mut state.in_flight);
-        let (in_flight, handed) = tokio::task::spawn_blocking(move || {
-            let handed = drain_outbox(&app, &taken, &mut in_flight);
-            (in_flight, handed)
-        })
-        .await?;
-        state.in_flight = in_flight;
-        state.pending.extend(handed?);
+        let in_flight = state.pending.iter().map(|(key, _)| *key).collect();
+        let handed = tokio::task::spawn_blocking(move || drain_outbox(&app, &taken, &in_flight)).await??;
+        state.pending.extend(handed);
         Ok(())
     }
 }
@@ -513,7 +503,7 @@ const OUTBOX_ROUND: usize = 4_096;
 fn drain_outbox(
     app: &AppState,
     taken: &[engine::outbox::NotificationKey],
-    in_flight: &mut std::collections::HashSet<engine::outbox::NotificationKey>,
+    in_flight: &std::collections::HashSet<engine::outbox::NotificationKey>,
 ) -> Result<Vec<(engine::outbox::NotificationKey, tokio::sync::oneshot::Receiver<bool>)>, ActorProcessingErr>
 {
     let Some(views) = app.engine.views() else {
@@ -535,10 +525,7 @@ fn drain_outbox(
         };
         match app.sms.send(notification.msisdn(), text) {
             crate::sms::Delivery::Taken => done.push(key),
-            crate::sms::Delivery::Pending(delivery) => {
-                in_flight.insert(key);
-                pending.push((key, delivery));
-            }
+            crate::sms::Delivery::Pending(delivery) => pending.push((key, delivery)),
         }
     }
     outbox.ack(&done)?;
