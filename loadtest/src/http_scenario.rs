@@ -274,12 +274,20 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "--connections and --duration-s must be at least 1"
     );
     ensure!(args.p2p_percent <= 100, "--p2p-percent is 0..=100");
-    let credentials: Value = serde_json::from_str(
-        &std::fs::read_to_string(&args.credentials)
-            .with_context(|| format!("reading {}", args.credentials.display()))?,
-    )?;
+    with_credentials(&args.credentials.clone(), |credentials| drive(args, credentials))
+}
+
+/// Reads the server's credentials (`demo.json`) and runs `scenario` with them on a runtime of
+/// two workers, as every scenario against a running server does.
+pub(crate) fn with_credentials<F, Fut>(path: &std::path::Path, scenario: F) -> anyhow::Result<()>
+where
+    F: FnOnce(Value) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<()>>,
+{
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let credentials: Value = serde_json::from_str(&text)?;
     let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    runtime.block_on(drive(args, credentials))
+    runtime.block_on(scenario(credentials))
 }
 
 async fn drive(args: Args, credentials: Value) -> anyhow::Result<()> {

@@ -262,12 +262,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         args.binds >= 1 && args.concurrency >= 1 && args.duration_s >= 1,
         "--binds, --concurrency and --duration-s must be at least 1"
     );
-    let credentials: Value = serde_json::from_str(
-        &std::fs::read_to_string(&args.credentials)
-            .with_context(|| format!("reading {}", args.credentials.display()))?,
-    )?;
-    let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
-    runtime.block_on(drive(args, credentials))
+    http_scenario::with_credentials(&args.credentials.clone(), |credentials| drive(args, credentials))
 }
 
 async fn drive(args: Args, credentials: Value) -> anyhow::Result<()> {
