@@ -438,24 +438,35 @@ async fn a_dropped_session_moves_nothing_and_sms_go_over_the_binds() -> anyhow::
     dialogue.answer("1").await?;
     let done = dialogue.answer("1111").await?;
     assert!(done.end && done.text.contains("göndərildi"), "{done:?}");
-    let mut received = Vec::new();
-    for _ in 0..100 {
-        received = gateway.sms.lock().map(|s| s.clone()).unwrap_or_default();
-        if received.iter().any(|(to, text)| to == "994552222222" && text.contains("received 4.00")) {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    eventually(|| told(&gateway, "994552222222", "received 4.00")).await;
     // The notifications of the demo's cash-ins, written to the outbox before any bind existed,
     // went out over the bind once it was up.
-    assert!(
-        received.iter().any(|(to, text)| to == "994552222222" && text.contains("received")),
-        "{received:?}"
-    );
+    assert!(told(&gateway, "994552222222", "received"), "{:?}", sms(&gateway));
     // On redial, the last operation is there.
     let (_, last) = gateway.dial("994501111111", "*150*7#").await?;
     assert!(last.text.contains("+994552222222"), "{last:?}");
     server.stop().await
+}
+
+/// The SMS a gateway received, as (number, text).
+fn sms(gateway: &Gateway) -> Vec<(String, String)> {
+    gateway.sms.lock().map(|s| s.clone()).unwrap_or_default()
+}
+
+/// Whether `gateway` received an SMS to `to` whose text contains `what`.
+fn told(gateway: &Gateway, to: &str, what: &str) -> bool {
+    sms(gateway).iter().any(|(number, text)| number == to && text.contains(what))
+}
+
+/// Waits up to 5 s for `done`; says whether it came.
+async fn eventually(done: impl Fn() -> bool) -> bool {
+    for _ in 0..200 {
+        if done() {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    done()
 }
 
 /// Starts a server again on `dir` right after a stop, retrying while the stores of the stopped
@@ -488,40 +499,19 @@ async fn sms_handed_to_the_binds_but_not_taken_by_an_smsc_survive_a_restart() ->
             .and_then(|r| r.demo_inbox.as_ref())
             .is_some_and(|inbox| inbox.messages(payee).iter().any(|m| m.contains("received 100.00")))
     };
-    for _ in 0..200 {
-        if handed(&server) {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-    }
-    assert!(handed(&server), "the notice never reached the SMS queue");
+    assert!(eventually(|| handed(&server)).await, "the notice never reached the SMS queue");
     // The server stops with the SMS still queued in memory; the outbox must still hold it.
     server.stop().await?;
     let mut server = start_again(dir.path()).await?;
     let gateway = server.gateway().await?;
-    let mut received = Vec::new();
-    for _ in 0..200 {
-        received = gateway.sms.lock().map(|s| s.clone()).unwrap_or_default();
-        if received.iter().any(|(to, text)| to == "994552222222" && text.contains("received 100.00")) {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-    }
-    assert!(
-        received.iter().any(|(to, text)| to == "994552222222" && text.contains("received 100.00")),
-        "{received:?}"
-    );
+    assert!(eventually(|| told(&gateway, "994552222222", "received 100.00")).await, "{:?}", sms(&gateway));
     // Taken by the SMSC now: acknowledged, so a third start sends it no more.
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     server.stop().await?;
     let mut server = start_again(dir.path()).await?;
     let gateway = server.gateway().await?;
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    let again = gateway.sms.lock().map(|s| s.clone()).unwrap_or_default();
-    assert!(
-        !again.iter().any(|(to, text)| to == "994552222222" && text.contains("received 100.00")),
-        "{again:?}"
-    );
+    assert!(!told(&gateway, "994552222222", "received 100.00"), "{:?}", sms(&gateway));
     server.stop().await
 }
 
@@ -558,18 +548,10 @@ async fn sms_go_over_the_binds_of_the_operator_whose_prefixes_claim_the_number()
     dialogue.answer("1").await?;
     let done = dialogue.answer("1111").await?;
     assert!(done.end && done.text.contains("göndərildi"), "{done:?}");
-    let sms = |gateway: &Gateway| gateway.sms.lock().map(|s| s.clone()).unwrap_or_default();
-    let told = |gateway: &Gateway, to: &str, what: &str| {
-        sms(gateway).iter().any(|(number, text)| number == to && text.contains(what))
-    };
-    for _ in 0..200 {
-        if told(&operator_b, "994552222222", "received 4.00")
-            && told(&operator_a, "994501111111", "sent 4.00")
-        {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-    }
+    eventually(|| {
+        told(&operator_b, "994552222222", "received 4.00") && told(&operator_a, "994501111111", "sent 4.00")
+    })
+    .await;
     assert!(told(&operator_b, "994552222222", "received 4.00"), "{:?}", sms(&operator_b));
     assert!(told(&operator_a, "994501111111", "sent 4.00"), "{:?}", sms(&operator_a));
     // Neither notice went over the other operator's bind.
@@ -581,14 +563,10 @@ async fn sms_go_over_the_binds_of_the_operator_whose_prefixes_claim_the_number()
     dialogue.answer("1").await?;
     let done = dialogue.answer("2222").await?;
     assert!(done.end && done.text.contains("göndərildi"), "{done:?}");
-    for _ in 0..200 {
-        if told(&operator_b, "994552222222", "sent 3.00")
-            && told(&operator_a, "994501111111", "received 3.00")
-        {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-    }
+    eventually(|| {
+        told(&operator_b, "994552222222", "sent 3.00") && told(&operator_a, "994501111111", "received 3.00")
+    })
+    .await;
     assert!(told(&operator_b, "994552222222", "sent 3.00"), "{:?}", sms(&operator_b));
     assert!(told(&operator_a, "994501111111", "received 3.00"), "{:?}", sms(&operator_a));
     assert!(!told(&operator_a, "994552222222", "3.00") && !told(&operator_b, "994501111111", "3.00"));
