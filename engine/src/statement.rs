@@ -28,7 +28,7 @@ const CURSOR_LEN: usize = 56;
 pub enum StatementError {
     /// The views store failed.
     #[error("views store: {0}")]
-    Store(#[from] sled::Error),
+    Store(#[from] crate::views::ReadError),
     /// The cursor is not one this module issued.
     #[error(transparent)]
     Cursor(#[from] ParseCursorError),

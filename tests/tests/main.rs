@@ -9,6 +9,9 @@
 //! - `admin_settings`: administrators change tiers, tariffs and commissions over HTTP: in force
 //!   for the next operation, kept across restarts, overridden only by an edited configuration
 //!   file; refusals for other roles and bad input.
+//! - `history`: the views' history store: several pages per account read forwards, backwards,
+//!   from both ends and in time windows; restarts from the snapshot; a lost index, a damaged
+//!   snapshot and a damaged log line.
 //! - `model`: proptest operations on the engine and on a plain map model, restarts included.
 //! - `crash`: a child process killed with SIGKILL under load, five times over one directory;
 //!   what it was told must hold after each recovery.
@@ -25,6 +28,7 @@ mod admin_settings;
 mod cash;
 mod crash;
 mod engine;
+mod history;
 mod http;
 mod model;
 mod statements;

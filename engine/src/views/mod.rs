@@ -1,14 +1,19 @@
-//! Views in sled, derived from the journal: the transfer index by id, each account's history
-//! with its running posted balance (read through [`crate::statement`]), and the notification
-//! outbox ([`crate::outbox`]). sled never holds the only copy of anything but the outbox's
-//! acknowledgements: every view records the journal position it has applied, catches up from
-//! there after a crash, and [`reindex`] rebuilds it from the journal.
+//! Views derived from the journal: the transfer index by id (sled), each account's history with
+//! its running posted balance (the history log and its pages, [`history`]; read through
+//! [`crate::statement`]), and the notification outbox ([`crate::outbox`], sled). Nothing here
+//! holds the only copy of anything but the outbox's acknowledgements: the views restart from a
+//! journal position after a crash, and [`reindex`] rebuilds them from the journal.
 //!
-//! One thread tails the journal (reading only what became durable since its last pass) and
-//! writes each pass as one sled batch per tree, then the position. Re-applying a pass after a
-//! crash is harmless: the transfer and history writes are idempotent inserts, and every tree a
-//! pass reads or counts with (`in_flight`, the running balances in `running`, the `outbox` and its
-//! watermark) commits in one transaction with the position.
+//! One thread tails the journal (reading only what became durable since its last pass). A pass
+//! appends its history lines to the log, writes one sled batch per tree, commits the outbox
+//! entries with the position and the outbox watermark in one sled transaction, and then
+//! publishes the accounts' new running states. Every 30 s, and when the views stop, the tail
+//! saves a snapshot: its position, the log's length, every running state and the cross-shard
+//! transfers in flight. After a crash it restarts from the snapshot: the log is cut back to the
+//! snapshot's length and the passes after it are applied again. That is harmless: transfer and
+//! page writes are idempotent inserts of the same values, and records at or before the watermark
+//! enqueue nothing. If sled lost writes the snapshot relies on (its mark is older than the
+//! snapshot), or the snapshot is damaged, the history is rebuilt from the start of the journal.
 //!
 //! A history line is keyed by account, booked time and line number. The line number counts the
 //! account's lines in the order the views apply the journal; the booked time is the time of the
@@ -16,13 +21,18 @@
 //! key order, time order and application order are one order and `balance_after` reads as a
 //! running balance down a statement. Start reading at [`Trees::apply`].
 
+mod history;
+
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use rustc_hash::{FxHashMap, FxHashSet};
+use rustc_hash::FxHashMap;
+
+use history::{HistoryLog, PAGE_LINES, Running};
 
 use crate::ids::{AccountId, TransferId};
 use crate::journal::record::WalRecord;
@@ -38,13 +48,17 @@ const APPLIED_KEY: &[u8] = b"applied";
 /// rebuild enqueues nothing that was already enqueued (and perhaps delivered).
 const WATERMARK_KEY: &[u8] = b"outbox_watermark";
 const FORMAT_KEY: &[u8] = b"format";
+/// The position of the newest history snapshot whose pages sled holds: written before the
+/// snapshot file, so a snapshot newer than it means sled lost writes.
+const HISTORY_MARK_KEY: &[u8] = b"history_mark";
 /// The layout of the trees. Views of another layout are rebuilt from the journal on open.
-const FORMAT: u64 = 2;
+const FORMAT: u64 = 3;
+/// Trees of older layouts, dropped on upgrade.
+const RETIRED_TREES: [&str; 4] = ["history", "running", "in_flight", "transfers"];
 /// Journal bytes one pass of the view thread reads at most.
 const PASS_LEN_MAX: u64 = 4 * 1024 * 1024;
-/// Accounts whose running balances the tail thread keeps in memory at most. Past it the cache is
-/// emptied after a pass and refills from the `running` tree as accounts come back.
-const RUNNING_CACHE_LEN_MAX: usize = 1 << 20;
+/// How often the tail saves a history snapshot while it applies.
+const SNAPSHOT_EVERY: Duration = Duration::from_secs(30);
 
 /// Why the views could not be opened or rebuilt.
 #[derive(Debug, thiserror::Error)]
@@ -52,9 +66,37 @@ pub enum ViewsError {
     /// sled failed.
     #[error("views store at {path}: {source}")]
     Sled { path: PathBuf, source: sled::Error },
+    /// The index store (fjall) failed.
+    #[error("views index at {path}: {source}")]
+    Index { path: PathBuf, source: fjall::Error },
     /// The journal could not be read.
     #[error(transparent)]
     Journal(#[from] JournalError),
+    /// The history log or its snapshot could not be read or written.
+    #[error("views history at {path}: {source}")]
+    History { path: PathBuf, source: std::io::Error },
+}
+
+/// Why a read of the views failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    /// sled (the outbox's store) failed.
+    #[error("views store: {0}")]
+    Sled(#[from] sled::Error),
+    /// The index store (transfers, history pages) failed.
+    #[error("views index: {0}")]
+    Index(#[from] fjall::Error),
+    /// The history log could not be read, or a line in it is damaged.
+    #[error("views history: {0}")]
+    History(#[from] std::io::Error),
+    /// The journal could not be read where the transfer index points.
+    #[error("views index: {0}")]
+    Journal(#[from] JournalError),
+    /// The transfer index points at a journal record that does not hold the transfer.
+    #[error(
+        "views index: transfer {0} is not in the journal record its entry names; `qepik reindex` rebuilds the index"
+    )]
+    Dangling(TransferId),
 }
 
 /// What a history line records, and so whether it moved the posted balance.
@@ -179,51 +221,76 @@ impl HistoryEntry {
     }
 }
 
-/// An account's running state in the views: posted balance, lines so far, last booked time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-struct Running {
-    balance: i128,
-    lines: u64,
-    booked_at: u64,
-}
+/// Every account's running state as of the last pass published.
+type RunningStates = Arc<RwLock<FxHashMap<AccountId, Running>>>;
 
-impl Running {
-    fn encode(&self) -> [u8; 32] {
-        let mut out = [0_u8; 32];
-        out[..16].copy_from_slice(&self.balance.to_be_bytes());
-        out[16..24].copy_from_slice(&self.lines.to_be_bytes());
-        out[24..].copy_from_slice(&self.booked_at.to_be_bytes());
-        out
-    }
-
-    fn decode(bytes: &[u8]) -> Option<Running> {
-        Some(Running {
-            balance: i128::from_be_bytes(bytes.get(..16)?.try_into().ok()?),
-            lines: u64::from_be_bytes(bytes.get(16..24)?.try_into().ok()?),
-            booked_at: u64::from_be_bytes(bytes.get(24..32)?.try_into().ok()?),
-        })
-    }
-}
-
-/// The tail thread's copy of the running states it last committed, so that a pass does not read
-/// every account it touches from sled.
-#[derive(Debug, Default)]
-struct RunningCache(FxHashMap<AccountId, Running>);
-
-#[derive(Debug, Clone)]
+/// The views' stores. sled keeps the outbox and the views' position, which commit together;
+/// fjall, an LSM tree, keeps what is written at the journal's pace under random keys (the
+/// transfer index, the history pages), where sled copies a leaf per insert.
+#[derive(Clone)]
 struct Trees {
     db: sled::Db,
-    transfers: sled::Tree,
-    history: sled::Tree,
-    in_flight: sled::Tree,
-    running: sled::Tree,
+    dir: PathBuf,
+    index: fjall::Database,
+    /// Transfer id → the position after its journal record, and the transfer.
+    transfers: fjall::Keyspace,
+    /// One key per [`PAGE_LINES`] lines of an account: the account and the first line's
+    /// position, to the log index of the last line and the page's length.
+    pages: fjall::Keyspace,
+    /// The history mark ([`HISTORY_MARK_KEY`]).
+    marks: fjall::Keyspace,
     outbox: sled::Tree,
     meta: sled::Tree,
+    log: Arc<HistoryLog>,
+    running: RunningStates,
+}
+
+impl std::fmt::Debug for Trees {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Trees").field("dir", &self.dir).finish_non_exhaustive()
+    }
+}
+
+/// The history pages one pass writes, in key order.
+type Writes = std::collections::BTreeMap<Vec<u8>, Vec<u8>>;
+/// The transfer index entries one pass writes: id → journal position and transfer.
+type TransferWrites = FxHashMap<u128, [u8; 16]>;
+
+/// A transfer as the views found it in the journal: its body, when its record was applied,
+/// and where that record lies (the positions before and after it). The transfer index keeps
+/// only the two positions; a lookup reads the record again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Found {
+    transfer: Transfer,
+    at: u64,
+    from: u64,
+    to: u64,
+}
+
+/// What only the tail thread holds: where it is, and the cross-shard transfers in flight.
+#[derive(Debug, Default)]
+struct Tail {
+    applied: u64,
+    log_lines: u64,
+    /// Reserves whose finalize is not applied yet.
+    reserved: FxHashMap<u128, Found>,
+    /// Members of linked chains by their cross-shard parent, in chain order.
+    members: FxHashMap<u128, Vec<Found>>,
+    /// Holds placed and not yet posted, voided or expired: their lines need the hold's body.
+    holds: FxHashMap<u128, Transfer>,
+}
+
+fn index_error(error: fjall::Error) -> sled::Error {
+    sled::Error::Io(std::io::Error::other(format!("views index: {error}")))
+}
+
+fn io_error(error: std::io::Error) -> sled::Error {
+    sled::Error::Io(error)
 }
 
 /// What a pass found in the journal, in journal order.
 enum Event {
-    Transfer { transfer: Transfer, at: u64 },
+    Transfer(Found),
     Expired(TransferId),
     Otp { msisdn: u64, nonce: u128, expires_at: u64 },
     Blocked { msisdn: u64, flag: u8 },
@@ -242,17 +309,104 @@ impl Trees {
             .flush_every_ms(Some(1000))
             .open()
             .map_err(err)?;
+        let log = HistoryLog::open(path)
+            .map_err(|source| ViewsError::History { path: path.to_path_buf(), source })?;
+        let index_path = path.join("index");
+        let index_err = |source| ViewsError::Index { path: index_path.clone(), source };
+        // No automatic journal writes: the views persist the index themselves before each
+        // snapshot, and anything after the last one is applied again from the journal.
+        // One worker: with more, fjall's first worker hands compactions back to the queue and
+        // spins on it; on two cores that costs the engine a tenth of a core.
+        let index = fjall::Database::builder(&index_path)
+            .manual_journal_persist(true)
+            .worker_threads(1)
+            .cache_size(64 * 1024 * 1024)
+            .open()
+            .map_err(index_err)?;
+        let keyspace =
+            |name: &str| index.keyspace(name, fjall::KeyspaceCreateOptions::default).map_err(index_err);
         let trees = Trees {
-            transfers: db.open_tree("transfers").map_err(err)?,
-            history: db.open_tree("history").map_err(err)?,
-            in_flight: db.open_tree("in_flight").map_err(err)?,
-            running: db.open_tree("running").map_err(err)?,
+            transfers: keyspace("transfers")?,
+            pages: keyspace("pages")?,
+            marks: keyspace("marks")?,
+            index: index.clone(),
             outbox: db.open_tree("outbox").map_err(err)?,
             meta: db.open_tree("meta").map_err(err)?,
             db,
+            dir: path.to_path_buf(),
+            log: Arc::new(log),
+            running: RunningStates::default(),
         };
         trees.upgrade().map_err(err)?;
         Ok(trees)
+    }
+
+    fn history_error(&self, source: std::io::Error) -> ViewsError {
+        ViewsError::History { path: self.dir.clone(), source }
+    }
+
+    /// Where the tail restarts: the history snapshot if sled still holds what it relies on,
+    /// else the start of the journal with the history cleared.
+    fn recover(&self) -> Result<Tail, ViewsError> {
+        let err = |source| ViewsError::Sled { path: self.dir.clone(), source };
+        let mark = self
+            .marks
+            .get(HISTORY_MARK_KEY)
+            .map_err(|source| ViewsError::Index { path: self.dir.join("index"), source })?
+            .and_then(|v| v.as_ref().try_into().ok())
+            .map_or(0, u64::from_be_bytes);
+        let logged = self.log.lines().map_err(|e| self.history_error(e))?;
+        let usable = match history::read_snapshot(&self.dir) {
+            Ok(Some(snapshot)) if snapshot.applied <= mark && snapshot.log_lines <= logged => Some(snapshot),
+            Ok(Some(snapshot)) => {
+                tracing::warn!(
+                    snapshot = snapshot.applied,
+                    mark,
+                    lines = snapshot.log_lines,
+                    logged,
+                    "views: the history snapshot is ahead of what sled or the log kept; rebuilding the history"
+                );
+                None
+            }
+            Ok(None) => None,
+            Err(reason) => {
+                tracing::warn!(%reason, "views: the history snapshot is unusable; rebuilding the history");
+                None
+            }
+        };
+        let Some(snapshot) = usable else {
+            self.clear_history().map_err(err)?;
+            return Ok(Tail::default());
+        };
+        self.log.truncate(snapshot.log_lines).map_err(|e| self.history_error(e))?;
+        *self.running.write().unwrap_or_else(|p| p.into_inner()) = snapshot.running;
+        Ok(Tail {
+            applied: snapshot.applied,
+            log_lines: snapshot.log_lines,
+            reserved: snapshot.reserved,
+            members: snapshot.members,
+            holds: snapshot.holds,
+        })
+    }
+
+    /// Empties the history: pages, log, running states and snapshot.
+    fn clear_history(&self) -> Result<(), sled::Error> {
+        self.pages.clear().map_err(index_error)?;
+        self.marks.remove(HISTORY_MARK_KEY).map_err(index_error)?;
+        history::remove_snapshot(&self.dir).map_err(io_error)?;
+        self.log.truncate(0).map_err(io_error)?;
+        self.running.write().unwrap_or_else(|p| p.into_inner()).clear();
+        Ok(())
+    }
+
+    /// Saves the tail's state: the index with its mark first (fsynced), then the log's lines,
+    /// then the snapshot file.
+    fn snapshot(&self, tail: &Tail) -> Result<(), sled::Error> {
+        self.marks.insert(HISTORY_MARK_KEY, tail.applied.to_be_bytes()).map_err(index_error)?;
+        self.index.persist(fjall::PersistMode::SyncAll).map_err(index_error)?;
+        self.log.sync().map_err(io_error)?;
+        let running = self.running.read().unwrap_or_else(|p| p.into_inner());
+        history::write_snapshot(&self.dir, tail, &running).map_err(io_error)
     }
 
     /// Views written in an older layout are cleared to be rebuilt from the journal; what they
@@ -267,6 +421,9 @@ impl Trees {
             let watermark = self.watermark()?.max(applied);
             self.meta.insert(WATERMARK_KEY, &watermark.to_be_bytes())?;
         }
+        for name in RETIRED_TREES {
+            self.db.drop_tree(name)?;
+        }
         self.meta.insert(FORMAT_KEY, &FORMAT.to_be_bytes())?;
         self.db.flush()?;
         Ok(())
@@ -274,9 +431,8 @@ impl Trees {
 
     /// Clears everything [`reindex`] rebuilds: all but the outbox and its watermark.
     fn clear_derived(&self) -> Result<(), sled::Error> {
-        for tree in [&self.transfers, &self.history, &self.in_flight, &self.running] {
-            tree.clear()?;
-        }
+        self.transfers.clear().map_err(index_error)?;
+        self.clear_history()?;
         self.meta.remove(APPLIED_KEY)?;
         Ok(())
     }
@@ -295,55 +451,36 @@ impl Trees {
         &self,
         records: &[(u64, WalRecord)],
         position: u64,
-        cache: &mut RunningCache,
+        tail: &mut Tail,
     ) -> Result<usize, sled::Error> {
-        let mut in_flight = sled::Batch::default();
-        // Reserves read in this pass: their finalize often follows in the same pass, before the
-        // `in_flight` batch reaches the tree.
-        let mut reserved: FxHashMap<u128, (Transfer, u64)> = FxHashMap::default();
-        // Members of linked chains whose cross-shard transfer (the key) is in flight, in chain
-        // order.
-        let mut members: FxHashMap<u128, Vec<(Transfer, u64)>> = FxHashMap::default();
         // (record end, record time, event)
         let mut events: Vec<(u64, u64, Event)> = Vec::new();
+        let mut record_start = tail.applied;
         for (record_end, record) in records {
+            let from = std::mem::replace(&mut record_start, *record_end);
             let WalRecord::Batch { timestamp, commands, .. } = record else {
                 continue;
             };
             let (end, at) = (*record_end, *timestamp);
+            let found = |transfer: Transfer| Found { transfer, at, from, to: end };
             for command in commands {
                 let Ok(command) = Command::try_from(command) else {
                     continue;
                 };
                 match command {
-                    Command::Transfer(transfer) => events.push((end, at, Event::Transfer { transfer, at })),
+                    Command::Transfer(transfer) => events.push((end, at, Event::Transfer(found(transfer)))),
                     Command::Reserve(t) => {
-                        reserved.insert(t.id.0, (t, at));
+                        tail.reserved.insert(t.id.0, found(t));
                     }
                     Command::ReserveLinked { transfer, parent } => {
-                        members.entry(parent.0).or_default().push((transfer, at));
+                        tail.members.entry(parent.0).or_default().push(found(transfer));
                     }
                     Command::Finalize { id, result } => {
-                        // Almost every reserve is finalized within the pass that read it; only
-                        // the others touch the `in_flight` tree, which keeps its writes few.
-                        let found = match reserved.remove(&id.0) {
-                            Some(found) => Some(found),
-                            None => {
-                                in_flight.remove(&id.0.to_be_bytes());
-                                self.in_flight.get(id.0.to_be_bytes())?.as_deref().and_then(decode_transfer)
-                            }
-                        };
-                        // The chain's other members, read in this pass or parked by an earlier
-                        // one (all members of a chain come in one record, so never both).
-                        let mut chain = members.remove(&id.0).unwrap_or_default();
-                        for entry in self.in_flight.scan_prefix(member_prefix(id.0)) {
-                            let (key, value) = entry?;
-                            in_flight.remove(key);
-                            chain.extend(decode_transfer(&value));
-                        }
+                        let found = tail.reserved.remove(&id.0);
+                        let chain = tail.members.remove(&id.0).unwrap_or_default();
                         if result.is_ok() {
-                            for (transfer, reserved_at) in found.into_iter().chain(chain) {
-                                events.push((end, at, Event::Transfer { transfer, at: reserved_at }));
+                            for reserved in found.into_iter().chain(chain) {
+                                events.push((end, at, Event::Transfer(reserved)));
                             }
                         }
                     }
@@ -361,33 +498,29 @@ impl Trees {
                 }
             }
         }
-        for (id, (t, at)) in reserved {
-            in_flight.insert(&id.to_be_bytes(), encode_transfer(&t, at).to_vec());
-        }
-        for (parent, chain) in members {
-            for (index, (t, at)) in chain.into_iter().enumerate() {
-                in_flight.insert(member_key(parent, index).to_vec(), encode_transfer(&t, at).to_vec());
-            }
-        }
 
         let watermark = self.watermark()?;
-        let mut pass = Pass::new(self, cache, watermark);
+        let mut pass = Pass::new(self, &mut tail.holds, tail.log_lines, watermark);
         for (record_end, record_at, event) in events {
             pass.event(record_end, record_at, event)?;
         }
         let written = pass.finish();
-        self.transfers.apply_batch(written.transfers)?;
-        self.history.apply_batch(written.history)?;
-        // A pass reads `in_flight` (a finalize looks up its reserve) and `running` (the balances
-        // it adds to), and enqueues only past the watermark, so re-applying it is harmless only if
-        // those are still as they were before the pass: their changes, the outbox entries and the
-        // position commit in one transaction, which sled recovers whole or not at all.
+        // The lines first: a page or a running state published below may point at any of them.
+        self.log.write_at(tail.log_lines, &written.log).map_err(io_error)?;
+        let mut batch = self.index.batch();
+        for (id, value) in written.transfers {
+            batch.insert(&self.transfers, id.to_be_bytes(), value);
+        }
+        for (key, value) in written.pages {
+            batch.insert(&self.pages, key, value);
+        }
+        batch.commit().map_err(index_error)?;
+        // The outbox entries, the position and the watermark commit together, so that sled
+        // recovers all of them or none.
         use sled::transaction::Transactional;
         let watermark = watermark.max(position);
-        (&self.in_flight, &self.running, &self.outbox, &self.meta)
-            .transaction(|(in_flight_tx, running_tx, outbox_tx, meta_tx)| {
-                in_flight_tx.apply_batch(&in_flight)?;
-                running_tx.apply_batch(&written.running)?;
+        (&self.outbox, &self.meta)
+            .transaction(|(outbox_tx, meta_tx)| {
                 outbox_tx.apply_batch(&written.outbox)?;
                 meta_tx.insert(APPLIED_KEY, &position.to_be_bytes())?;
                 meta_tx.insert(WATERMARK_KEY, &watermark.to_be_bytes())?;
@@ -399,34 +532,41 @@ impl Trees {
                     sled::Error::ReportableBug("the views transaction aborted".into())
                 }
             })?;
-        if cache.0.len() > RUNNING_CACHE_LEN_MAX {
-            cache.0.clear();
-        }
+        self.running.write().unwrap_or_else(|p| p.into_inner()).extend(written.running);
+        tail.log_lines += written.lines;
+        tail.applied = position;
         Ok(written.enqueued)
     }
 }
 
 /// What one pass writes.
 struct Written {
-    transfers: sled::Batch,
-    history: sled::Batch,
-    running: sled::Batch,
+    transfers: TransferWrites,
+    pages: Writes,
     outbox: sled::Batch,
+    /// Encoded history lines, to append at the log's end.
+    log: Vec<u8>,
+    lines: u64,
+    /// The running states the pass changed.
+    running: FxHashMap<AccountId, Running>,
     enqueued: usize,
 }
 
 /// One pass over a run of events: lines, running balances and notifications.
 struct Pass<'a> {
     trees: &'a Trees,
-    cache: &'a mut RunningCache,
-    dirty: FxHashSet<AccountId>,
-    transfers: sled::Batch,
-    history: sled::Batch,
+    /// Running states changed in this pass; the others are read from [`Trees::running`].
+    running: FxHashMap<AccountId, Running>,
+    transfers: TransferWrites,
+    pages: Writes,
     outbox: sled::Batch,
+    log: Vec<u8>,
+    /// The log index of the pass's first line, and how many it wrote.
+    log_first: u64,
+    lines: u64,
     enqueued: usize,
-    /// Holds placed in this pass, which their post, void or expiry may follow before the
-    /// `transfers` batch reaches the tree.
-    holds: FxHashMap<u128, Transfer>,
+    /// Holds not yet resolved ([`Tail::holds`]).
+    holds: &'a mut FxHashMap<u128, Transfer>,
     watermark: u64,
     /// The journal record whose events are being applied, and its notifications so far.
     record: u64,
@@ -434,16 +574,23 @@ struct Pass<'a> {
 }
 
 impl<'a> Pass<'a> {
-    fn new(trees: &'a Trees, cache: &'a mut RunningCache, watermark: u64) -> Pass<'a> {
+    fn new(
+        trees: &'a Trees,
+        holds: &'a mut FxHashMap<u128, Transfer>,
+        log_first: u64,
+        watermark: u64,
+    ) -> Pass<'a> {
         Pass {
             trees,
-            cache,
-            dirty: FxHashSet::default(),
-            transfers: sled::Batch::default(),
-            history: sled::Batch::default(),
+            running: FxHashMap::default(),
+            transfers: TransferWrites::default(),
+            pages: Writes::new(),
             outbox: sled::Batch::default(),
+            log: Vec::new(),
+            log_first,
+            lines: 0,
             enqueued: 0,
-            holds: FxHashMap::default(),
+            holds,
             watermark,
             record: 0,
             notices: RecordNotices::default(),
@@ -461,7 +608,7 @@ impl<'a> Pass<'a> {
             self.record = record_end;
         }
         match event {
-            Event::Transfer { transfer, at } => self.transfer(&transfer, at, record_at)?,
+            Event::Transfer(found) => self.transfer(&found, record_at)?,
             Event::Expired(id) => self.expired(id, record_at)?,
             Event::Otp { msisdn, nonce, expires_at } => {
                 if self.notifying() {
@@ -477,11 +624,12 @@ impl<'a> Pass<'a> {
         Ok(())
     }
 
-    fn transfer(&mut self, t: &Transfer, at: u64, record_at: u64) -> Result<(), sled::Error> {
-        let mut value = Vec::with_capacity(8 + TRANSFER_VALUE_LEN);
-        value.extend_from_slice(&self.record.to_be_bytes());
-        value.extend_from_slice(&encode_transfer(t, at));
-        self.transfers.insert(&t.id.0.to_be_bytes(), value);
+    fn transfer(&mut self, found: &Found, record_at: u64) -> Result<(), sled::Error> {
+        let (t, at) = (&found.transfer, found.at);
+        let mut value = [0_u8; 16];
+        value[..8].copy_from_slice(&found.from.to_be_bytes());
+        value[8..].copy_from_slice(&found.to.to_be_bytes());
+        self.transfers.insert(t.id.0, value);
         if t.flags.contains(TransferFlags::PENDING) {
             self.holds.insert(t.id.0, *t);
             return self.lines(t, LineKind::Pending, t.amount, 0, at, record_at);
@@ -491,7 +639,7 @@ impl<'a> Pass<'a> {
             return self.lines(t, LineKind::Posted, t.amount, t.amount, at, record_at);
         }
         // As the ledger resolves it: a post of 0 posts all of the hold, a void releases all.
-        let held = self.held(t.pending_id)?;
+        let held = self.holds.remove(&t.pending_id.0);
         let amount = match (&held, post && t.amount != 0) {
             (_, true) => t.amount,
             (Some(held), false) => held.amount,
@@ -510,24 +658,11 @@ impl<'a> Pass<'a> {
     }
 
     fn expired(&mut self, id: TransferId, record_at: u64) -> Result<(), sled::Error> {
-        let Some(held) = self.held(id)? else {
+        let Some(held) = self.holds.remove(&id.0) else {
             tracing::warn!(%id, "views: the expired hold is not indexed");
             return Ok(());
         };
         self.lines(&held, LineKind::HoldExpired, held.amount, 0, record_at, record_at)
-    }
-
-    /// A hold's body: placed in this pass, or indexed by an earlier one.
-    fn held(&self, id: TransferId) -> Result<Option<Transfer>, sled::Error> {
-        if let Some(held) = self.holds.get(&id.0) {
-            return Ok(Some(*held));
-        }
-        Ok(self
-            .trees
-            .transfers
-            .get(id.0.to_be_bytes())?
-            .and_then(|value| decode_transfer(value.get(8..)?))
-            .map(|(t, _)| t))
     }
 
     /// The two lines of a transfer: `amount` as the lines show it, `moved` what was posted.
@@ -569,13 +704,15 @@ impl<'a> Pass<'a> {
         entry: &mut HistoryEntry,
         change: i128,
     ) -> Result<(), sled::Error> {
-        let mut running = match self.cache.0.get(&account) {
+        let mut running = match self.running.get(&account) {
             Some(running) => *running,
             None => self
                 .trees
                 .running
-                .get(account.0.to_be_bytes())?
-                .and_then(|value| Running::decode(&value))
+                .read()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&account)
+                .copied()
                 .unwrap_or_default(),
         };
         running.booked_at = running.booked_at.max(entry.booked_at);
@@ -585,9 +722,22 @@ impl<'a> Pass<'a> {
         entry.booked_at = running.booked_at;
         entry.line = running.lines;
         entry.balance_after = running.balance;
-        self.history.insert(&history_key(account, entry.position()), encode_history(entry).to_vec());
-        self.cache.0.insert(account, running);
-        self.dirty.insert(account);
+        if running.open_lines() == 1 {
+            running.open_from = entry.booked_at;
+        }
+        let index = self.log_first + self.lines;
+        history::encode_line(&mut self.log, running.last, account, entry);
+        self.lines += 1;
+        running.last = index + 1;
+        if running.open_lines() == PAGE_LINES {
+            let first = LinePosition { booked_at: running.open_from, line: running.sealed + 1 };
+            self.pages.insert(
+                history_key(account, first).to_vec(),
+                history::encode_page(running.last, PAGE_LINES).to_vec(),
+            );
+            running.sealed = running.lines;
+        }
+        self.running.insert(account, running);
         if entry.kind.moves_posted()
             && self.notifying()
             && let Some(msisdn) = account.wallet_msisdn()
@@ -608,37 +758,16 @@ impl<'a> Pass<'a> {
 
     fn finish(mut self) -> Written {
         self.flush_notices();
-        let mut running = sled::Batch::default();
-        for account in &self.dirty {
-            if let Some(state) = self.cache.0.get(account) {
-                running.insert(&account.0.to_be_bytes(), state.encode().to_vec());
-            }
-        }
         Written {
             transfers: self.transfers,
-            history: self.history,
-            running,
+            pages: self.pages,
             outbox: self.outbox,
+            log: self.log,
+            lines: self.lines,
+            running: self.running,
             enqueued: self.enqueued,
         }
     }
-}
-
-/// Members of a chain in flight are parked in `in_flight` under `m`, their parent's id, then
-/// their place in the chain, so that the parent's finalize finds them in chain order with one
-/// prefix scan.
-fn member_prefix(parent: u128) -> [u8; 17] {
-    let mut key = [0_u8; 17];
-    key[0] = b'm';
-    key[1..].copy_from_slice(&parent.to_be_bytes());
-    key
-}
-
-fn member_key(parent: u128, index: usize) -> [u8; 21] {
-    let mut key = [0_u8; 21];
-    key[..17].copy_from_slice(&member_prefix(parent));
-    key[17..].copy_from_slice(&u32::try_from(index).unwrap_or(u32::MAX).to_be_bytes());
-    key
 }
 
 fn history_key(account: AccountId, position: LinePosition) -> [u8; 24] {
@@ -726,30 +855,87 @@ fn decode_transfer(bytes: &[u8]) -> Option<(Transfer, u64)> {
     Some((transfer, u64_at(81)?))
 }
 
-/// An account's lines in a range, oldest first (from [`Views::lines`]).
+/// An account's lines in a range, oldest first (from [`Views::lines`]), read lazily page by
+/// page from both ends.
 pub struct Lines {
-    range: sled::Iter,
+    log: Arc<HistoryLog>,
+    account: AccountId,
+    start: LinePosition,
+    to_ns: u64,
+    /// The account's pages that may hold lines of the window, in order.
+    pages: fjall::Iter,
+    /// Pages whose first line is past this were sealed after the read began: the open lines
+    /// below hold those lines.
+    sealed: u64,
+    /// The lines after the last page, as of the read's start: (last line's log index + 1,
+    /// count). Taken by whichever end reaches it first.
+    open: Option<(u64, u64)>,
+    front: VecDeque<HistoryEntry>,
+    back: VecDeque<HistoryEntry>,
 }
 
 impl std::fmt::Debug for Lines {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Lines").finish_non_exhaustive()
+        f.debug_struct("Lines").field("account", &self.account).finish_non_exhaustive()
+    }
+}
+
+impl Lines {
+    fn keeps(&self, line: &HistoryEntry) -> bool {
+        line.position() >= self.start && line.booked_at < self.to_ns
+    }
+
+    fn open_lines(&mut self) -> Option<Result<Vec<HistoryEntry>, ReadError>> {
+        let (last, count) = self.open.take()?;
+        Some(self.log.chain(self.account, last, count).map_err(ReadError::from))
+    }
+
+    /// The lines of one page, read from the log, if the pages entry is one this read counts.
+    fn page(&self, entry: fjall::Guard) -> Result<Vec<HistoryEntry>, ReadError> {
+        let (key, value) = entry.into_inner()?;
+        let first_line = key.get(16..24).and_then(|b| b.try_into().ok()).map_or(u64::MAX, u64::from_be_bytes);
+        if first_line > self.sealed {
+            return Ok(Vec::new());
+        }
+        let Some((last, count)) = history::decode_page(&value) else {
+            tracing::warn!(account = %self.account, "views: an undecodable history page is skipped");
+            return Ok(Vec::new());
+        };
+        Ok(self.log.chain(self.account, last, count)?)
     }
 }
 
 impl Iterator for Lines {
-    type Item = Result<HistoryEntry, sled::Error>;
+    type Item = Result<HistoryEntry, ReadError>;
 
     fn next(&mut self) -> Option<Self::Item> {
         loop {
-            match self.range.next()? {
-                Err(error) => return Some(Err(error)),
-                Ok((key, value)) => {
-                    if let Some(entry) = decode_history(&key, &value) {
-                        return Some(Ok(entry));
-                    }
-                    tracing::warn!("views: an undecodable history line is skipped");
+            if let Some(line) = self.front.pop_front() {
+                if line.booked_at >= self.to_ns {
+                    self.front.clear();
+                    self.back.clear();
+                    self.open = None;
+                    return None;
                 }
+                if self.keeps(&line) {
+                    return Some(Ok(line));
+                }
+                continue;
+            }
+            let lines = match self.pages.next() {
+                Some(entry) => self.page(entry),
+                None => match self.open_lines() {
+                    Some(lines) => lines,
+                    None => {
+                        let line = self.back.pop_front()?;
+                        self.front.push_back(line);
+                        continue;
+                    }
+                },
+            };
+            match lines {
+                Ok(lines) => self.front.extend(lines),
+                Err(error) => return Some(Err(error)),
             }
         }
     }
@@ -759,14 +945,31 @@ impl Iterator for Lines {
 impl DoubleEndedIterator for Lines {
     fn next_back(&mut self) -> Option<Self::Item> {
         loop {
-            match self.range.next_back()? {
-                Err(error) => return Some(Err(error)),
-                Ok((key, value)) => {
-                    if let Some(entry) = decode_history(&key, &value) {
-                        return Some(Ok(entry));
-                    }
-                    tracing::warn!("views: an undecodable history line is skipped");
+            if let Some(line) = self.back.pop_back() {
+                if line.position() < self.start {
+                    self.front.clear();
+                    self.back.clear();
+                    return None;
                 }
+                if self.keeps(&line) {
+                    return Some(Ok(line));
+                }
+                continue;
+            }
+            let lines = match self.open_lines() {
+                Some(lines) => lines,
+                None => match self.pages.next_back() {
+                    Some(entry) => self.page(entry),
+                    None => {
+                        let line = self.front.pop_back()?;
+                        self.back.push_front(line);
+                        continue;
+                    }
+                },
+            };
+            match lines {
+                Ok(lines) => self.back.extend(lines),
+                Err(error) => return Some(Err(error)),
             }
         }
     }
@@ -776,6 +979,7 @@ impl DoubleEndedIterator for Lines {
 #[derive(Debug)]
 pub struct Views {
     trees: Trees,
+    journal_dir: PathBuf,
     applied: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     thread: Mutex<Option<JoinHandle<()>>>,
@@ -788,8 +992,8 @@ impl Views {
     /// Opens the views and starts tailing the journal from the position they last applied.
     pub fn open(path: &Path, journal_dir: &Path, journal: Arc<JournalState>) -> Result<Views, ViewsError> {
         let trees = Trees::open(path)?;
-        let sled_err = |source| ViewsError::Sled { path: path.to_path_buf(), source };
-        let applied = Arc::new(AtomicU64::new(trees.applied().map_err(sled_err)?));
+        let mut state = trees.recover()?;
+        let applied = Arc::new(AtomicU64::new(state.applied));
         let stop = Arc::new(AtomicBool::new(false));
         let error = Arc::new(Mutex::new(None));
         let enqueued = Arc::new(tokio::sync::watch::Sender::new(0));
@@ -800,14 +1004,24 @@ impl Views {
             std::thread::Builder::new()
                 .name("qepik-views".into())
                 .spawn(move || {
-                    if let Err(message) = tail(&trees, &journal_dir, &journal, &applied, &stop, &enqueued) {
+                    if let Err(message) =
+                        tail(&trees, &mut state, &journal_dir, &journal, &applied, &stop, &enqueued)
+                    {
                         tracing::error!(%message, "views stopped");
                         *error.lock().unwrap_or_else(|p| p.into_inner()) = Some(message);
                     }
                 })
                 .map_err(|e| ViewsError::Sled { path: path.to_path_buf(), source: sled::Error::Io(e) })?
         };
-        Ok(Views { trees, applied, stop, thread: Mutex::new(Some(thread)), error, enqueued })
+        Ok(Views {
+            trees,
+            journal_dir: journal_dir.to_path_buf(),
+            applied,
+            stop,
+            thread: Mutex::new(Some(thread)),
+            error,
+            enqueued,
+        })
     }
 
     /// The journal position the views have applied up to.
@@ -821,12 +1035,36 @@ impl Views {
     }
 
     /// Where the transfer is journaled (the position after its record), if the view has it.
-    pub fn transfer(&self, id: TransferId) -> Result<Option<(u64, Transfer, u64)>, sled::Error> {
-        Ok(self.trees.transfers.get(id.0.to_be_bytes())?.and_then(|value| {
-            let position = u64::from_be_bytes(value.get(..8)?.try_into().ok()?);
-            let (transfer, at) = decode_transfer(value.get(8..)?)?;
-            Some((position, transfer, at))
-        }))
+    pub fn transfer(&self, id: TransferId) -> Result<Option<(u64, Transfer, u64)>, ReadError> {
+        let Some(value) = self.trees.transfers.get(id.0.to_be_bytes())? else {
+            return Ok(None);
+        };
+        let position =
+            |at: usize| value.get(at..at + 8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes);
+        let (Some(from), Some(to)) = (position(0), position(8)) else {
+            return Err(ReadError::Dangling(id));
+        };
+        // The record that holds the transfer: a plain transfer's, or its reserve's.
+        let (records, _) = journal::read_range(&self.journal_dir, from, to)?;
+        for (end, record) in records {
+            let WalRecord::Batch { timestamp, commands, .. } = record else {
+                continue;
+            };
+            for command in &commands {
+                let transfer = match Command::try_from(command) {
+                    Ok(
+                        Command::Transfer(t)
+                        | Command::Reserve(t)
+                        | Command::ReserveLinked { transfer: t, .. },
+                    ) => t,
+                    _ => continue,
+                };
+                if transfer.id == id {
+                    return Ok(Some((end, transfer, timestamp)));
+                }
+            }
+        }
+        Err(ReadError::Dangling(id))
     }
 
     /// An account's history booked from `from_ns` on, oldest first, at most `limit` lines.
@@ -835,33 +1073,63 @@ impl Views {
         account: AccountId,
         from_ns: u64,
         limit: usize,
-    ) -> Result<Vec<HistoryEntry>, sled::Error> {
+    ) -> Result<Vec<HistoryEntry>, ReadError> {
         self.lines(account, LinePosition::at(from_ns), u64::MAX).take(limit).collect()
     }
 
     /// An account's lines from `start` (inclusive) to those booked at `to_ns` (exclusive),
-    /// oldest first, read lazily: [`crate::statement`] pages and exports through it.
+    /// oldest first, read lazily: [`crate::statement`] pages and exports through it. The read
+    /// sees the account as the views had applied it when the read began.
     pub fn lines(&self, account: AccountId, start: LinePosition, to_ns: u64) -> Lines {
-        let start = history_key(account, start);
+        let running = self.running(account);
+        let start_key = history_key(account, start);
         let end = history_key(account, LinePosition::at(to_ns));
-        let range = if start < end {
-            self.trees.history.range(start.to_vec()..end.to_vec())
-        } else {
-            self.trees.history.range(start.to_vec()..start.to_vec())
+        // The page holding `start` begins at or before it.
+        let from = match self
+            .trees
+            .pages
+            .range(history_key(account, LinePosition::default())..=start_key)
+            .next_back()
+        {
+            Some(guard) => match guard.key() {
+                Ok(key) => key.to_vec(),
+                Err(_) => start_key.to_vec(),
+            },
+            None => start_key.to_vec(),
         };
-        Lines { range }
+        let pages = if from.as_slice() < end.as_slice() {
+            self.trees.pages.range(from.as_slice()..end.as_slice())
+        } else {
+            self.trees.pages.range(end.as_slice()..end.as_slice())
+        };
+        Lines {
+            log: self.trees.log.clone(),
+            account,
+            start,
+            to_ns,
+            pages,
+            sealed: running.sealed,
+            open: (running.open_lines() > 0).then_some((running.last, running.open_lines())),
+            front: VecDeque::new(),
+            back: VecDeque::new(),
+        }
+    }
+
+    fn running(&self, account: AccountId) -> Running {
+        self.trees
+            .running
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&account)
+            .copied()
+            .unwrap_or_default()
     }
 
     /// The account's posted balance as of [`Views::applied`] (credits less debits, minor
     /// units), and how many lines its history has.
-    pub fn balance(&self, account: AccountId) -> Result<(i128, u64), sled::Error> {
-        let running = self
-            .trees
-            .running
-            .get(account.0.to_be_bytes())?
-            .and_then(|value| Running::decode(&value))
-            .unwrap_or_default();
-        Ok((running.balance, running.lines))
+    pub fn balance(&self, account: AccountId) -> (i128, u64) {
+        let running = self.running(account);
+        (running.balance, running.lines)
     }
 
     /// The notification outbox, for the sender that drains it.
@@ -889,24 +1157,33 @@ impl Views {
             let _panicked = thread.join();
         }
         let _flushed = self.trees.db.flush();
+        let _persisted = self.trees.index.persist(fjall::PersistMode::SyncAll);
     }
 }
 
 fn tail(
     trees: &Trees,
+    state: &mut Tail,
     journal_dir: &Path,
     journal: &JournalState,
     applied: &AtomicU64,
     stop: &AtomicBool,
     enqueued: &tokio::sync::watch::Sender<u64>,
 ) -> Result<(), String> {
-    let mut cache = RunningCache::default();
+    let mut saved = (Instant::now(), state.applied);
     loop {
-        // Stopping does not wait for the views to catch up: they resume from their position.
+        // Stopping does not wait for the views to catch up: they resume from their snapshot.
         if stop.load(Ordering::Acquire) {
+            if state.applied > saved.1 {
+                trees.snapshot(state).map_err(|e| e.to_string())?;
+            }
             return Ok(());
         }
-        let from = applied.load(Ordering::Acquire);
+        if state.applied > saved.1 && saved.0.elapsed() >= SNAPSHOT_EVERY {
+            trees.snapshot(state).map_err(|e| e.to_string())?;
+            saved = (Instant::now(), state.applied);
+        }
+        let from = state.applied;
         let durable = journal.durable();
         if durable <= from {
             if journal.failed() {
@@ -915,8 +1192,8 @@ fn tail(
             journal.wait_past(from, Duration::from_millis(50));
             continue;
         }
-        let (to, count) = catch_up_step(trees, journal_dir, from, durable, &mut cache)?;
-        applied.store(to, Ordering::Release);
+        let count = catch_up_step(trees, journal_dir, durable, state)?;
+        applied.store(state.applied, Ordering::Release);
         if count > 0 {
             let count = u64::try_from(count).unwrap_or(u64::MAX);
             enqueued.send_modify(|total| *total = total.saturating_add(count));
@@ -924,15 +1201,10 @@ fn tail(
     }
 }
 
-/// Applies one pass from `from` towards `durable`: at most about [`PASS_LEN_MAX`] bytes of
-/// whole records. Returns the position reached and the notifications enqueued.
-fn catch_up_step(
-    trees: &Trees,
-    journal_dir: &Path,
-    from: u64,
-    durable: u64,
-    cache: &mut RunningCache,
-) -> Result<(u64, usize), String> {
+/// Applies one pass from the tail's position towards `durable`: at most about
+/// [`PASS_LEN_MAX`] bytes of whole records. Returns the notifications enqueued.
+fn catch_up_step(trees: &Trees, journal_dir: &Path, durable: u64, tail: &mut Tail) -> Result<usize, String> {
+    let from = tail.applied;
     let window_end = durable.min(from.saturating_add(PASS_LEN_MAX));
     let (mut records, mut reached) =
         journal::read_range(journal_dir, from, window_end).map_err(|e| e.to_string())?;
@@ -940,8 +1212,7 @@ fn catch_up_step(
         // One record larger than the window: read up to the durable end instead.
         (records, reached) = journal::read_range(journal_dir, from, durable).map_err(|e| e.to_string())?;
     }
-    let enqueued = trees.apply(&records, reached, cache).map_err(|e| e.to_string())?;
-    Ok((reached, enqueued))
+    trees.apply(&records, reached, tail).map_err(|e| e.to_string())
 }
 
 /// Rebuilds the views from the journal: clears them and applies every durable record. The
@@ -957,24 +1228,23 @@ pub fn reindex(data_dir: &Path) -> Result<u64, ViewsError> {
     let err = |source| ViewsError::Sled { path: path.clone(), source };
     trees.clear_derived().map_err(err)?;
     let end = journal::scan::<JournalError>(&journal_dir, 0, journal::TailRepair::ReportOnly, |_, _| Ok(()))?;
-    let mut position = 0;
-    let mut cache = RunningCache::default();
-    while position < end.position {
-        let (reached, _) =
-            catch_up_step(&trees, &journal_dir, position, end.position, &mut cache).map_err(|reason| {
-                ViewsError::Journal(JournalError::Corrupt {
-                    segment: journal_dir.clone(),
-                    offset: position,
-                    reason,
-                })
-            })?;
-        if reached == position {
+    let mut tail = Tail::default();
+    while tail.applied < end.position {
+        let position = tail.applied;
+        catch_up_step(&trees, &journal_dir, end.position, &mut tail).map_err(|reason| {
+            ViewsError::Journal(JournalError::Corrupt {
+                segment: journal_dir.clone(),
+                offset: position,
+                reason,
+            })
+        })?;
+        if tail.applied == position {
             break;
         }
-        position = reached;
     }
+    trees.snapshot(&tail).map_err(err)?;
     trees.db.flush().map_err(err)?;
-    Ok(position)
+    Ok(tail.applied)
 }
 
 #[cfg(test)]
@@ -1030,12 +1300,5 @@ mod tests {
         for kind in [LineKind::Pending, LineKind::HoldVoided, LineKind::HoldExpired] {
             assert_eq!(entry(kind).posted_change(), 0);
         }
-    }
-
-    #[test]
-    fn running_state_round_trips() {
-        let running = Running { balance: -5, lines: 9, booked_at: 11 };
-        assert_eq!(Running::decode(&running.encode()), Some(running));
-        assert_eq!(Running::decode(&[0; 31]), None);
     }
 }
