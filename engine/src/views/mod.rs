@@ -57,6 +57,11 @@ const FORMAT: u64 = 3;
 const RETIRED_TREES: [&str; 4] = ["history", "running", "in_flight", "transfers"];
 /// Journal bytes one pass of the view thread reads at most.
 const PASS_LEN_MAX: u64 = 4 * 1024 * 1024;
+/// A pass waits for this much durable journal, or for [`PASS_WAIT`] since the last pass, so
+/// that at a high rate each pass (one fjall batch, one log write, one publication of running
+/// states) covers many group commits instead of one.
+const PASS_LEN_MIN: u64 = 256 * 1024;
+const PASS_WAIT: Duration = Duration::from_millis(5);
 /// How often the tail saves a history snapshot while it applies.
 const SNAPSHOT_EVERY: Duration = Duration::from_secs(30);
 
@@ -402,6 +407,7 @@ impl Trees {
     /// Saves the tail's state: the index with its mark first (fsynced), then the log's lines,
     /// then the snapshot file.
     fn snapshot(&self, tail: &Tail) -> Result<(), sled::Error> {
+        self.meta.insert(APPLIED_KEY, &tail.applied.to_be_bytes())?;
         self.marks.insert(HISTORY_MARK_KEY, tail.applied.to_be_bytes()).map_err(index_error)?;
         self.index.persist(fjall::PersistMode::SyncAll).map_err(index_error)?;
         self.log.sync().map_err(io_error)?;
@@ -516,22 +522,26 @@ impl Trees {
         }
         batch.commit().map_err(index_error)?;
         // The outbox entries, the position and the watermark commit together, so that sled
-        // recovers all of them or none.
-        use sled::transaction::Transactional;
-        let watermark = watermark.max(position);
-        (&self.outbox, &self.meta)
-            .transaction(|(outbox_tx, meta_tx)| {
-                outbox_tx.apply_batch(&written.outbox)?;
-                meta_tx.insert(APPLIED_KEY, &position.to_be_bytes())?;
-                meta_tx.insert(WATERMARK_KEY, &watermark.to_be_bytes())?;
-                Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
-            })
-            .map_err(|error| match error {
-                sled::transaction::TransactionError::Storage(error) => error,
-                sled::transaction::TransactionError::Abort(()) => {
-                    sled::Error::ReportableBug("the views transaction aborted".into())
-                }
-            })?;
+        // recovers all of them or none. A pass that enqueued nothing skips sled: applying its
+        // records again enqueues nothing either, and sled's I/O threads wake as a herd on every
+        // commit, which the engine's threads feel as scheduling delays.
+        if written.enqueued > 0 {
+            use sled::transaction::Transactional;
+            let watermark = watermark.max(position);
+            (&self.outbox, &self.meta)
+                .transaction(|(outbox_tx, meta_tx)| {
+                    outbox_tx.apply_batch(&written.outbox)?;
+                    meta_tx.insert(APPLIED_KEY, &position.to_be_bytes())?;
+                    meta_tx.insert(WATERMARK_KEY, &watermark.to_be_bytes())?;
+                    Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
+                })
+                .map_err(|error| match error {
+                    sled::transaction::TransactionError::Storage(error) => error,
+                    sled::transaction::TransactionError::Abort(()) => {
+                        sled::Error::ReportableBug("the views transaction aborted".into())
+                    }
+                })?;
+        }
         self.running.write().unwrap_or_else(|p| p.into_inner()).extend(written.running);
         tail.log_lines += written.lines;
         tail.applied = position;
@@ -1171,6 +1181,7 @@ fn tail(
     enqueued: &tokio::sync::watch::Sender<u64>,
 ) -> Result<(), String> {
     let mut saved = (Instant::now(), state.applied);
+    let mut last_pass = Instant::now();
     loop {
         // Stopping does not wait for the views to catch up: they resume from their snapshot.
         if stop.load(Ordering::Acquire) {
@@ -1192,6 +1203,12 @@ fn tail(
             journal.wait_past(from, Duration::from_millis(50));
             continue;
         }
+        let since = last_pass.elapsed();
+        if durable - from < PASS_LEN_MIN && since < PASS_WAIT {
+            std::thread::sleep(PASS_WAIT - since);
+            continue;
+        }
+        last_pass = Instant::now();
         let count = catch_up_step(trees, journal_dir, durable, state)?;
         applied.store(state.applied, Ordering::Release);
         if count > 0 {
