@@ -66,6 +66,18 @@ pub fn load_latest(dir: &Path) -> Result<Option<WalCheckpoint>, CheckpointError>
     }
 }
 
+/// Writes `bytes` to `path` so that a crash leaves either the old file or the whole new one:
+/// into `temp`, fsync, rename over `path`, fsync the directory.
+pub(crate) fn write_atomically(temp: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let mut file = File::create(temp)?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    drop(file);
+    fs::rename(temp, path)?;
+    let dir = path.parent().unwrap_or(Path::new("."));
+    File::open(dir)?.sync_all()
+}
+
 /// Writes `checkpoint` atomically and removes all but the newest [`KEEP`].
 pub fn write(dir: &Path, checkpoint: &WalCheckpoint) -> Result<PathBuf, CheckpointError> {
     fs::create_dir_all(dir).map_err(io(dir))?;
@@ -82,12 +94,7 @@ pub fn write(dir: &Path, checkpoint: &WalCheckpoint) -> Result<PathBuf, Checkpoi
     }
     let mut bytes = Vec::with_capacity(payload.len() + frame::HEADER_LEN + 1);
     frame::write_frame(&mut bytes, FORMAT_VERSION, &payload);
-    let mut file = File::create(&temp).map_err(io(&temp))?;
-    file.write_all(&bytes).map_err(io(&temp))?;
-    file.sync_all().map_err(io(&temp))?;
-    drop(file);
-    fs::rename(&temp, &path).map_err(io(&path))?;
-    File::open(dir).and_then(|d| d.sync_all()).map_err(io(dir))?;
+    write_atomically(&temp, &path, &bytes).map_err(io(&path))?;
     let all = list(dir)?;
     for (_, old) in all.iter().take(all.len().saturating_sub(KEEP)) {
         fs::remove_file(old).map_err(io(old))?;

@@ -752,6 +752,8 @@ impl Domain {
     /// `op`, and a second call answers the first.
     pub async fn reverse(&self, op: u128, staff: u64) -> Result<Receipt, OpError> {
         let views = self.engine.views().ok_or(OpError::ViewsUnavailable)?;
+        // Every operation acknowledged before this call is durable: wait until the views have it.
+        views.reached(self.engine.journal().durable()).await;
         let indexed = |id: TransferId| views.transfer(id).map_err(|e| OpError::Views(e.to_string()));
         let Some((_, principal, at)) = indexed(TransferId(op))? else {
             let known = self.operation_status(op).await?.is_some();

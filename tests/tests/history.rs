@@ -173,6 +173,7 @@ fn the_history_restarts_from_its_snapshot_and_rebuilds_what_it_cannot_trust() ->
     anyhow::ensure!(snapshot.exists(), "a clean stop saves a snapshot");
 
     // A clean restart: the same lines, and new ones numbered on from them.
+    let older = std::fs::read(&snapshot)?;
     let engine = open(dir.path(), &clock)?;
     anyhow::ensure!(read_all(&engine)? == before, "after a restart");
     transfers.extend(rounds(&engine, &clock, 10_000, 40)?);
@@ -180,6 +181,19 @@ fn the_history_restarts_from_its_snapshot_and_rebuilds_what_it_cannot_trust() ->
     let mut after = Vec::new();
     for account in &accounts {
         after.push(check(&engine, views, *account, &transfers)?);
+    }
+    engine.shutdown();
+    drop(engine);
+
+    // As after a crash: the snapshot is an older one, while the log, the pages and the index
+    // went on past it. The log is cut back to the snapshot and the passes after it are applied
+    // again: the same history, each line once.
+    std::fs::write(&snapshot, &older)?;
+    let engine = open(dir.path(), &clock)?;
+    anyhow::ensure!(read_all(&engine)? == after, "after going back to an older snapshot");
+    let views = caught_up(&engine)?;
+    for account in &accounts {
+        check(&engine, views, *account, &transfers)?;
     }
     engine.shutdown();
     drop(engine);

@@ -48,8 +48,14 @@ pub struct StatementParams {
     pub format: Option<String>,
 }
 
-fn views(state: &AppState) -> Result<&engine::views::Views, ApiError> {
-    state.engine.views().ok_or_else(|| ApiError::from(engine::OpError::ViewsUnavailable))
+/// The views, once they have applied everything durable when the request came: a statement
+/// shows the operations its reader was told about. Past a second it answers from what the views
+/// have, which lags only under overload.
+async fn views(state: &AppState) -> Result<&engine::views::Views, ApiError> {
+    let views = state.engine.views().ok_or_else(|| ApiError::from(engine::OpError::ViewsUnavailable))?;
+    let durable = state.engine.journal().durable();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), views.reached(durable)).await;
+    Ok(views)
 }
 
 fn query(state: &AppState, account: AccountId, params: &StatementParams) -> Result<StatementQuery, ApiError> {
@@ -95,14 +101,15 @@ fn statement_error(error: statement::StatementError) -> ApiError {
     }
 }
 
-fn page_json(
+async fn page_json(
     state: &AppState,
     account: AccountId,
     params: &StatementParams,
 ) -> Result<serde_json::Value, ApiError> {
     let query = query(state, account, params)?;
-    let page = statement::page(views(state)?, &query, params.cursor.as_deref(), params.limit.unwrap_or(50))
-        .map_err(statement_error)?;
+    let page =
+        statement::page(views(state).await?, &query, params.cursor.as_deref(), params.limit.unwrap_or(50))
+            .map_err(statement_error)?;
     let lines: Vec<serde_json::Value> = page
         .lines
         .iter()
@@ -130,7 +137,7 @@ async fn customer_statement(
     Query(params): Query<StatementParams>,
 ) -> Result<Response, ApiError> {
     let account = AccountId::wallet(customer.msisdn.get(), Currency::Azn);
-    Ok(axum::Json(page_json(&state, account, &params)?).into_response())
+    Ok(axum::Json(page_json(&state, account, &params).await?).into_response())
 }
 
 #[utoipa::path(get, path = "/v1/customer/spending", tag = "customer", description = "What the customer spent over a window (default: 30 days), by category.", params(StatementParams), responses((status = 200, description = "the summary"), (status = "4XX", description = "refused", body = super::openapi::ErrorBody)))]
@@ -141,7 +148,7 @@ async fn customer_spending(
 ) -> Result<Response, ApiError> {
     let account = AccountId::wallet(customer.msisdn.get(), Currency::Azn);
     let query = query(&state, account, &params)?;
-    let summary = statement::spending(views(&state)?, &query).map_err(statement_error)?;
+    let summary = statement::spending(views(&state).await?, &query).map_err(statement_error)?;
     let money = |minor: u128| {
         statement::decimal(i128::try_from(minor).unwrap_or(i128::MAX), Currency::Azn).unwrap_or_default()
     };
@@ -163,7 +170,7 @@ async fn staff_statement(
     signed.require(&[Role::Staff])?;
     let msisdn = super::msisdn(&state, &msisdn, "msisdn")?;
     let account = AccountId::wallet(msisdn.get(), Currency::Azn);
-    Ok(axum::Json(page_json(&state, account, &params)?).into_response())
+    Ok(axum::Json(page_json(&state, account, &params).await?).into_response())
 }
 
 #[utoipa::path(get, path = "/v1/staff/wallets/{msisdn}/export", tag = "staff", description = "A wallet's operations over a window for accounting: one row per operation (gross, fee, commission, net, reference), as CSV or JSON.", params(("msisdn" = String, Path), StatementParams), responses((status = 200, description = "the export"), (status = "4XX", description = "refused", body = super::openapi::ErrorBody)))]
@@ -176,7 +183,7 @@ async fn staff_export(
     signed.require(&[Role::Staff])?;
     let msisdn = super::msisdn(&state, &msisdn, "msisdn")?;
     let query = query(&state, AccountId::wallet(msisdn.get(), Currency::Azn), &params)?;
-    let views = views(&state)?;
+    let views = views(&state).await?;
     let mut out = Vec::new();
     match params.format.as_deref().unwrap_or("json") {
         "csv" => {
@@ -231,7 +238,7 @@ async fn agent_report(
         None => (state.engine.now_ns() + OFFSET_NS) / DAY_NS * DAY_NS - OFFSET_NS,
     };
     let query = StatementQuery::new(engine::domain::agent_float(caller.agent), start, start + DAY_NS);
-    let rows = statement::operations(views(&state)?, &query).map_err(statement_error)?;
+    let rows = statement::operations(views(&state).await?, &query).map_err(statement_error)?;
     let mut totals: std::collections::BTreeMap<&'static str, (u64, i128)> = std::collections::BTreeMap::new();
     for row in &rows {
         let entry = totals.entry(statement::code_name(row.code)).or_default();

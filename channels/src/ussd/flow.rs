@@ -466,7 +466,18 @@ impl Flow {
                     return self.ask(Step::StatementPin, "ask_pin", Some("invalid_pin"));
                 };
                 let text = match self.app.domain.verify_pin(self.msisdn, &pin).await {
-                    Ok(()) => self.mini_statement(),
+                    Ok(()) => {
+                        // The statement shows every operation the customer was told about.
+                        if let Some(views) = self.app.engine.views() {
+                            let durable = self.app.engine.journal().durable();
+                            let _ = tokio::time::timeout(
+                                std::time::Duration::from_secs(1),
+                                views.reached(durable),
+                            )
+                            .await;
+                        }
+                        self.mini_statement()
+                    }
                     Err(error) => self.refusal(&error),
                 };
                 self.end(text)

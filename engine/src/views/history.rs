@@ -14,7 +14,7 @@
 //! line.
 
 use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
@@ -334,14 +334,11 @@ pub(super) fn write_snapshot(
     let mut bytes = Vec::with_capacity(payload.len() + frame::HEADER_LEN + 1);
     frame::write_frame(&mut bytes, SNAPSHOT_VERSION, &payload);
     drop(payload);
-    let path = dir.join(SNAPSHOT_FILE);
-    let temp = dir.join(format!("{SNAPSHOT_FILE}.tmp"));
-    let mut file = File::create(&temp)?;
-    file.write_all(&bytes)?;
-    file.sync_all()?;
-    drop(file);
-    std::fs::rename(&temp, &path)?;
-    File::open(dir)?.sync_all()
+    crate::checkpoint::write_atomically(
+        &dir.join(format!("{SNAPSHOT_FILE}.tmp")),
+        &dir.join(SNAPSHOT_FILE),
+        &bytes,
+    )
 }
 
 /// The snapshot in `dir`: `Ok(None)` if there is none, `Err` naming why one cannot be used.

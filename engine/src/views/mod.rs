@@ -514,7 +514,10 @@ impl Trees {
         // The lines first: a page or a running state published below may point at any of them.
         self.log.write_at(tail.log_lines, &written.log).map_err(io_error)?;
         let mut batch = self.index.batch();
-        for (id, value) in written.transfers {
+        // In key order: the memtable's skip list then walks from near the last insert.
+        let mut transfers: Vec<(u128, [u8; 16])> = written.transfers.into_iter().collect();
+        transfers.sort_unstable_by_key(|(id, _)| *id);
+        for (id, value) in transfers {
             batch.insert(&self.transfers, id.to_be_bytes(), value);
         }
         for (key, value) in written.pages {
@@ -996,6 +999,8 @@ pub struct Views {
     error: Arc<Mutex<Option<String>>>,
     /// Notifications enqueued since open: readers of the outbox wait on it.
     enqueued: Arc<tokio::sync::watch::Sender<u64>>,
+    /// The position applied, for [`Views::reached`]; `u64::MAX` once the tail has stopped.
+    progress: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl Views {
@@ -1007,19 +1012,21 @@ impl Views {
         let stop = Arc::new(AtomicBool::new(false));
         let error = Arc::new(Mutex::new(None));
         let enqueued = Arc::new(tokio::sync::watch::Sender::new(0));
+        let progress = Arc::new(tokio::sync::watch::Sender::new(state.applied));
         let thread = {
             let (trees, applied, stop, error) = (trees.clone(), applied.clone(), stop.clone(), error.clone());
-            let enqueued = enqueued.clone();
+            let (enqueued, progress) = (enqueued.clone(), progress.clone());
             let journal_dir = journal_dir.to_path_buf();
             std::thread::Builder::new()
                 .name("qepik-views".into())
                 .spawn(move || {
-                    if let Err(message) =
-                        tail(&trees, &mut state, &journal_dir, &journal, &applied, &stop, &enqueued)
-                    {
+                    let signals = Signals { applied: &applied, progress: &progress, enqueued: &enqueued };
+                    if let Err(message) = tail(&trees, &mut state, &journal_dir, &journal, &stop, &signals) {
                         tracing::error!(%message, "views stopped");
                         *error.lock().unwrap_or_else(|p| p.into_inner()) = Some(message);
                     }
+                    // Whoever waits for a position stops waiting: the views will not get there.
+                    progress.send_replace(u64::MAX);
                 })
                 .map_err(|e| ViewsError::Sled { path: path.to_path_buf(), source: sled::Error::Io(e) })?
         };
@@ -1031,6 +1038,7 @@ impl Views {
             thread: Mutex::new(Some(thread)),
             error,
             enqueued,
+            progress,
         })
     }
 
@@ -1147,6 +1155,15 @@ impl Views {
         Outbox::new(self.trees.outbox.clone(), self.enqueued.subscribe())
     }
 
+    /// Waits until the views have applied the journal up to `position`, or have stopped: how a
+    /// reader sees its own writes (pass the journal's durable position from after the write).
+    /// Returns whether the views got there.
+    pub async fn reached(&self, position: u64) -> bool {
+        let mut progress = self.progress.subscribe();
+        let _ = progress.wait_for(|applied| *applied >= position).await;
+        self.applied() >= position
+    }
+
     /// Blocks until the views have applied the journal up to `position`, or `timeout` passes.
     /// Returns whether they got there.
     pub fn wait_for(&self, position: u64, timeout: Duration) -> bool {
@@ -1171,14 +1188,21 @@ impl Views {
     }
 }
 
+/// How the tail tells others what it did: the position applied (read at any time, and watched
+/// by those who wait for one) and the notifications enqueued.
+struct Signals<'a> {
+    applied: &'a AtomicU64,
+    progress: &'a tokio::sync::watch::Sender<u64>,
+    enqueued: &'a tokio::sync::watch::Sender<u64>,
+}
+
 fn tail(
     trees: &Trees,
     state: &mut Tail,
     journal_dir: &Path,
     journal: &JournalState,
-    applied: &AtomicU64,
     stop: &AtomicBool,
-    enqueued: &tokio::sync::watch::Sender<u64>,
+    signals: &Signals<'_>,
 ) -> Result<(), String> {
     let mut saved = (Instant::now(), state.applied);
     let mut last_pass = Instant::now();
@@ -1210,10 +1234,11 @@ fn tail(
         }
         last_pass = Instant::now();
         let count = catch_up_step(trees, journal_dir, durable, state)?;
-        applied.store(state.applied, Ordering::Release);
+        signals.applied.store(state.applied, Ordering::Release);
+        signals.progress.send_replace(state.applied);
         if count > 0 {
             let count = u64::try_from(count).unwrap_or(u64::MAX);
-            enqueued.send_modify(|total| *total = total.saturating_add(count));
+            signals.enqueued.send_modify(|total| *total = total.saturating_add(count));
         }
     }
 }
