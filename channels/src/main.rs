@@ -94,7 +94,9 @@ fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .json()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+            // fjall's LSM tree reports each table it writes at info: that is its own business.
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "info,lsm_tree=warn,fjall=warn".into()),
         )
         .with_writer(std::io::stderr)
         .init();
