@@ -506,7 +506,10 @@ impl Trees {
         }
 
         let watermark = self.watermark()?;
-        let mut pass = Pass::new(self, &mut tail.holds, tail.log_lines, watermark);
+        // The pass changes running states in place, holding the lock until everything they
+        // point at (lines, pages) is written: readers see the states before the pass or after.
+        let mut running = self.running.write().unwrap_or_else(|p| p.into_inner());
+        let mut pass = Pass::new(&mut running, &mut tail.holds, tail.log_lines, watermark);
         for (record_end, record_at, event) in events {
             pass.event(record_end, record_at, event)?;
         }
@@ -545,7 +548,7 @@ impl Trees {
                     }
                 })?;
         }
-        self.running.write().unwrap_or_else(|p| p.into_inner()).extend(written.running);
+        drop(running);
         tail.log_lines += written.lines;
         tail.applied = position;
         Ok(written.enqueued)
@@ -560,16 +563,13 @@ struct Written {
     /// Encoded history lines, to append at the log's end.
     log: Vec<u8>,
     lines: u64,
-    /// The running states the pass changed.
-    running: FxHashMap<AccountId, Running>,
     enqueued: usize,
 }
 
 /// One pass over a run of events: lines, running balances and notifications.
 struct Pass<'a> {
-    trees: &'a Trees,
-    /// Running states changed in this pass; the others are read from [`Trees::running`].
-    running: FxHashMap<AccountId, Running>,
+    /// Every account's running state ([`Trees::running`], locked for the pass).
+    running: &'a mut FxHashMap<AccountId, Running>,
     transfers: TransferWrites,
     pages: Writes,
     outbox: sled::Batch,
@@ -588,14 +588,13 @@ struct Pass<'a> {
 
 impl<'a> Pass<'a> {
     fn new(
-        trees: &'a Trees,
+        running: &'a mut FxHashMap<AccountId, Running>,
         holds: &'a mut FxHashMap<u128, Transfer>,
         log_first: u64,
         watermark: u64,
     ) -> Pass<'a> {
         Pass {
-            trees,
-            running: FxHashMap::default(),
+            running,
             transfers: TransferWrites::default(),
             pages: Writes::new(),
             outbox: sled::Batch::default(),
@@ -717,17 +716,7 @@ impl<'a> Pass<'a> {
         entry: &mut HistoryEntry,
         change: i128,
     ) -> Result<(), sled::Error> {
-        let mut running = match self.running.get(&account) {
-            Some(running) => *running,
-            None => self
-                .trees
-                .running
-                .read()
-                .unwrap_or_else(|p| p.into_inner())
-                .get(&account)
-                .copied()
-                .unwrap_or_default(),
-        };
+        let running = self.running.entry(account).or_default();
         running.booked_at = running.booked_at.max(entry.booked_at);
         running.lines = running.lines.saturating_add(1);
         // Cannot saturate: every sub-account's columns are u64.
@@ -750,7 +739,6 @@ impl<'a> Pass<'a> {
             );
             running.sealed = running.lines;
         }
-        self.running.insert(account, running);
         if entry.kind.moves_posted()
             && self.notifying()
             && let Some(msisdn) = account.wallet_msisdn()
@@ -777,7 +765,6 @@ impl<'a> Pass<'a> {
             outbox: self.outbox,
             log: self.log,
             lines: self.lines,
-            running: self.running,
             enqueued: self.enqueued,
         }
     }
