@@ -4,10 +4,12 @@
 //! holds the only copy of anything but the outbox's acknowledgements: the views restart from a
 //! journal position after a crash, and [`reindex`] rebuilds them from the journal.
 //!
-//! One thread tails the journal (reading only what became durable since its last pass). A pass
-//! appends its history lines to the log, writes one sled batch per tree, commits the outbox
-//! entries with the position and the outbox watermark in one sled transaction, and then
-//! publishes the accounts' new running states. Every 30 s, and when the views stop, the tail
+//! One thread tails the journal (reading only what became durable since its last pass, in passes
+//! of at least 256 KiB or 5 ms). A pass holds the write lock of the accounts' running states: it
+//! updates them in place, appends its history lines to the log, writes the transfer index and
+//! the pages to fjall, commits the outbox entries (if any) with the position and the outbox
+//! watermark in one sled transaction, and only then lets readers in. Every 30 s, and when the
+//! views stop, the tail
 //! saves a snapshot: its position, the log's length, every running state and the cross-shard
 //! transfers in flight. After a crash it restarts from the snapshot: the log is cut back to the
 //! snapshot's length and the passes after it are applied again. That is harmless: transfer and
@@ -226,7 +228,7 @@ impl HistoryEntry {
     }
 }
 
-/// Every account's running state as of the last pass published.
+/// Every account's running state; a pass holds the write lock while it applies.
 type RunningStates = Arc<RwLock<FxHashMap<AccountId, Running>>>;
 
 /// The views' stores. sled keeps the outbox and the views' position, which commit together;
@@ -514,7 +516,8 @@ impl Trees {
             pass.event(record_end, record_at, event)?;
         }
         let written = pass.finish();
-        // The lines first: a page or a running state published below may point at any of them.
+        // The lines first: a page below, or a running state once the lock is released, may point
+        // at any of them.
         self.log.write_at(tail.log_lines, &written.log).map_err(io_error)?;
         let mut batch = self.index.batch();
         // In key order: the memtable's skip list then walks from near the last insert.
