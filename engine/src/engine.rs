@@ -27,7 +27,7 @@ use crate::views::{Views, ViewsError};
 
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
-    /// Holds `journal/`, `checkpoints/` and `views/` (sled).
+    /// Holds `journal/`, `checkpoints/` and `views/`.
     pub data_dir: PathBuf,
     pub shard_count: u16,
     /// Messages one shard drains into one batch at most.
@@ -35,8 +35,10 @@ pub struct EngineConfig {
     pub segment_len_max: u64,
     /// Bytes one group commit writes at most.
     pub group_len_max: usize,
-    /// Whether to run the sled views (the transfer index and account history).
+    /// Whether to run the views (the transfer index, account history, notification outbox).
     pub views: bool,
+    /// How often the views save the snapshot they restart from after a crash.
+    pub views_snapshot_every: std::time::Duration,
     /// A checkpoint is written once the journal has grown this much since the last one
     /// (0: only when asked), bounding how much recovery replays.
     pub checkpoint_every_bytes: u64,
@@ -54,6 +56,7 @@ impl EngineConfig {
             segment_len_max: limits::SEGMENT_LEN_MAX,
             group_len_max: limits::GROUP_LEN_MAX,
             views: true,
+            views_snapshot_every: crate::views::SNAPSHOT_EVERY,
             checkpoint_every_bytes: limits::CHECKPOINT_EVERY_BYTES,
             clock: Arc::new(SystemClock),
         }
@@ -182,7 +185,12 @@ impl Engine {
         }
 
         let views = if config.views {
-            Some(Views::open(&config.data_dir.join("views"), &journal_dir, state.clone())?)
+            Some(Views::open_with(
+                &config.data_dir.join("views"),
+                &journal_dir,
+                state.clone(),
+                config.views_snapshot_every,
+            )?)
         } else {
             None
         };

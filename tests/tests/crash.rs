@@ -129,6 +129,7 @@ fn verify(dir: &Path, acks: &Acks) -> anyhow::Result<()> {
     let engine = open(dir, CRASH_SHARDS)?;
     eprintln!("recovery: {:?}", engine.recovery_report());
     let views_from = engine.views().map(|v| v.applied());
+    eprintln!("views restart at journal position {views_from:?}");
     let ok: Vec<TransferId> = acks.ok.iter().map(|id| TransferId(*id)).collect();
     let found = block_on(engine.lookup_transfers(&ok))?;
     for (id, stored) in ok.iter().zip(&found) {
@@ -168,6 +169,19 @@ fn verify(dir: &Path, acks: &Acks) -> anyhow::Result<()> {
                 trace(&dir.join("journal"), id.0)?
             );
         }
+    }
+    // Each account's history, whether the views restarted from a snapshot (cutting the history
+    // log back to it) or rebuilt it, runs from line 1 without gaps to the ledger's balance.
+    for (id, account) in ids.iter().zip(&accounts) {
+        let posted = account.map_or(0, |a| a.balance_posted());
+        let lines = views.history(*id, 0, usize::MAX)?;
+        let mut balance = 0_i128;
+        for (index, line) in lines.iter().enumerate() {
+            anyhow::ensure!(line.line == u64::try_from(index)? + 1, "{id}: line {index} is {line:?}");
+            balance += line.posted_change();
+            anyhow::ensure!(line.balance_after == balance, "{id}: balance after line {}", line.line);
+        }
+        anyhow::ensure!(balance == posted, "{id}: history ends at {balance}, the ledger holds {posted}");
     }
     engine.shutdown();
     drop(engine);

@@ -64,8 +64,8 @@ const PASS_LEN_MAX: u64 = 4 * 1024 * 1024;
 /// states) covers many group commits instead of one.
 const PASS_LEN_MIN: u64 = 256 * 1024;
 const PASS_WAIT: Duration = Duration::from_millis(5);
-/// How often the tail saves a history snapshot while it applies.
-const SNAPSHOT_EVERY: Duration = Duration::from_secs(30);
+/// How often the tail saves a history snapshot while it applies, by default.
+pub const SNAPSHOT_EVERY: Duration = Duration::from_secs(30);
 
 /// Why the views could not be opened or rebuilt.
 #[derive(Debug, thiserror::Error)]
@@ -996,6 +996,16 @@ pub struct Views {
 impl Views {
     /// Opens the views and starts tailing the journal from the position they last applied.
     pub fn open(path: &Path, journal_dir: &Path, journal: Arc<JournalState>) -> Result<Views, ViewsError> {
+        Views::open_with(path, journal_dir, journal, SNAPSHOT_EVERY)
+    }
+
+    /// As [`Views::open`], saving a snapshot every `snapshot_every` while the tail applies.
+    pub fn open_with(
+        path: &Path,
+        journal_dir: &Path,
+        journal: Arc<JournalState>,
+        snapshot_every: Duration,
+    ) -> Result<Views, ViewsError> {
         let trees = Trees::open(path)?;
         let mut state = trees.recover()?;
         let applied = Arc::new(AtomicU64::new(state.applied));
@@ -1011,7 +1021,9 @@ impl Views {
                 .name("qepik-views".into())
                 .spawn(move || {
                     let signals = Signals { applied: &applied, progress: &progress, enqueued: &enqueued };
-                    if let Err(message) = tail(&trees, &mut state, &journal_dir, &journal, &stop, &signals) {
+                    if let Err(message) =
+                        tail(&trees, &mut state, &journal_dir, &journal, &stop, &signals, snapshot_every)
+                    {
                         tracing::error!(%message, "views stopped");
                         *error.lock().unwrap_or_else(|p| p.into_inner()) = Some(message);
                     }
@@ -1193,6 +1205,7 @@ fn tail(
     journal: &JournalState,
     stop: &AtomicBool,
     signals: &Signals<'_>,
+    snapshot_every: Duration,
 ) -> Result<(), String> {
     let mut saved = (Instant::now(), state.applied);
     let mut last_pass = Instant::now();
@@ -1204,7 +1217,7 @@ fn tail(
             }
             return Ok(());
         }
-        if state.applied > saved.1 && saved.0.elapsed() >= SNAPSHOT_EVERY {
+        if state.applied > saved.1 && saved.0.elapsed() >= snapshot_every {
             trees.snapshot(state).map_err(|e| e.to_string())?;
             saved = (Instant::now(), state.applied);
         }

@@ -32,6 +32,9 @@ fn main() -> anyhow::Result<()> {
     config.shard_count = CRASH_SHARDS;
     // Checkpoints under load, so that some kills land after one and recovery starts from it.
     config.checkpoint_every_bytes = CHECKPOINT_EVERY_BYTES;
+    // Snapshots of the views every few hundred milliseconds, so that kills land after one and
+    // recovery cuts the history log back and applies the passes after it again.
+    config.views_snapshot_every = std::time::Duration::from_millis(300);
     let engine = Engine::open(config).context("open")?;
 
     let mut accounts = vec![issuance()];
