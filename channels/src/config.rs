@@ -49,7 +49,7 @@ pub struct ServerSection {
     pub secret: Option<String>,
     /// A checkpoint after this many journal bytes.
     pub checkpoint_every_mb: u64,
-    /// Whether to run the sled views (statements, transfer index).
+    /// Whether to run the views (statements, transfer index, notifications).
     pub views: bool,
 }
 

@@ -165,7 +165,7 @@ impl Totals {
 /// What the ledger remembers of a transfer that has reached its final state: a 64-bit hash of
 /// its body (for idempotent retries) with the state in the low three bits. 16 + 8 bytes a
 /// transfer instead of ~150 keeps ten million of them in a few hundred MiB; the body itself is
-/// in the journal and the sled transfer index.
+/// in the journal, found through the views' transfer index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Done(u64);
 
