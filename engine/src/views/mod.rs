@@ -1,4 +1,4 @@
-//! Views derived from the journal: the transfer index by id (sled), each account's history with
+//! Views derived from the journal: the transfer index by id (fjall), each account's history with
 //! its running posted balance (the history log and its pages, [`history`]; read through
 //! [`crate::statement`]), and the notification outbox ([`crate::outbox`], sled). Nothing here
 //! holds the only copy of anything but the outbox's acknowledgements: the views restart from a
@@ -9,13 +9,13 @@
 //! updates them in place, appends its history lines to the log, writes the transfer index and
 //! the pages to fjall, commits the outbox entries (if any) with the position and the outbox
 //! watermark in one sled transaction, and only then lets readers in. Every 30 s, and when the
-//! views stop, the tail
-//! saves a snapshot: its position, the log's length, every running state and the cross-shard
-//! transfers in flight. After a crash it restarts from the snapshot: the log is cut back to the
-//! snapshot's length and the passes after it are applied again. That is harmless: transfer and
-//! page writes are idempotent inserts of the same values, and records at or before the watermark
-//! enqueue nothing. If sled lost writes the snapshot relies on (its mark is older than the
-//! snapshot), or the snapshot is damaged, the history is rebuilt from the start of the journal.
+//! views stop, the tail saves a snapshot: its position, the log's length, every running state,
+//! the cross-shard transfers in flight and the unresolved holds. After a crash it restarts from
+//! the snapshot: the log is cut back to the snapshot's length and the passes after it are applied
+//! again. That is harmless: transfer and page writes are idempotent inserts of the same values,
+//! and records at or before the watermark enqueue nothing. If fjall lost writes the snapshot relies on (its mark is older than the
+//! snapshot), the log is shorter than the snapshot says, or the snapshot is damaged, the history
+//! is rebuilt from the start of the journal.
 //!
 //! A history line is keyed by account, booked time and line number. The line number counts the
 //! account's lines in the order the views apply the journal; the booked time is the time of the
@@ -27,7 +27,7 @@ mod history;
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -50,8 +50,9 @@ const APPLIED_KEY: &[u8] = b"applied";
 /// rebuild enqueues nothing that was already enqueued (and perhaps delivered).
 const WATERMARK_KEY: &[u8] = b"outbox_watermark";
 const FORMAT_KEY: &[u8] = b"format";
-/// The position of the newest history snapshot whose pages sled holds: written before the
-/// snapshot file, so a snapshot newer than it means sled lost writes.
+/// The position of the newest history snapshot whose pages and index entries fjall holds:
+/// written and fsynced before the snapshot file, so a snapshot newer than it means fjall lost
+/// writes.
 const HISTORY_MARK_KEY: &[u8] = b"history_mark";
 /// The layout of the trees. Views of another layout are rebuilt from the journal on open.
 const FORMAT: u64 = 3;
@@ -239,7 +240,7 @@ struct Trees {
     db: sled::Db,
     dir: PathBuf,
     index: fjall::Database,
-    /// Transfer id → the position after its journal record, and the transfer.
+    /// Transfer id → the journal positions before and after the record that holds it.
     transfers: fjall::Keyspace,
     /// One key per [`PAGE_LINES`] lines of an account: the account and the first line's
     /// position, to the log index of the last line and the page's length.
@@ -260,8 +261,9 @@ impl std::fmt::Debug for Trees {
 
 /// The history pages one pass writes, in key order.
 type Writes = std::collections::BTreeMap<Vec<u8>, Vec<u8>>;
-/// The transfer index entries one pass writes: id → journal position and transfer.
-type TransferWrites = FxHashMap<u128, [u8; 16]>;
+/// The transfer index entries one pass writes, in id order: id → the journal positions before
+/// and after the record that holds the transfer.
+type TransferWrites = std::collections::BTreeMap<u128, [u8; 16]>;
 
 /// A transfer as the views found it in the journal: its body, when its record was applied,
 /// and where that record lies (the positions before and after it). The transfer index keeps
@@ -352,7 +354,7 @@ impl Trees {
         ViewsError::History { path: self.dir.clone(), source }
     }
 
-    /// Where the tail restarts: the history snapshot if sled still holds what it relies on,
+    /// Where the tail restarts: the history snapshot if fjall and the log still hold what it relies on,
     /// else the start of the journal with the history cleared.
     fn recover(&self) -> Result<Tail, ViewsError> {
         let err = |source| ViewsError::Sled { path: self.dir.clone(), source };
@@ -371,7 +373,7 @@ impl Trees {
                     mark,
                     lines = snapshot.log_lines,
                     logged,
-                    "views: the history snapshot is ahead of what sled or the log kept; rebuilding the history"
+                    "views: the history snapshot is ahead of what the index or the log kept; rebuilding the history"
                 );
                 None
             }
@@ -513,17 +515,14 @@ impl Trees {
         let mut running = self.running.write().unwrap_or_else(|p| p.into_inner());
         let mut pass = Pass::new(&mut running, &mut tail.holds, tail.log_lines, watermark);
         for (record_end, record_at, event) in events {
-            pass.event(record_end, record_at, event)?;
+            pass.event(record_end, record_at, event);
         }
         let written = pass.finish();
         // The lines first: a page below, or a running state once the lock is released, may point
         // at any of them.
         self.log.write_at(tail.log_lines, &written.log).map_err(io_error)?;
         let mut batch = self.index.batch();
-        // In key order: the memtable's skip list then walks from near the last insert.
-        let mut transfers: Vec<(u128, [u8; 16])> = written.transfers.into_iter().collect();
-        transfers.sort_unstable_by_key(|(id, _)| *id);
-        for (id, value) in transfers {
+        for (id, value) in written.transfers {
             batch.insert(&self.transfers, id.to_be_bytes(), value);
         }
         for (key, value) in written.pages {
@@ -617,14 +616,14 @@ impl<'a> Pass<'a> {
         self.record > self.watermark
     }
 
-    fn event(&mut self, record_end: u64, record_at: u64, event: Event) -> Result<(), sled::Error> {
+    fn event(&mut self, record_end: u64, record_at: u64, event: Event) {
         if record_end != self.record {
             self.flush_notices();
             self.record = record_end;
         }
         match event {
-            Event::Transfer(found) => self.transfer(&found, record_at)?,
-            Event::Expired(id) => self.expired(id, record_at)?,
+            Event::Transfer(found) => self.transfer(&found, record_at),
+            Event::Expired(id) => self.expired(id, record_at),
             Event::Otp { msisdn, nonce, expires_at } => {
                 if self.notifying() {
                     self.notices.push(Notification::Otp { msisdn, nonce, expires_at });
@@ -636,10 +635,9 @@ impl<'a> Pass<'a> {
                 }
             }
         }
-        Ok(())
     }
 
-    fn transfer(&mut self, found: &Found, record_at: u64) -> Result<(), sled::Error> {
+    fn transfer(&mut self, found: &Found, record_at: u64) {
         let (t, at) = (&found.transfer, found.at);
         let mut value = [0_u8; 16];
         value[..8].copy_from_slice(&found.from.to_be_bytes());
@@ -672,24 +670,16 @@ impl<'a> Pass<'a> {
         self.lines(&line, kind, amount, moved, at, record_at)
     }
 
-    fn expired(&mut self, id: TransferId, record_at: u64) -> Result<(), sled::Error> {
+    fn expired(&mut self, id: TransferId, record_at: u64) {
         let Some(held) = self.holds.remove(&id.0) else {
             tracing::warn!(%id, "views: the expired hold is not indexed");
-            return Ok(());
+            return;
         };
         self.lines(&held, LineKind::HoldExpired, held.amount, 0, record_at, record_at)
     }
 
     /// The two lines of a transfer: `amount` as the lines show it, `moved` what was posted.
-    fn lines(
-        &mut self,
-        t: &Transfer,
-        kind: LineKind,
-        amount: u64,
-        moved: u64,
-        at: u64,
-        record_at: u64,
-    ) -> Result<(), sled::Error> {
+    fn lines(&mut self, t: &Transfer, kind: LineKind, amount: u64, moved: u64, at: u64, record_at: u64) {
         for (account, debit) in [(t.debit_account_id, true), (t.credit_account_id, false)] {
             let mut entry = HistoryEntry {
                 timestamp: at,
@@ -707,18 +697,12 @@ impl<'a> Pass<'a> {
                 balance_after: 0,
             };
             let change = if debit { -i128::from(moved) } else { i128::from(moved) };
-            self.book(account, &mut entry, change)?;
+            self.book(account, &mut entry, change);
         }
-        Ok(())
     }
 
     /// Numbers, dates and balances a line on `account`, and writes it.
-    fn book(
-        &mut self,
-        account: AccountId,
-        entry: &mut HistoryEntry,
-        change: i128,
-    ) -> Result<(), sled::Error> {
+    fn book(&mut self, account: AccountId, entry: &mut HistoryEntry, change: i128) {
         let running = self.running.entry(account).or_default();
         running.booked_at = running.booked_at.max(entry.booked_at);
         running.lines = running.lines.saturating_add(1);
@@ -748,7 +732,6 @@ impl<'a> Pass<'a> {
         {
             self.notices.money(msisdn, account, entry);
         }
-        Ok(())
     }
 
     fn flush_notices(&mut self) {
@@ -983,14 +966,13 @@ impl DoubleEndedIterator for Lines {
 pub struct Views {
     trees: Trees,
     journal_dir: PathBuf,
-    applied: Arc<AtomicU64>,
     stop: Arc<AtomicBool>,
     thread: Mutex<Option<JoinHandle<()>>>,
     error: Arc<Mutex<Option<String>>>,
+    /// The position applied. The tail thread holds the sender: once it stops, waiting ends.
+    progress: tokio::sync::watch::Receiver<u64>,
     /// Notifications enqueued since open: readers of the outbox wait on it.
-    enqueued: Arc<tokio::sync::watch::Sender<u64>>,
-    /// The position applied, for [`Views::reached`]; `u64::MAX` once the tail has stopped.
-    progress: Arc<tokio::sync::watch::Sender<u64>>,
+    enqueued: tokio::sync::watch::Receiver<u64>,
 }
 
 impl Views {
@@ -1008,45 +990,41 @@ impl Views {
     ) -> Result<Views, ViewsError> {
         let trees = Trees::open(path)?;
         let mut state = trees.recover()?;
-        let applied = Arc::new(AtomicU64::new(state.applied));
         let stop = Arc::new(AtomicBool::new(false));
         let error = Arc::new(Mutex::new(None));
-        let enqueued = Arc::new(tokio::sync::watch::Sender::new(0));
-        let progress = Arc::new(tokio::sync::watch::Sender::new(state.applied));
+        let (progress_tx, progress) = tokio::sync::watch::channel(state.applied);
+        let (enqueued_tx, enqueued) = tokio::sync::watch::channel(0);
         let thread = {
-            let (trees, applied, stop, error) = (trees.clone(), applied.clone(), stop.clone(), error.clone());
-            let (enqueued, progress) = (enqueued.clone(), progress.clone());
+            let (trees, stop, error) = (trees.clone(), stop.clone(), error.clone());
             let journal_dir = journal_dir.to_path_buf();
             std::thread::Builder::new()
                 .name("qepik-views".into())
                 .spawn(move || {
-                    let signals = Signals { applied: &applied, progress: &progress, enqueued: &enqueued };
+                    // The senders drop when this thread ends, which ends every wait on them.
+                    let signals = Signals { progress: progress_tx, enqueued: enqueued_tx };
                     if let Err(message) =
                         tail(&trees, &mut state, &journal_dir, &journal, &stop, &signals, snapshot_every)
                     {
                         tracing::error!(%message, "views stopped");
                         *error.lock().unwrap_or_else(|p| p.into_inner()) = Some(message);
                     }
-                    // Whoever waits for a position stops waiting: the views will not get there.
-                    progress.send_replace(u64::MAX);
                 })
                 .map_err(|e| ViewsError::Sled { path: path.to_path_buf(), source: sled::Error::Io(e) })?
         };
         Ok(Views {
             trees,
             journal_dir: journal_dir.to_path_buf(),
-            applied,
             stop,
             thread: Mutex::new(Some(thread)),
             error,
-            enqueued,
             progress,
+            enqueued,
         })
     }
 
     /// The journal position the views have applied up to.
     pub fn applied(&self) -> u64 {
-        self.applied.load(Ordering::Acquire)
+        *self.progress.borrow()
     }
 
     /// Why the tail thread stopped, if it did.
@@ -1054,7 +1032,8 @@ impl Views {
         self.error.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
-    /// Where the transfer is journaled (the position after its record), if the view has it.
+    /// The transfer, if the view has it: the position after the journal record that holds its
+    /// body (for a cross-shard transfer, its reserve's), the body, and that record's time.
     pub fn transfer(&self, id: TransferId) -> Result<Option<(u64, Transfer, u64)>, ReadError> {
         let Some(value) = self.trees.transfers.get(id.0.to_be_bytes())? else {
             return Ok(None);
@@ -1154,16 +1133,15 @@ impl Views {
 
     /// The notification outbox, for the sender that drains it.
     pub fn outbox(&self) -> Outbox {
-        Outbox::new(self.trees.outbox.clone(), self.enqueued.subscribe())
+        Outbox::new(self.trees.outbox.clone(), self.enqueued.clone())
     }
 
     /// Waits until the views have applied the journal up to `position`, or have stopped: how a
     /// reader sees its own writes (pass the journal's durable position from after the write).
     /// Returns whether the views got there.
     pub async fn reached(&self, position: u64) -> bool {
-        let mut progress = self.progress.subscribe();
-        let _ = progress.wait_for(|applied| *applied >= position).await;
-        self.applied() >= position
+        let mut progress = self.progress.clone();
+        progress.wait_for(|applied| *applied >= position).await.is_ok()
     }
 
     /// Blocks until the views have applied the journal up to `position`, or `timeout` passes.
@@ -1179,7 +1157,8 @@ impl Views {
         true
     }
 
-    /// Stops the tail thread and flushes sled. The views resume from their position next time.
+    /// Stops the tail thread (which saves a snapshot) and flushes the stores. The views resume
+    /// from the snapshot next time.
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Release);
         if let Some(thread) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
@@ -1190,12 +1169,10 @@ impl Views {
     }
 }
 
-/// How the tail tells others what it did: the position applied (read at any time, and watched
-/// by those who wait for one) and the notifications enqueued.
-struct Signals<'a> {
-    applied: &'a AtomicU64,
-    progress: &'a tokio::sync::watch::Sender<u64>,
-    enqueued: &'a tokio::sync::watch::Sender<u64>,
+/// How the tail tells others what it did: the position applied and the notifications enqueued.
+struct Signals {
+    progress: tokio::sync::watch::Sender<u64>,
+    enqueued: tokio::sync::watch::Sender<u64>,
 }
 
 fn tail(
@@ -1204,7 +1181,7 @@ fn tail(
     journal_dir: &Path,
     journal: &JournalState,
     stop: &AtomicBool,
-    signals: &Signals<'_>,
+    signals: &Signals,
     snapshot_every: Duration,
 ) -> Result<(), String> {
     let mut saved = (Instant::now(), state.applied);
@@ -1237,7 +1214,6 @@ fn tail(
         }
         last_pass = Instant::now();
         let count = catch_up_step(trees, journal_dir, durable, state)?;
-        signals.applied.store(state.applied, Ordering::Release);
         signals.progress.send_replace(state.applied);
         if count > 0 {
             let count = u64::try_from(count).unwrap_or(u64::MAX);
