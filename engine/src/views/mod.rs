@@ -883,9 +883,16 @@ impl Lines {
         if first_line > self.sealed {
             return Ok(Vec::new());
         }
+        // A page that cannot be read is an error, as a damaged line is: skipping it would drop
+        // its lines from a statement without a word.
         let Some((last, count)) = history::decode_page(&value) else {
-            tracing::warn!(account = %self.account, "views: an undecodable history page is skipped");
-            return Ok(Vec::new());
+            return Err(ReadError::History(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "history page of account {} is undecodable; `qepik reindex` rebuilds it",
+                    self.account
+                ),
+            )));
         };
         Ok(self.log.chain(self.account, last, count)?)
     }
