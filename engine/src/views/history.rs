@@ -23,7 +23,6 @@ use rustc_hash::FxHashMap;
 use super::{Found, HistoryEntry, Tail, decode_history, decode_transfer, encode_history, encode_transfer};
 use crate::ids::AccountId;
 use crate::journal::frame::{self, FrameRead};
-use crate::transfer::Transfer;
 
 /// Bytes of one line in the log: back link (8), key (24), value (77), padding, CRC32C (4).
 pub(super) const LINE_LEN: u64 = 128;
@@ -206,16 +205,12 @@ impl HistoryLog {
     }
 }
 
-/// What the tail thread restarts from: its position, the log's length at it, every account's
-/// running state, the cross-shard transfers in flight and the holds not yet resolved.
+/// What the tail thread restarts from: its own state ([`Tail`]: position, the log's length,
+/// cross-shard transfers in flight, unresolved holds) and every account's running state.
 #[derive(Debug, Default)]
 pub(super) struct Snapshot {
-    pub applied: u64,
-    pub log_lines: u64,
+    pub tail: Tail,
     pub running: FxHashMap<AccountId, Running>,
-    pub reserved: FxHashMap<u128, Found>,
-    pub members: FxHashMap<u128, Vec<Found>>,
-    pub holds: FxHashMap<u128, Transfer>,
 }
 
 const FOUND_LEN: usize = super::TRANSFER_VALUE_LEN + 16;
@@ -314,7 +309,8 @@ impl Snapshot {
             *at += super::TRANSFER_VALUE_LEN;
             holds.insert(id, hold);
         }
-        (*at == bytes.len()).then_some(Snapshot { applied, log_lines, running, reserved, members, holds })
+        let tail = Tail { applied, log_lines, reserved, members, holds };
+        (*at == bytes.len()).then_some(Snapshot { tail, running })
     }
 }
 
@@ -372,7 +368,7 @@ mod tests {
     use super::*;
     use crate::ids::TransferId;
     use crate::money::Currency;
-    use crate::transfer::TransferFlags;
+    use crate::transfer::{Transfer, TransferFlags};
     use crate::views::LineKind;
 
     fn entry(line: u64) -> HistoryEntry {
@@ -465,9 +461,9 @@ mod tests {
         write_snapshot(dir.path(), &tail, &running)?;
         let read =
             read_snapshot(dir.path()).map_err(io::Error::other)?.ok_or_else(|| io::Error::other("none"))?;
-        assert_eq!((read.applied, read.log_lines), (1234, 12));
+        assert_eq!((read.tail.applied, read.tail.log_lines), (1234, 12));
         assert_eq!(
-            (read.running, read.reserved, read.members, read.holds),
+            (read.running, read.tail.reserved, read.tail.members, read.tail.holds),
             (running, tail.reserved, tail.members, tail.holds)
         );
         let path = dir.path().join(SNAPSHOT_FILE);

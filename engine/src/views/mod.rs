@@ -366,12 +366,14 @@ impl Trees {
             .map_or(0, u64::from_be_bytes);
         let logged = self.log.lines().map_err(|e| self.history_error(e))?;
         let usable = match history::read_snapshot(&self.dir) {
-            Ok(Some(snapshot)) if snapshot.applied <= mark && snapshot.log_lines <= logged => Some(snapshot),
+            Ok(Some(snapshot)) if snapshot.tail.applied <= mark && snapshot.tail.log_lines <= logged => {
+                Some(snapshot)
+            }
             Ok(Some(snapshot)) => {
                 tracing::warn!(
-                    snapshot = snapshot.applied,
+                    snapshot = snapshot.tail.applied,
                     mark,
-                    lines = snapshot.log_lines,
+                    lines = snapshot.tail.log_lines,
                     logged,
                     "views: the history snapshot is ahead of what the index or the log kept; rebuilding the history"
                 );
@@ -387,15 +389,9 @@ impl Trees {
             self.clear_history().map_err(err)?;
             return Ok(Tail::default());
         };
-        self.log.truncate(snapshot.log_lines).map_err(|e| self.history_error(e))?;
+        self.log.truncate(snapshot.tail.log_lines).map_err(|e| self.history_error(e))?;
         *self.running.write().unwrap_or_else(|p| p.into_inner()) = snapshot.running;
-        Ok(Tail {
-            applied: snapshot.applied,
-            log_lines: snapshot.log_lines,
-            reserved: snapshot.reserved,
-            members: snapshot.members,
-            holds: snapshot.holds,
-        })
+        Ok(snapshot.tail)
     }
 
     /// Empties the history: pages, log, running states and snapshot.
