@@ -66,11 +66,13 @@ pub fn load_latest(dir: &Path) -> Result<Option<WalCheckpoint>, CheckpointError>
     }
 }
 
-/// Writes `bytes` to `path` so that a crash leaves either the old file or the whole new one:
-/// into `temp`, fsync, rename over `path`, fsync the directory.
-pub(crate) fn write_atomically(temp: &Path, path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+/// Writes `parts`, one after the other, to `path` so that a crash leaves either the old file or
+/// the whole new one: into `temp`, fsync, rename over `path`, fsync the directory.
+pub(crate) fn write_atomically(temp: &Path, path: &Path, parts: &[&[u8]]) -> std::io::Result<()> {
     let mut file = File::create(temp)?;
-    file.write_all(bytes)?;
+    for part in parts {
+        file.write_all(part)?;
+    }
     file.sync_all()?;
     drop(file);
     fs::rename(temp, path)?;
@@ -84,7 +86,7 @@ pub fn write(dir: &Path, checkpoint: &WalCheckpoint) -> Result<PathBuf, Checkpoi
     let sequence = list(dir)?.last().map_or(1, |(n, _)| n + 1);
     let path = dir.join(format!("{PREFIX}{sequence:020}{SUFFIX}"));
     let temp = dir.join(format!("{PREFIX}{sequence:020}{SUFFIX}.tmp"));
-    let payload = record::encode(checkpoint)
+    let payload = record::encode_checkpoint(checkpoint)
         .map_err(|error| CheckpointError::Corrupt { path: path.clone(), reason: error.to_string() })?;
     if payload.len() >= u32::MAX as usize {
         return Err(CheckpointError::Corrupt {
@@ -92,9 +94,8 @@ pub fn write(dir: &Path, checkpoint: &WalCheckpoint) -> Result<PathBuf, Checkpoi
             reason: format!("state of {} bytes does not fit one checkpoint frame", payload.len()),
         });
     }
-    let mut bytes = Vec::with_capacity(payload.len() + frame::HEADER_LEN + 1);
-    frame::write_frame(&mut bytes, FORMAT_VERSION, &payload);
-    write_atomically(&temp, &path, &bytes).map_err(io(&path))?;
+    let header = frame::header(FORMAT_VERSION, &payload);
+    write_atomically(&temp, &path, &[&header, &payload]).map_err(io(&path))?;
     let all = list(dir)?;
     for (_, old) in all.iter().take(all.len().saturating_sub(KEEP)) {
         fs::remove_file(old).map_err(io(old))?;

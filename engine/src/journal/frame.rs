@@ -33,14 +33,22 @@ pub fn group_body_len(version: u8, payload: &[u8]) -> Option<u64> {
 
 /// Appends one frame holding `payload` to `out`.
 pub fn write_frame(out: &mut Vec<u8>, version: u8, payload: &[u8]) {
+    out.extend_from_slice(&header(version, payload));
+    out.extend_from_slice(payload);
+}
+
+/// What precedes `payload` in its frame (the header and the version byte), for writers that
+/// write the payload from where it already is instead of copying it behind the header.
+pub fn header(version: u8, payload: &[u8]) -> [u8; HEADER_LEN + 1] {
     let len = u32::try_from(payload.len() + 1).unwrap_or(u32::MAX);
     let mut crc = crc32c::crc32c(&[version]);
     crc = crc32c::crc32c_append(crc, payload);
-    out.extend_from_slice(&MAGIC);
-    out.extend_from_slice(&len.to_le_bytes());
-    out.extend_from_slice(&crc.to_le_bytes());
-    out.push(version);
-    out.extend_from_slice(payload);
+    let mut header = [0_u8; HEADER_LEN + 1];
+    header[..4].copy_from_slice(&MAGIC);
+    header[4..8].copy_from_slice(&len.to_le_bytes());
+    header[8..12].copy_from_slice(&crc.to_le_bytes());
+    header[HEADER_LEN] = version;
+    header
 }
 
 #[derive(Debug, PartialEq, Eq)]

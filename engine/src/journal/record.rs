@@ -247,6 +247,27 @@ where
     rkyv::to_bytes::<rancor::Error>(value)
 }
 
+/// Serialises a checkpoint into a buffer sized for it up front: grown by doubling, a buffer of
+/// hundreds of megabytes is copied and page-faulted again at every step.
+pub fn encode_checkpoint(checkpoint: &WalCheckpoint) -> Result<rkyv::util::AlignedVec, rancor::Error> {
+    use std::mem::size_of;
+    let len: usize = checkpoint
+        .shards
+        .iter()
+        .map(|state| {
+            state.accounts.len() * size_of::<ArchivedWalAccount>()
+                + state.transfers.len() * size_of::<ArchivedWalStoredTransfer>()
+                + state.done.len() * size_of::<rkyv::Archived<(u128, u64)>>()
+                + state.credits.len() * size_of::<rkyv::Archived<(u128, u8, u64)>>()
+                + state.wallets.len() * size_of::<rkyv::Archived<crate::wallet::WalletState>>()
+                + state.outflow.len() * size_of::<rkyv::Archived<(u64, crate::wallet::Outflow)>>()
+        })
+        .sum();
+    // Room for the policy, the headers and what the estimate misses.
+    let buffer = rkyv::util::AlignedVec::with_capacity(len + len / 64 + 1024 * 1024);
+    rkyv::api::high::to_bytes_in::<_, rancor::Error>(checkpoint, buffer)
+}
+
 /// Validates and deserialises a record from bytes (copied to an aligned buffer first).
 pub fn decode_record(bytes: &[u8]) -> Result<WalRecord, rancor::Error> {
     let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(bytes.len());

@@ -327,13 +327,10 @@ pub(super) fn write_snapshot(
             payload.len()
         )));
     }
-    let mut bytes = Vec::with_capacity(payload.len() + frame::HEADER_LEN + 1);
-    frame::write_frame(&mut bytes, SNAPSHOT_VERSION, &payload);
-    drop(payload);
     crate::checkpoint::write_atomically(
         &dir.join(format!("{SNAPSHOT_FILE}.tmp")),
         &dir.join(SNAPSHOT_FILE),
-        &bytes,
+        &[&frame::header(SNAPSHOT_VERSION, &payload), &payload],
     )
 }
 
