@@ -93,6 +93,10 @@ pub struct Args {
     /// After the run, reopen the engine and time the recovery (journal replay).
     #[arg(long)]
     measure_recovery: bool,
+    /// Journal growth (MiB) between automatic checkpoints; 0 turns them off for the run, to
+    /// measure what they cost (default: the engine's, 1 GiB).
+    #[arg(long)]
+    checkpoint_every_mib: Option<u64>,
     /// Seed of the random workload.
     #[arg(long, default_value_t = 42)]
     seed: u64,
@@ -128,6 +132,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         config.shard_count = shards;
     }
     config.views = !args.no_views;
+    if let Some(mib) = args.checkpoint_every_mib {
+        config.checkpoint_every_bytes = mib.saturating_mul(1024 * 1024);
+    }
     let shards = config.shard_count;
     let engine = Engine::open(config.clone()).context("opening the engine")?;
 
