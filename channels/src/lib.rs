@@ -15,3 +15,15 @@ pub mod sms;
 pub mod store;
 pub mod tls;
 pub mod ussd;
+
+/// How long a statement waits for the views before answering with what they have.
+const VIEWS_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The views, once they have applied everything durable when this is called, or after
+/// [`VIEWS_WAIT`] (they lag that much only under overload): so that a statement shows every
+/// operation its reader was told about. `None` when the views are off.
+pub(crate) async fn current_views(engine: &engine::Engine) -> Option<&engine::views::Views> {
+    let views = engine.views()?;
+    let _lagging = tokio::time::timeout(VIEWS_WAIT, views.reached(engine.journal().durable())).await;
+    Some(views)
+}

@@ -172,9 +172,28 @@ pub fn route(debit: AccountId, credit: AccountId, shard_count: u16) -> Route {
     }
 }
 
+/// `value`'s low and high 64-bit halves.
+#[expect(clippy::cast_possible_truncation, reason = "each half is cut to 64 bits on purpose")]
+pub(crate) fn halves(value: u128) -> [u64; 2] {
+    [value as u64, (value >> 64) as u64]
+}
+
+/// The `u128` whose [`halves`] these are.
+pub(crate) fn from_halves([low, high]: [u64; 2]) -> u128 {
+    u128::from(high) << 64 | u128::from(low)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn halves_round_trip_and_keep_their_order() {
+        for value in [0, 1, u128::from(u64::MAX), u128::from(u64::MAX) + 1, (7 << 64) | 5, u128::MAX] {
+            assert_eq!(from_halves(halves(value)), value);
+        }
+        assert_eq!(halves((7 << 64) | 5), [5, 7]);
+    }
 
     #[test]
     fn agent_and_merchant_numbers_read_back() {

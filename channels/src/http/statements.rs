@@ -48,14 +48,9 @@ pub struct StatementParams {
     pub format: Option<String>,
 }
 
-/// The views, once they have applied everything durable when the request came: a statement
-/// shows the operations its reader was told about. Past a second it answers from what the views
-/// have, which lags only under overload.
+/// The views, caught up with the request ([`crate::current_views`]).
 async fn views(state: &AppState) -> Result<&engine::views::Views, ApiError> {
-    let views = state.engine.views().ok_or_else(|| ApiError::from(engine::OpError::ViewsUnavailable))?;
-    let durable = state.engine.journal().durable();
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(1), views.reached(durable)).await;
-    Ok(views)
+    crate::current_views(&state.engine).await.ok_or_else(|| ApiError::from(engine::OpError::ViewsUnavailable))
 }
 
 fn query(state: &AppState, account: AccountId, params: &StatementParams) -> Result<StatementQuery, ApiError> {

@@ -468,14 +468,7 @@ impl Flow {
                 let text = match self.app.domain.verify_pin(self.msisdn, &pin).await {
                     Ok(()) => {
                         // The statement shows every operation the customer was told about.
-                        if let Some(views) = self.app.engine.views() {
-                            let durable = self.app.engine.journal().durable();
-                            let _ = tokio::time::timeout(
-                                std::time::Duration::from_secs(1),
-                                views.reached(durable),
-                            )
-                            .await;
-                        }
+                        crate::current_views(&self.app.engine).await;
                         self.mini_statement()
                     }
                     Err(error) => self.refusal(&error),

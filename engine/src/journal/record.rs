@@ -297,9 +297,7 @@ impl WalShardState {
             done: ledger
                 .done_transfers()
                 .map(|(id, done)| {
-                    let [low, high] = [id.0 & u128::from(u64::MAX), id.0 >> 64].map(|half| {
-                        u64::try_from(half).unwrap_or_default() // Both halves fit.
-                    });
+                    let [low, high] = crate::ids::halves(id.0);
                     [low, high, done.bits()]
                 })
                 .collect(),
@@ -327,7 +325,7 @@ impl WalShardState {
             .iter()
             .map(|[low, high, bits]| {
                 crate::ledger::Done::from_bits(*bits)
-                    .map(|done| (TransferId(u128::from(*high) << 64 | u128::from(*low)), done))
+                    .map(|done| (TransferId(crate::ids::from_halves([*low, *high])), done))
                     .ok_or(DecodeRecordError("state"))
             })
             .collect::<Result<Vec<_>, _>>()?;

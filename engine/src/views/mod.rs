@@ -313,7 +313,7 @@ fn io_error(error: std::io::Error) -> sled::Error {
 }
 
 /// What a pass found in the journal, in journal order.
-#[derive(Clone)]
+#[derive(Clone, Copy)]
 enum Event {
     Transfer(Found),
     Expired(TransferId),
@@ -539,7 +539,7 @@ impl Trees {
         for chunk in events.chunks(TOUCH_AHEAD) {
             pass.touch(chunk);
             for (record_end, record_at, event) in chunk {
-                pass.event(*record_end, *record_at, event.clone());
+                pass.event(*record_end, *record_at, *event);
             }
         }
         let written = pass.finish();
@@ -591,19 +591,16 @@ impl Trees {
     fn transfer_record(&self, id: TransferId) -> Result<Option<(u64, u64)>, ReadError> {
         // The pending entries first: an entry leaves them only once it is in fjall.
         let pending = self.pending.read().unwrap_or_else(|p| p.into_inner()).get(&id.0).copied();
-        let value = match pending {
-            Some(value) => value.to_vec(),
+        let value: [u8; 16] = match pending {
+            Some(value) => value,
             None => match self.transfers.get(id.0.to_be_bytes())? {
-                Some(value) => value.to_vec(),
+                Some(value) => value.as_ref().try_into().map_err(|_| ReadError::Dangling(id))?,
                 None => return Ok(None),
             },
         };
-        let position =
-            |at: usize| value.get(at..at + 8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes);
-        match (position(0), position(8)) {
-            (Some(from), Some(to)) if value.len() == 16 => Ok(Some((from, to))),
-            _ => Err(ReadError::Dangling(id)),
-        }
+        // Big-endian: the first position is the high half.
+        let [to, from] = crate::ids::halves(u128::from_be_bytes(value));
+        Ok(Some((from, to)))
     }
 
     /// Writes the pending transfer index entries to fjall as one sorted table (fsynced with
