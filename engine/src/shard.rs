@@ -48,11 +48,14 @@ pub enum ShardMessage {
         accounts: Vec<Account>,
         reply: oneshot::Sender<Vec<CreateAccountResult>>,
     },
-    /// The credit step of a cross-shard transfer, from its debit shard.
+    /// The credit step of a cross-shard transfer, from its debit shard. `members` wait for the
+    /// answers of the other members of its linked chain, which the step decides: `Ok` if the
+    /// credit is, `LinkedEventFailed` if not.
     Credit {
         transfer: Transfer,
         debit_shard: ShardId,
         waiter: Waiter,
+        members: Vec<Waiter>,
     },
     /// The answer of a credit step, back to the debit shard.
     Finalize {
@@ -142,7 +145,7 @@ pub struct Shard {
 /// Messages to other shards, sent only after this batch's frame is queued for the journal, so
 /// that a step on another shard is never journaled before the step that caused it.
 enum Forward {
-    Credit(ShardId, Transfer, Waiter),
+    Credit(ShardId, Transfer, Waiter, Vec<Waiter>),
     Finalize(ShardId, TransferId, TransferResult),
     Forget(ShardId, TransferId, u64),
 }
@@ -194,7 +197,18 @@ impl Shard {
             self.ledger.expire(now, &mut log);
             self.stats.batches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             self.stats.messages.fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
-            for message in batch.drain(..) {
+            let mut messages = batch.drain(..);
+            let mut ahead = 0;
+            loop {
+                if ahead == 0 {
+                    let rest = messages.as_slice();
+                    touch_steps(&self.ledger, &rest[..rest.len().min(STEPS_AHEAD)]);
+                    ahead = STEPS_AHEAD;
+                }
+                ahead -= 1;
+                let Some(message) = messages.next() else {
+                    break;
+                };
                 match message {
                     ShardMessage::Submit { transfers, waiters, authorization } => {
                         outcomes.clear();
@@ -215,20 +229,39 @@ impl Shard {
                         }
                         self.ledger.submit(&transfers, now, &mut outcomes, &mut log);
                         let mut done = Vec::new();
+                        let forwarded = forwards.len();
+                        let mut linked = Vec::new();
                         for ((transfer, waiter), outcome) in
                             transfers.iter().zip(waiters).zip(outcomes.iter())
                         {
                             match *outcome {
                                 Outcome::Done(result) => done.push((waiter, result)),
-                                Outcome::Forward { credit_shard } => {
-                                    forwards.push(Forward::Credit(credit_shard, *transfer, waiter));
-                                }
+                                Outcome::Forward { credit_shard } => forwards.push(Forward::Credit(
+                                    credit_shard,
+                                    *transfer,
+                                    waiter,
+                                    Vec::new(),
+                                )),
                                 Outcome::Wait => {
                                     in_flight.entry(transfer.id).or_default().push((waiter, false))
                                 }
-                                Outcome::Linked { parent } => {
-                                    in_flight.entry(parent).or_default().push((waiter, true));
+                                Outcome::Linked { parent } => linked.push((parent, waiter)),
+                            }
+                        }
+                        // A chain that crossed in this submission is answered by its credit step,
+                        // which decides every member (its reserves are in this batch, durable no
+                        // later than the credit). A retry of a chain already in flight waits here
+                        // for the finalize.
+                        for (parent, waiter) in linked {
+                            let chain = forwards[forwarded..].iter_mut().find_map(|forward| match forward {
+                                Forward::Credit(_, transfer, _, members) if transfer.id == parent => {
+                                    Some(members)
                                 }
+                                _ => None,
+                            });
+                            match chain {
+                                Some(members) => members.push(waiter),
+                                None => in_flight.entry(parent).or_default().push((waiter, true)),
                             }
                         }
                         if !done.is_empty() {
@@ -242,9 +275,17 @@ impl Shard {
                             .collect();
                         completions.push(Completion::Accounts(reply, results));
                     }
-                    ShardMessage::Credit { transfer, debit_shard, waiter } => {
+                    ShardMessage::Credit { transfer, debit_shard, waiter, members } => {
                         let result = self.ledger.credit(&transfer, &mut log);
-                        completions.push(Completion::Results(vec![(waiter, result)]));
+                        let member_result = if result.is_ok() {
+                            TransferResult::Ok
+                        } else {
+                            TransferResult::LinkedEventFailed
+                        };
+                        let mut answers = Vec::with_capacity(1 + members.len());
+                        answers.push((waiter, result));
+                        answers.extend(members.into_iter().map(|member| (member, member_result)));
+                        completions.push(Completion::Results(answers));
                         forwards.push(Forward::Finalize(debit_shard, transfer.id, result));
                     }
                     ShardMessage::Finalize { id, result, credit_shard } => {
@@ -316,8 +357,8 @@ impl Shard {
             }
             for forward in forwards.drain(..) {
                 let _ignored = match forward {
-                    Forward::Credit(to, transfer, waiter) => self.peers[usize::from(to.0)]
-                        .send(ShardMessage::Credit { transfer, debit_shard: shard, waiter }),
+                    Forward::Credit(to, transfer, waiter, members) => self.peers[usize::from(to.0)]
+                        .send(ShardMessage::Credit { transfer, debit_shard: shard, waiter, members }),
                     Forward::Finalize(to, id, result) => self.peers[usize::from(to.0)]
                         .send(ShardMessage::Finalize { id, result, credit_shard: shard }),
                     Forward::Forget(to, id, body_hash) => {
@@ -327,6 +368,23 @@ impl Shard {
             }
         }
     }
+}
+
+/// Cross-shard steps whose state [`touch_steps`] looks up together before they apply.
+const STEPS_AHEAD: usize = 32;
+
+/// Looks up what the credit and finalize steps among `messages` will use, so that their cache
+/// misses overlap (a submission's transfers are touched by [`Ledger::submit`] itself).
+fn touch_steps(ledger: &Ledger, messages: &[ShardMessage]) {
+    let mut sink = 0;
+    for message in messages {
+        sink ^= match message {
+            ShardMessage::Credit { transfer, .. } => ledger.touch_credit(transfer),
+            ShardMessage::Finalize { id, .. } => ledger.touch_finalize(*id),
+            _ => 0,
+        };
+    }
+    std::hint::black_box(sink);
 }
 
 /// Encodes one shard batch as one journal frame appended to `out`.
