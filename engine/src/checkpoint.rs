@@ -7,7 +7,11 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use crate::journal::frame::{self, FrameRead};
-use crate::journal::record::{self, CHECKPOINT_VERSION, FORMAT_VERSION, WalCheckpoint};
+use crate::journal::record::{self, CHECKPOINT_VERSION, FORMAT_VERSION_V3, WalCheckpoint};
+
+/// Checkpoints written before they had a layout version of their own carry the journal's
+/// version 3; the journal has moved on since, so the number is fixed here.
+const OLDER_CHECKPOINT_VERSION: u8 = FORMAT_VERSION_V3;
 
 const PREFIX: &str = "checkpoint-";
 const SUFFIX: &str = ".qcp";
@@ -60,7 +64,7 @@ pub fn load_latest(dir: &Path) -> Result<Option<WalCheckpoint>, CheckpointError>
         FrameRead::Frame { version, payload, .. } if version == CHECKPOINT_VERSION => {
             record::decode_checkpoint(payload).map(Some).map_err(|error| corrupt(error.to_string()))
         }
-        FrameRead::Frame { version, .. } if version == FORMAT_VERSION => {
+        FrameRead::Frame { version, .. } if version == OLDER_CHECKPOINT_VERSION => {
             // The journal is never cut, so replaying it whole stands in for this checkpoint;
             // the next one is written in the current layout.
             tracing::warn!(path = %path.display(), version, "checkpoint of an older layout; replaying the journal from its start");
@@ -156,7 +160,7 @@ mod tests {
     fn an_older_layout_is_passed_over_and_an_unknown_one_refused() -> Result<(), Box<dyn std::error::Error>> {
         let dir = tempfile::tempdir()?;
         let mut bytes = Vec::new();
-        frame::write_frame(&mut bytes, FORMAT_VERSION, b"a checkpoint of the journal's layout");
+        frame::write_frame(&mut bytes, OLDER_CHECKPOINT_VERSION, b"a checkpoint of the journal's layout");
         fs::write(file(dir.path(), 1), &bytes)?;
         assert!(load_latest(dir.path())?.is_none());
         let mut bytes = Vec::new();

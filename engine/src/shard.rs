@@ -17,7 +17,7 @@ use crate::clock::Clock;
 use crate::ids::{ShardId, TransferId};
 use crate::journal::JournalBatch;
 use crate::journal::frame;
-use crate::journal::record::{self, FORMAT_VERSION, WalCommand, WalRecord, WalShardState};
+use crate::journal::record::{self, FORMAT_VERSION, WalShardState};
 use crate::ledger::{Command, Ledger, Outcome, TransferStatus};
 use crate::reply::{Completion, Waiter};
 use crate::transfer::{Transfer, TransferResult};
@@ -389,12 +389,7 @@ fn touch_steps(ledger: &Ledger, messages: &[ShardMessage]) {
 
 /// Encodes one shard batch as one journal frame appended to `out`.
 pub fn encode_batch(shard: ShardId, timestamp: u64, commands: &[Command], out: &mut Vec<u8>) {
-    let record = WalRecord::Batch {
-        shard: shard.0,
-        timestamp,
-        commands: commands.iter().map(WalCommand::from).collect(),
-    };
-    match record::encode(&record) {
+    match record::encode_batch(shard.0, timestamp, commands) {
         Ok(bytes) => frame::write_frame(out, FORMAT_VERSION, &bytes),
         Err(error) => {
             // Only allocation failure gets here; losing the batch silently would be worse.

@@ -392,11 +392,24 @@ fn a_linked_chain_across_shards_is_cross_shard_must_be_plain() -> anyhow::Result
 /// debit still pending) left a data directory the engine refused to open (found by `crash`).
 #[test]
 fn recovery_finishes_a_transfer_caught_between_its_credit_and_its_finalize() -> anyhow::Result<()> {
+    caught_between_credit_and_finalize(false)
+}
+
+/// The same journal written in the previous record layout (version 3, every command as large
+/// as the largest): it still recovers, takes new records in the current layout after the old
+/// ones, and recovers again.
+#[test]
+fn a_journal_of_the_previous_layout_recovers_and_grows() -> anyhow::Result<()> {
+    caught_between_credit_and_finalize(true)
+}
+
+fn caught_between_credit_and_finalize(old_layout: bool) -> anyhow::Result<()> {
     use engine::ShardId;
     use engine::journal::frame::write_frame;
-    use engine::journal::record::{FORMAT_VERSION, WalRecord, encode};
+    use engine::journal::record::{
+        FORMAT_VERSION, FORMAT_VERSION_V3, WalCommand, WalRecord, encode, encode_record,
+    };
     use engine::ledger::Command;
-    use engine::shard::encode_batch;
 
     let dir = tempfile::tempdir()?;
     let (a, b) = cross_shard_pair(10, 2)?;
@@ -406,17 +419,30 @@ fn recovery_finishes_a_transfer_caught_between_its_credit_and_its_finalize() -> 
     let fund_a = qepik_tests::funding(a.0, 1_000);
     let transfer = Transfer::new(9, a, b, 300);
     let mut bytes = Vec::new();
-    write_frame(&mut bytes, FORMAT_VERSION, &encode(&WalRecord::Meta { shard_count: 2 })?);
+    let write = |bytes: &mut Vec<u8>, record: WalRecord| -> anyhow::Result<()> {
+        if old_layout {
+            write_frame(bytes, FORMAT_VERSION_V3, &encode(&record)?);
+        } else {
+            write_frame(bytes, FORMAT_VERSION, &encode_record(&record)?);
+        }
+        Ok(())
+    };
+    let batch = |shard: ShardId, timestamp: u64, commands: &[Command]| WalRecord::Batch {
+        shard: shard.0,
+        timestamp,
+        commands: commands.iter().map(WalCommand::from).collect(),
+    };
+    write(&mut bytes, WalRecord::Meta { shard_count: 2 })?;
     for shard in [ShardId(0), ShardId(1)] {
         let mut commands = vec![Command::CreateAccount(created(qepik_tests::issuance()))];
         for wallet in [a, b].into_iter().filter(|w| home_shard(*w, 2) == shard) {
             commands.push(Command::CreateAccount(created(qepik_tests::wallet(wallet.0))));
         }
-        encode_batch(shard, now, &commands, &mut bytes);
+        write(&mut bytes, batch(shard, now, &commands))?;
     }
-    encode_batch(shard_a, now, &[Command::Transfer(fund_a)], &mut bytes);
-    encode_batch(shard_a, now + 1, &[Command::Reserve(transfer)], &mut bytes);
-    encode_batch(shard_b, now + 2, &[Command::Credit(transfer)], &mut bytes);
+    write(&mut bytes, batch(shard_a, now, &[Command::Transfer(fund_a)]))?;
+    write(&mut bytes, batch(shard_a, now + 1, &[Command::Reserve(transfer)]))?;
+    write(&mut bytes, batch(shard_b, now + 2, &[Command::Credit(transfer)]))?;
     std::fs::create_dir_all(dir.path().join("journal"))?;
     std::fs::write(dir.path().join("journal").join(format!("{:020}.wal", 0)), &bytes)?;
 
@@ -428,6 +454,15 @@ fn recovery_finishes_a_transfer_caught_between_its_credit_and_its_finalize() -> 
     let status = block_on(engine.lookup_transfers(&[transfer.id]))?.pop().flatten().context("lost")?;
     anyhow::ensure!(status.state == TransferState::Posted, "{status:?}");
     anyhow::ensure!(engine.submit_blocking(vec![transfer])? == [TransferResult::Ok]);
+    let more = Transfer::new(10, a, b, 50);
+    anyhow::ensure!(engine.submit_blocking(vec![more])? == [TransferResult::Ok]);
+    assert_balanced(&engine)?;
+    drop(engine);
+
+    let engine = open(dir.path(), 2)?;
+    let (debit, credit) = (balance(&engine, a)?, balance(&engine, b)?);
+    anyhow::ensure!(debit.balance_posted() == 650 && credit.balance_posted() == 350, "{debit:?} {credit:?}");
+    anyhow::ensure!(engine.submit_blocking(vec![more])? == [TransferResult::Ok], "a retry after restart");
     assert_balanced(&engine)
 }
 

@@ -59,7 +59,7 @@ impl Journal {
                     continue;
                 }
                 let mut posted = Vec::new();
-                if let WalRecord::Batch { commands, .. } = decode_record(payload)? {
+                if let WalRecord::Batch { commands, .. } = decode_record(version, payload)? {
                     for command in &commands {
                         match Command::try_from(command)? {
                             Command::Transfer(t) => posted.push(t),

@@ -26,7 +26,7 @@ use std::time::Instant;
 use crossbeam_channel::Receiver;
 
 use self::frame::FrameRead;
-use self::record::{FORMAT_VERSION, WalRecord};
+use self::record::{FORMAT_VERSION, RecordError, WalRecord};
 
 const SEGMENT_SUFFIX: &str = ".wal";
 
@@ -193,8 +193,8 @@ pub fn scan<E: From<JournalError>>(
         let bytes = fs::read(path).map_err(io_error(path))?;
         let mut offset = usize::try_from(from.saturating_sub(*start)).unwrap_or(usize::MAX);
         // The meta record at the start is read even when `from` is past it.
-        if let FrameRead::Frame { version: FORMAT_VERSION, payload, .. } = frame::read_frame(&bytes)
-            && let Ok(WalRecord::Meta { shard_count }) = record::decode_record(payload)
+        if let FrameRead::Frame { version, payload, .. } = frame::read_frame(&bytes)
+            && let Ok(WalRecord::Meta { shard_count }) = record::decode_record(version, payload)
         {
             end.shard_count = Some(shard_count);
         }
@@ -216,11 +216,10 @@ pub fn scan<E: From<JournalError>>(
                     end.position = start + offset as u64;
                 }
                 FrameRead::Frame { version, payload, len } => {
-                    if version != FORMAT_VERSION {
-                        return Err(corrupt(format!("unknown format version {version}")).into());
-                    }
-                    let record = record::decode_record(payload)
-                        .map_err(|error| corrupt(format!("undecodable record: {error}")))?;
+                    let record = record::decode_record(version, payload).map_err(|error| match error {
+                        RecordError::Version(_) => corrupt(error.to_string()),
+                        _ => corrupt(format!("undecodable record: {error}")),
+                    })?;
                     offset += len;
                     let position = start + offset as u64;
                     end.position = position;
@@ -297,9 +296,10 @@ impl SegmentFile {
             .write(true)
             .open(&path)
             .map_err(io_error(&path))?;
-        let meta = record::encode(&WalRecord::Meta { shard_count: config.shard_count }).map_err(|error| {
-            JournalError::Io { path: path.clone(), source: io::Error::other(error.to_string()) }
-        })?;
+        let meta =
+            record::encode_record(&WalRecord::Meta { shard_count: config.shard_count }).map_err(|error| {
+                JournalError::Io { path: path.clone(), source: io::Error::other(error.to_string()) }
+            })?;
         let mut frame_bytes = Vec::new();
         frame::write_frame(&mut frame_bytes, FORMAT_VERSION, &meta);
         file.write_all(&frame_bytes).map_err(io_error(&path))?;
@@ -443,8 +443,8 @@ pub fn read_range(dir: &Path, from: u64, to: u64) -> Result<(Vec<(u64, WalRecord
                     offset += len;
                     position = start + offset_in_file + offset as u64;
                 }
-                FrameRead::Frame { payload, len, .. } => {
-                    let record = record::decode_record(payload)
+                FrameRead::Frame { version, payload, len } => {
+                    let record = record::decode_record(version, payload)
                         .map_err(|error| corrupt(format!("undecodable record: {error}")))?;
                     offset += len;
                     position = start + offset_in_file + offset as u64;
@@ -467,7 +467,7 @@ mod tests {
     use super::*;
 
     fn record(shard: u16) -> Vec<u8> {
-        let bytes = record::encode(&WalRecord::Batch { shard, timestamp: 1, commands: Vec::new() })
+        let bytes = record::encode_record(&WalRecord::Batch { shard, timestamp: 1, commands: Vec::new() })
             .map(|bytes| bytes.to_vec())
             .unwrap_or_default();
         let mut framed = Vec::new();
@@ -477,8 +477,9 @@ mod tests {
 
     /// A segment: meta, then groups of records; returns the bytes and each record's start.
     fn segment(groups: &[usize]) -> (Vec<u8>, Vec<usize>) {
-        let meta =
-            record::encode(&WalRecord::Meta { shard_count: 1 }).map(|b| b.to_vec()).unwrap_or_default();
+        let meta = record::encode_record(&WalRecord::Meta { shard_count: 1 })
+            .map(|b| b.to_vec())
+            .unwrap_or_default();
         let mut bytes = Vec::new();
         frame::write_frame(&mut bytes, FORMAT_VERSION, &meta);
         let mut starts = Vec::new();
