@@ -22,6 +22,7 @@ fn append(c: &mut Criterion) {
             shard_count: 1,
             segment_len_max: 256 * 1024 * 1024,
             group_len_max: 8 * 1024 * 1024,
+            linger: engine::journal::LINGER_MAX,
         };
         let writer =
             spawn_writer(config, 0, rx, Arc::clone(&state), |_, done: crossbeam_channel::Sender<()>| {
@@ -37,7 +38,7 @@ fn append(c: &mut Criterion) {
                 let mut frames = Vec::new();
                 encode_batch(ShardId(0), 1, &commands, &mut frames);
                 let (done_tx, done_rx) = bounded(1);
-                tx.send(JournalBatch { frames, completion: done_tx }).expect("send");
+                tx.send(JournalBatch { frames, completion: done_tx, credits_due: 0 }).expect("send");
                 done_rx.recv().expect("durable");
             });
         });

@@ -145,6 +145,7 @@ impl Engine {
                 shard_count: config.shard_count,
                 segment_len_max: config.segment_len_max,
                 group_len_max: config.group_len_max,
+                linger: journal::LINGER_MAX,
             },
             report.journal_position,
             journal_rx,
@@ -173,7 +174,11 @@ impl Engine {
                 let mut frames = Vec::new();
                 encode_batch(shard_id(shard), last_now[shard], log, &mut frames);
                 journal_tx
-                    .send(JournalBatch { frames, completion: vec![Completion::Signal(signal_tx.clone())] })
+                    .send(JournalBatch {
+                        frames,
+                        completion: vec![Completion::Signal(signal_tx.clone())],
+                        credits_due: 0,
+                    })
                     .map_err(|_| EngineError::Stopped)?;
                 waiting += 1;
             }

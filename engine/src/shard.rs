@@ -193,6 +193,7 @@ impl Shard {
             let now = self.clock.now_ns().max(self.last_now);
             self.last_now = now;
             let mut completions: Vec<Completion> = Vec::new();
+            let mut credits_applied = 0_i32;
             let mut checkpoints = Vec::new();
             self.ledger.expire(now, &mut log);
             self.stats.batches.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -276,6 +277,7 @@ impl Shard {
                         completions.push(Completion::Accounts(reply, results));
                     }
                     ShardMessage::Credit { transfer, debit_shard, waiter, members } => {
+                        credits_applied += 1;
                         let result = self.ledger.credit(&transfer, &mut log);
                         let member_result = if result.is_ok() {
                             TransferResult::Ok
@@ -349,7 +351,13 @@ impl Shard {
                 completions.push(Completion::Checkpoint(reply, shard, Box::new(state)));
             }
             if !frames.is_empty() || !completions.is_empty() {
-                let batch = JournalBatch { frames: std::mem::take(&mut frames), completion: completions };
+                let credits_forwarded = forwards.iter().filter(|f| matches!(f, Forward::Credit(..))).count();
+                let credits_forwarded = i32::try_from(credits_forwarded).unwrap_or(i32::MAX);
+                let batch = JournalBatch {
+                    frames: std::mem::take(&mut frames),
+                    completion: completions,
+                    credits_due: credits_forwarded - credits_applied,
+                };
                 if self.journal.send(batch).is_err() {
                     tracing::error!(shard = shard.0, "journal is gone; shard stops");
                     break;

@@ -117,7 +117,19 @@ impl JournalState {
 pub struct JournalBatch<T> {
     pub frames: Vec<u8>,
     pub completion: T,
+    /// Cross-shard credit steps this batch's shard forwarded, less those it applied. The writer
+    /// keeps the running sum: while it is above zero a credit step is on its way to the journal,
+    /// and a small group waits for it (see [`WriterConfig::linger`]).
+    pub credits_due: i32,
 }
+
+/// How long a small group waits for a credit step on its way (the default of
+/// [`WriterConfig::linger`]), so that a lone cross-shard transfer's reserve and credit share one
+/// `fdatasync` instead of taking two in a row.
+pub const LINGER_MAX: std::time::Duration = std::time::Duration::from_micros(200);
+/// Groups at least this large do not wait: under load the next group fills while this one
+/// syncs, and waiting would only add latency.
+pub const LINGER_GROUP_MAX: usize = 16 * 1024;
 
 #[derive(Debug, Clone)]
 pub struct WriterConfig {
@@ -127,6 +139,9 @@ pub struct WriterConfig {
     pub segment_len_max: u64,
     /// One group commit writes at most about this many bytes.
     pub group_len_max: usize,
+    /// How long a group under [`LINGER_GROUP_MAX`] bytes waits for a credit step that is on its
+    /// way (see [`JournalBatch::credits_due`]); [`LINGER_MAX`] by default.
+    pub linger: std::time::Duration,
 }
 
 fn segment_path(dir: &Path, start: u64) -> PathBuf {
@@ -330,6 +345,7 @@ pub fn spawn_writer<T: Send + 'static>(
         .spawn(move || {
             let mut buffer: Vec<u8> = Vec::with_capacity(config.group_len_max * 2);
             let mut completions: Vec<(u64, T)> = Vec::new();
+            let mut credits_due = 0_i64;
             while let Ok(first) = batches.recv() {
                 // Room for the group header, filled in once the group's length is known.
                 buffer.clear();
@@ -337,13 +353,23 @@ pub fn spawn_writer<T: Send + 'static>(
                 let mut push = |batch: JournalBatch<T>, buffer: &mut Vec<u8>| {
                     buffer.extend_from_slice(&batch.frames);
                     completions.push((buffer.len() as u64, batch.completion));
+                    i64::from(batch.credits_due)
                 };
-                push(first, &mut buffer);
+                credits_due += push(first, &mut buffer);
+                let mut linger_until = None;
                 while buffer.len() < config.group_len_max {
-                    match batches.try_recv() {
-                        Ok(batch) => push(batch, &mut buffer),
+                    let next = match batches.try_recv() {
+                        Ok(batch) => batch,
+                        Err(_) if credits_due > 0 && buffer.len() < LINGER_GROUP_MAX => {
+                            let until = *linger_until.get_or_insert_with(|| Instant::now() + config.linger);
+                            match batches.recv_deadline(until) {
+                                Ok(batch) => batch,
+                                Err(_) => break,
+                            }
+                        }
                         Err(_) => break,
-                    }
+                    };
+                    credits_due += push(next, &mut buffer);
                 }
                 let body_len = (buffer.len() - frame::GROUP_HEADER_LEN) as u64;
                 if body_len == 0 {
@@ -508,6 +534,59 @@ mod tests {
             Ok(())
         });
         (end, visited, dir)
+    }
+
+    /// The sending end of a test writer, what it reports durable as (position, batch number),
+    /// and its state.
+    type TestWriter = (
+        crossbeam_channel::Sender<JournalBatch<u32>>,
+        crossbeam_channel::Receiver<(u64, u32)>,
+        Arc<JournalState>,
+    );
+
+    /// A writer with a long linger.
+    fn lingering_writer(dir: &Path) -> TestWriter {
+        let config = WriterConfig {
+            dir: dir.to_path_buf(),
+            shard_count: 1,
+            segment_len_max: 1 << 30,
+            group_len_max: 1 << 20,
+            linger: std::time::Duration::from_secs(30),
+        };
+        let (batches, receiver) = crossbeam_channel::unbounded();
+        let (done, durable) = crossbeam_channel::unbounded();
+        let state = JournalState::new(0);
+        spawn_writer(config, 0, receiver, Arc::clone(&state), move |position, number| {
+            let _ignored = done.send((position, number));
+        })
+        .expect("writer");
+        (batches, durable, state)
+    }
+
+    #[test]
+    fn a_small_group_waits_for_a_credit_step_on_its_way_and_syncs_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (batches, durable, state) = lingering_writer(dir.path());
+        let syncs_at_start = state.syncs.load(Ordering::Relaxed);
+        batches.send(JournalBatch { frames: record(0), completion: 1, credits_due: 1 }).expect("send");
+        // The reserve's batch is not durable alone: its group waits for the credit.
+        let waited = durable.recv_timeout(std::time::Duration::from_millis(300));
+        assert!(waited.is_err(), "the group synced before its credit step arrived: {waited:?}");
+        batches.send(JournalBatch { frames: record(1), completion: 2, credits_due: -1 }).expect("send");
+        let timeout = std::time::Duration::from_secs(20);
+        let (first, second) = (durable.recv_timeout(timeout), durable.recv_timeout(timeout));
+        assert!(matches!((first, second), (Ok((_, 1)), Ok((_, 2)))));
+        assert_eq!(state.syncs.load(Ordering::Relaxed) - syncs_at_start, 1, "one fdatasync for both");
+    }
+
+    #[test]
+    fn a_group_with_no_credit_step_due_does_not_wait() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (batches, durable, _state) = lingering_writer(dir.path());
+        batches.send(JournalBatch { frames: record(0), completion: 1, credits_due: 0 }).expect("send");
+        // Far less than the 30 s linger: a group waits only for a credit step on its way.
+        let durable = durable.recv_timeout(std::time::Duration::from_secs(10));
+        assert!(matches!(durable, Ok((_, 1))), "{durable:?}");
     }
 
     #[test]
