@@ -132,6 +132,9 @@ pub(super) fn decode_page(value: &[u8]) -> Option<(u64, u64)> {
     ))
 }
 
+/// How much of the log accumulates before its write-back is started ([`HistoryLog::write_at`]).
+const WRITEBACK_CHUNK: u64 = 1024 * 1024;
+
 /// The log file of lines. Written by the tail thread only, at the end it knows; read by anyone.
 #[derive(Debug)]
 pub(super) struct HistoryLog {
@@ -164,8 +167,21 @@ impl HistoryLog {
     }
 
     /// Writes encoded lines from index `first` on.
+    ///
+    /// Each time the log grows past a [`WRITEBACK_CHUNK`] boundary, the kernel is asked to
+    /// start writing the chunks just completed. Left to itself it lets tens of seconds of lines
+    /// pile up in the page cache and writes them in bursts of hundreds of MB, which the
+    /// journal's `fdatasync`s then queue behind for up to seconds.
     pub fn write_at(&self, first: u64, bytes: &[u8]) -> io::Result<()> {
-        self.file.write_all_at(bytes, first.saturating_mul(LINE_LEN))
+        let start = first.saturating_mul(LINE_LEN);
+        self.file.write_all_at(bytes, start)?;
+        let end = start.saturating_add(bytes.len() as u64);
+        let (from, to) = (start / WRITEBACK_CHUNK * WRITEBACK_CHUNK, end / WRITEBACK_CHUNK * WRITEBACK_CHUNK);
+        if let Some(len) = std::num::NonZeroU64::new(to - from) {
+            // Advice only: on Linux it starts write-back of the range's dirty pages and returns.
+            let _advisory = rustix::fs::fadvise(&self.file, from, Some(len), rustix::fs::Advice::DontNeed);
+        }
+        Ok(())
     }
 
     pub fn sync(&self) -> io::Result<()> {
