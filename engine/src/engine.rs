@@ -738,12 +738,25 @@ fn lock_data_dir(dir: &Path) -> Result<std::fs::File, EngineError> {
         .write(true)
         .open(dir.join("LOCK"))
         .map_err(io)?;
-    match file.try_lock() {
-        Ok(()) => Ok(file),
-        Err(std::fs::TryLockError::WouldBlock) => Err(EngineError::Locked(dir.to_path_buf())),
-        Err(std::fs::TryLockError::Error(error)) => Err(io(error)),
+    // A lock just released can still be held for a moment by a child process that another
+    // thread of this process is starting: between fork and exec the child shares the lock's
+    // open file. So a held lock is asked again for a short while before it counts as another
+    // engine's (seen in the tests, which restart engines while others spawn servers).
+    let deadline = std::time::Instant::now() + LOCK_PATIENCE;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(file),
+            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => return Err(EngineError::Locked(dir.to_path_buf())),
+            Err(std::fs::TryLockError::Error(error)) => return Err(io(error)),
+        }
     }
 }
+
+/// How long a held data-directory lock is retried before the directory counts as in use.
+const LOCK_PATIENCE: std::time::Duration = std::time::Duration::from_secs(2);
 
 fn shard_id(index: usize) -> ShardId {
     ShardId(u16::try_from(index).unwrap_or(u16::MAX))

@@ -505,3 +505,21 @@ fn a_chain_crossing_shards_is_indexed_whole_by_the_views() -> anyhow::Result<()>
     assert!(lines.contains(&501) && lines.contains(&502), "{lines:?}");
     Ok(())
 }
+
+/// A data directory in use by a running engine is refused to a second one, and free again once
+/// the first shuts down.
+#[test]
+fn a_data_directory_opens_in_one_engine_at_a_time() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let first = open(dir.path(), 2)?;
+    match open(dir.path(), 2) {
+        Err(error) => anyhow::ensure!(error.to_string().contains("in use by another engine"), "{error}"),
+        Ok(_) => anyhow::bail!("a second engine opened a directory in use"),
+    }
+    // The views' stores close when the engine is dropped, not at `shutdown`.
+    first.shutdown();
+    drop(first);
+    let again = open(dir.path(), 2)?;
+    again.shutdown();
+    Ok(())
+}
