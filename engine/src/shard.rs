@@ -253,16 +253,22 @@ impl Shard {
                         // which decides every member (its reserves are in this batch, durable no
                         // later than the credit). A retry of a chain already in flight waits here
                         // for the finalize.
-                        for (parent, waiter) in linked {
-                            let chain = forwards[forwarded..].iter_mut().find_map(|forward| match forward {
-                                Forward::Credit(_, transfer, _, members) if transfer.id == parent => {
-                                    Some(members)
+                        if !linked.is_empty() {
+                            let crossing: FxHashMap<TransferId, usize> = forwards[forwarded..]
+                                .iter()
+                                .enumerate()
+                                .filter_map(|(index, forward)| match forward {
+                                    Forward::Credit(_, transfer, ..) => {
+                                        Some((transfer.id, forwarded + index))
+                                    }
+                                    _ => None,
+                                })
+                                .collect();
+                            for (parent, waiter) in linked {
+                                match crossing.get(&parent).map(|index| &mut forwards[*index]) {
+                                    Some(Forward::Credit(_, _, _, members)) => members.push(waiter),
+                                    _ => in_flight.entry(parent).or_default().push((waiter, true)),
                                 }
-                                _ => None,
-                            });
-                            match chain {
-                                Some(members) => members.push(waiter),
-                                None => in_flight.entry(parent).or_default().push((waiter, true)),
                             }
                         }
                         if !done.is_empty() {
