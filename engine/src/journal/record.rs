@@ -604,6 +604,24 @@ mod tests {
         assert!(new_each * 5 < old_each * 3, "{new_each} bytes a transfer against {old_each}");
     }
 
+    proptest::proptest! {
+        /// Bytes changed anywhere in a record (the frame's checksum passed, say, by chance) give
+        /// a record or an error, never a panic.
+        #[test]
+        fn changed_bytes_never_panic(flips in proptest::collection::vec((0_usize..4096, 1_u8..=255), 1..8)) {
+            let mut bytes = encode_batch(1, 42, &every_kind()).expect("encode").to_vec();
+            for (at, mask) in flips {
+                let len = bytes.len();
+                bytes[at % len] ^= mask;
+            }
+            if let Ok(WalRecord::Batch { commands, .. }) = decode_record(FORMAT_VERSION, &bytes) {
+                for command in &commands {
+                    let _checked = Command::try_from(command);
+                }
+            }
+        }
+    }
+
     #[test]
     fn a_damaged_command_list_is_an_error() {
         let damaged = |edit: &dyn Fn(&mut WireBatch)| {
