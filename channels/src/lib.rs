@@ -24,6 +24,9 @@ const VIEWS_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
 /// operation its reader was told about. `None` when the views are off.
 pub(crate) async fn current_views(engine: &engine::Engine) -> Option<&engine::views::Views> {
     let views = engine.views()?;
+    // The caller's last cross-shard transfer was answered at its credit; its finalize may still
+    // be on its way to the journal.
+    let _settled = tokio::time::timeout(VIEWS_WAIT, engine.settle()).await;
     let _lagging = tokio::time::timeout(VIEWS_WAIT, views.reached(engine.journal().durable())).await;
     Some(views)
 }

@@ -556,6 +556,25 @@ impl Engine {
         Ok(found)
     }
 
+    /// Returns once every step already queued at any shard is durable: each shard answers an
+    /// empty lookup after the batch that holds the steps before it. A cross-shard transfer is
+    /// answered when its credit is durable, while its finalize (the debit's posting, queued at
+    /// the debit shard before the answer left) may still be on its way; a reader that waits for
+    /// the views to reach [`JournalState::durable`] after `settle` sees the transfers it was
+    /// answered for whole, on both sides.
+    pub async fn settle(&self) -> Result<(), EngineError> {
+        let mut pending = Vec::new();
+        for shard in 0..self.inner.shard_count {
+            let (tx, rx) = oneshot::channel();
+            self.send(ShardId(shard), ShardMessage::LookupAccounts { ids: Vec::new(), reply: tx })?;
+            pending.push(rx);
+        }
+        for rx in pending {
+            rx.await.map_err(|_| EngineError::Stopped)?;
+        }
+        Ok(())
+    }
+
     /// Where the transfers with these ids stand (with the body while a hold is open). Each is
     /// looked up on every shard, since a transfer's id says nothing of where it lives. The body
     /// of a final transfer is in the views' transfer index.

@@ -237,6 +237,7 @@ fn no_code_reaches_the_data_directory() -> anyhow::Result<()> {
 /// Waits until the views have indexed everything durable.
 fn indexed(world: &World) -> anyhow::Result<()> {
     let views = world.engine.views().ok_or_else(|| anyhow::anyhow!("views off"))?;
+    qepik_tests::block_on(world.engine.settle())?;
     anyhow::ensure!(views.wait_for(world.engine.journal().durable(), Duration::from_secs(20)), "views lag");
     Ok(())
 }

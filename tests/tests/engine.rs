@@ -284,6 +284,7 @@ fn views_list_history_in_time_order_and_reindex_rebuilds_them() -> anyhow::Resul
     }
     let posted: Vec<Transfer> = steps.iter().filter(|(_, r)| r.is_ok()).map(|(t, _)| *t).collect();
     let views = engine.views().context("views are on")?;
+    block_on(engine.settle())?;
     anyhow::ensure!(
         views.wait_for(engine.journal().durable(), Duration::from_secs(10)),
         "{:?}",
@@ -489,6 +490,7 @@ fn a_chain_crossing_shards_is_indexed_whole_by_the_views() -> anyhow::Result<()>
     assert_eq!(balance(&engine, b)?.balance_posted(), 1_300);
     assert!(engine.totals()?.values().all(|t| t.balanced()));
     let views = engine.views().context("views are on")?;
+    block_on(engine.settle())?;
     anyhow::ensure!(
         views.wait_for(engine.journal().durable(), Duration::from_secs(10)),
         "{:?}",

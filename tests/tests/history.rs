@@ -49,6 +49,8 @@ fn rounds(
 
 fn caught_up(engine: &Engine) -> anyhow::Result<&Views> {
     let views = engine.views().context("views are on")?;
+    // The last cross-shard transfers were answered at their credits; their finalizes first.
+    qepik_tests::block_on(engine.settle())?;
     anyhow::ensure!(
         views.wait_for(engine.journal().durable(), Duration::from_secs(30)),
         "views behind: {:?}",

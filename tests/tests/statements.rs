@@ -162,6 +162,7 @@ impl World {
     /// Waits until the views have applied everything durable.
     fn caught_up(&self) -> anyhow::Result<&Views> {
         let views = self.views()?;
+        qepik_tests::block_on(self.engine.settle())?;
         anyhow::ensure!(
             views.wait_for(self.engine.journal().durable(), Duration::from_secs(30)),
             "views behind: {:?}",
