@@ -527,30 +527,30 @@ impl Ledger {
     /// Looks up the accounts, outflow counters and id slots `transfers` will use, so that their
     /// cache misses (maps of millions) overlap instead of coming one after another as each
     /// transfer applies. Changes nothing; the sink keeps the lookups from being optimised out.
-    pub fn touch(&self, transfers: &[Transfer]) {
+    fn touch(&self, transfers: &[Transfer]) {
         let mut sink = 0_u64;
-        let policy = !self.hot.is_empty();
         for transfer in transfers {
-            for id in [transfer.debit_account_id, transfer.credit_account_id] {
-                sink ^= self.accounts.get(&id).map_or(0, |account| account.debits_posted);
-                if policy && id.wallet_msisdn().is_some() {
-                    sink ^= self.hot.get(&id).map_or(0, |hot| u64::from(hot.tier));
-                }
-            }
+            sink ^= self.touch_account(transfer.debit_account_id);
+            sink ^= self.touch_account(transfer.credit_account_id);
             sink ^= self.done.get(&transfer.id).map_or(0, |done| done.bits());
         }
         std::hint::black_box(sink);
     }
 
-    /// What [`Ledger::touch`] does for a credit step arriving from another shard. Returns a
-    /// value of what it read, for the caller's sink.
-    pub fn touch_credit(&self, transfer: &Transfer) -> u64 {
-        let id = transfer.credit_account_id;
-        let mut sink = self.accounts.get(&id).map_or(0, |account| account.credits_posted);
+    /// An account and, under the policy, its wallet's outflow counters; returns a value of what
+    /// it read, for the caller's sink.
+    fn touch_account(&self, id: AccountId) -> u64 {
+        let mut sink = self.accounts.get(&id).map_or(0, |account| account.debits_posted);
         if !self.hot.is_empty() && id.wallet_msisdn().is_some() {
             sink ^= self.hot.get(&id).map_or(0, |hot| u64::from(hot.tier));
         }
         sink
+    }
+
+    /// What [`Ledger::touch`] does for a credit step arriving from another shard. Returns a
+    /// value of what it read, for the caller's sink.
+    pub fn touch_credit(&self, transfer: &Transfer) -> u64 {
+        self.touch_account(transfer.credit_account_id)
     }
 
     /// What [`Ledger::touch`] does for a finalize step: the reserve's debit account and the
