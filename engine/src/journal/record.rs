@@ -63,6 +63,19 @@ pub enum WalCommand {
     Wallet(Box<crate::wallet::WalletCommand>),
 }
 
+impl WalCommand {
+    /// The transfer body the command carries, if it carries one.
+    fn body(&self) -> Option<&WalTransfer> {
+        match self {
+            WalCommand::Transfer(t)
+            | WalCommand::Reserve(t)
+            | WalCommand::Credit(t)
+            | WalCommand::ReserveLinked { transfer: t, .. } => Some(t),
+            _ => None,
+        }
+    }
+}
+
 #[derive(Debug, Clone, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub enum WalRecord {
     /// Opens every segment, so that any segment says which layout of shards it belongs to.
@@ -111,7 +124,8 @@ pub struct WireSibling {
     flags: u16,
 }
 
-/// Version 4's record, read only: version 5 without the sibling list.
+/// Version 4's record, read only: version 5 without the sibling list. Frozen, field for field,
+/// as version 4 builds wrote it: never edit, even where it repeats [`WireBatch`].
 #[derive(Debug, Clone, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub enum WireRecordV4 {
     Meta { shard_count: u16 },
@@ -265,15 +279,15 @@ impl WireBatch {
         let mut siblings = self.siblings.into_iter();
         let short = DecodeRecordError("command list");
         let mut commands = Vec::with_capacity(self.kinds.len());
-        // The transfer body last read: what the next sibling shares.
-        let mut before: Option<WalTransfer> = None;
+        // Where the transfer body last read is in `commands`: what the next sibling shares.
+        let mut before: Option<usize> = None;
         for kind in self.kinds {
             let mut step = || steps.next().ok_or(short.clone());
             let id = |[low, high, _]: [u64; 3]| crate::ids::from_halves([low, high]);
+            let before_body = before.and_then(|index| commands.get(index)).and_then(WalCommand::body);
             let mut sibling = || -> Result<WalTransfer, DecodeRecordError> {
                 let s = siblings.next().ok_or(short.clone())?;
-                let before =
-                    before.as_ref().ok_or(DecodeRecordError("sibling without a transfer before it"))?;
+                let before = before_body.ok_or(DecodeRecordError("sibling without a transfer before it"))?;
                 Ok(WalTransfer {
                     id: crate::ids::from_halves(s.id),
                     credit: s.credit,
@@ -305,17 +319,13 @@ impl WireBatch {
                 KIND_WALLET => WalCommand::Wallet(Box::new(wallets.next().ok_or(short.clone())?)),
                 KIND_TRANSFER_SIBLING => WalCommand::Transfer(sibling()?),
                 KIND_RESERVE_LINKED_SIBLING => {
-                    let parent = before.as_ref().map_or(0, |before| before.id);
+                    let parent = before_body.map_or(0, |before| before.id);
                     WalCommand::ReserveLinked { transfer: sibling()?, parent }
                 }
                 _ => return Err(DecodeRecordError("command kind")),
             };
-            match &command {
-                WalCommand::Transfer(t)
-                | WalCommand::Reserve(t)
-                | WalCommand::Credit(t)
-                | WalCommand::ReserveLinked { transfer: t, .. } => before = Some(t.clone()),
-                _ => {}
+            if command.body().is_some() {
+                before = Some(commands.len());
             }
             commands.push(command);
         }
