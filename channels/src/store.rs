@@ -1,6 +1,8 @@
-//! The server's own state in sled (`data_dir/server`): credentials, customer sessions, the
-//! responses of idempotent requests, and the live wallet rules with their change log
-//! ([`crate::settings`]). None of it is money: the ledger's journal is the record of
+//! The server's own state in sled (`data_dir/server`): credentials, customer sessions, and the
+//! live wallet rules with their change log ([`crate::settings`]); the responses of idempotent
+//! requests in fjall (`data_dir/server/idempotency`), an LSM tree whose bloom filters answer the
+//! lookup of a new key (every money-moving request makes one) without a walk of the tree, and
+//! whose writes append to its journal instead of copying a sled leaf. None of it is money: the ledger's journal is the record of
 //! money, and a lost idempotency record cannot cause a second posting (an operation's ledger id
 //! derives from the caller and its key, and the ledger answers a repeated id with the first
 //! result). Secrets are not stored: API keys and session tokens are kept as SHA-256 hashes.
@@ -13,6 +15,8 @@ use serde::{Deserialize, Serialize};
 pub enum StoreError {
     #[error("server store: {0}")]
     Sled(#[from] sled::Error),
+    #[error("server store (idempotency records): {0}")]
+    Records(#[from] fjall::Error),
     #[error("server store record is corrupt: {0}")]
     Corrupt(String),
 }
@@ -111,32 +115,81 @@ pub struct Webhook {
 }
 
 /// The response of a finished idempotent request.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredResponse {
-    pub body_sha256: String,
+    /// The request body's keyed SHA-256 (see [`crate::http::idempotency`]).
+    pub body_sha256: [u8; 32],
     pub status: u16,
     pub body: String,
+}
+
+/// The layout of [`StoredResponse::encode`].
+const RESPONSE_VERSION: u8 = 1;
+
+impl StoredResponse {
+    /// Version, status (big-endian), the body's tag, the body: 35 bytes and the body.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut bytes = Vec::with_capacity(35 + self.body.len());
+        bytes.push(RESPONSE_VERSION);
+        bytes.extend_from_slice(&self.status.to_be_bytes());
+        bytes.extend_from_slice(&self.body_sha256);
+        bytes.extend_from_slice(self.body.as_bytes());
+        bytes
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<StoredResponse, StoreError> {
+        let corrupt = |what: &str| StoreError::Corrupt(format!("idempotency record: {what}"));
+        let (&version, rest) = bytes.split_first().ok_or_else(|| corrupt("empty"))?;
+        if version != RESPONSE_VERSION {
+            return Err(corrupt(&format!("unknown layout {version}")));
+        }
+        let (status, rest) = rest.split_first_chunk::<2>().ok_or_else(|| corrupt("truncated"))?;
+        let (tag, body) = rest.split_first_chunk::<32>().ok_or_else(|| corrupt("truncated"))?;
+        let body = std::str::from_utf8(body).map_err(|_| corrupt("the body is not UTF-8"))?;
+        Ok(StoredResponse { body_sha256: *tag, status: u16::from_be_bytes(*status), body: body.to_owned() })
+    }
+}
+
+/// How sled kept a response (JSON) until the records moved to fjall; read once, to move them.
+#[derive(Deserialize)]
+struct SledResponse {
+    body_sha256: String,
+    status: u16,
+    body: String,
+}
+
+impl SledResponse {
+    fn into_stored(self) -> Result<StoredResponse, StoreError> {
+        let mut tag = [0_u8; 32];
+        hex::decode_to_slice(&self.body_sha256, &mut tag)
+            .map_err(|e| StoreError::Corrupt(format!("idempotency record tag: {e}")))?;
+        Ok(StoredResponse { body_sha256: tag, status: self.status, body: self.body })
+    }
 }
 
 /// Responses kept in memory (besides sled) for retries that come soon, as most do.
 const RECENT_MAX: usize = 200_000;
 
+/// Keyed by operation id (see [`crate::http::idempotency::operation_id`]).
 #[derive(Debug, Default)]
 struct Recent {
-    map: std::collections::HashMap<Vec<u8>, StoredResponse>,
-    order: std::collections::VecDeque<Vec<u8>>,
-    /// Written to sled by the next [`Store::flush_responses`].
-    unwritten: Vec<(Vec<u8>, StoredResponse)>,
+    map: rustc_hash::FxHashMap<u128, StoredResponse>,
+    order: std::collections::VecDeque<u128>,
+    /// Written to fjall by the next [`Store::flush_responses`], encoded.
+    unwritten: Vec<(u128, Vec<u8>)>,
 }
 
 /// The store. Reads of credentials and sessions are served from memory (written through to
 /// sled); idempotent responses are written behind, in batches (see [`Store::put_response`]).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Store {
     db: sled::Db,
     credentials: sled::Tree,
     sessions: sled::Tree,
-    idempotency: sled::Tree,
+    /// The idempotency records' database and its one keyspace: operation id (16 bytes,
+    /// big-endian; a SHA-256 of the caller and the key) → response.
+    records: fjall::Database,
+    responses: fjall::Keyspace,
     merchants: sled::Tree,
     requests: sled::Tree,
     webhooks: sled::Tree,
@@ -169,10 +222,27 @@ impl Store {
             let credential: Credential = decode(&value?)?;
             cache.insert(credential.key_id.clone(), credential);
         }
+        // The journal reaches the OS at every flush (`PersistMode::Buffer`, every 20 ms) and the
+        // disk at shutdown: a crash of the machine can lose the last records, which costs a
+        // retry its stored answer, not a second posting (see the module's note). One worker, as
+        // for the views' index: more spin against each other on two cores.
+        let records = fjall::Database::builder(path.join("idempotency"))
+            .manual_journal_persist(true)
+            .worker_threads(1)
+            .cache_size(32 * 1024 * 1024)
+            .open()?;
+        // A small memtable: the records of the last 200,000 requests are answered from `recent`,
+        // so fjall is asked mostly for keys it does not have, which its bloom filters answer;
+        // a large memtable would make every such miss a long skiplist search.
+        let responses = records.keyspace("responses", || {
+            fjall::KeyspaceCreateOptions::default().max_memtable_size(8 * 1024 * 1024)
+        })?;
+        move_sled_responses(&db, &records, &responses)?;
         Ok(Store {
             credentials,
             sessions: db.open_tree("sessions")?,
-            idempotency: db.open_tree("idempotency")?,
+            records,
+            responses,
             merchants: db.open_tree("merchants")?,
             requests: db.open_tree("payment_requests")?,
             webhooks: db.open_tree("webhooks")?,
@@ -263,45 +333,49 @@ impl Store {
         Ok(self.sessions.remove(token_sha256.as_bytes())?.is_some() || cached)
     }
 
-    pub fn response(&self, key: &[u8]) -> Result<Option<StoredResponse>, StoreError> {
-        if let Some(stored) = self.recent.lock().unwrap_or_else(|p| p.into_inner()).map.get(key) {
+    /// The response recorded for operation `op`.
+    pub fn response(&self, op: u128) -> Result<Option<StoredResponse>, StoreError> {
+        if let Some(stored) = self.recent.lock().unwrap_or_else(|p| p.into_inner()).map.get(&op) {
             return Ok(Some(stored.clone()));
         }
-        self.idempotency.get(key)?.map(|v| decode(&v)).transpose()
+        self.responses.get(op.to_be_bytes())?.map(|v| StoredResponse::decode(&v)).transpose()
     }
 
-    /// Records a response: in memory at once, in sled at the next [`Store::flush_responses`]
+    /// Records a response: in memory at once, in fjall at the next [`Store::flush_responses`]
     /// (the server flushes every few milliseconds and at shutdown). A crash can lose the last
     /// few milliseconds of records; a retry then runs again under the same ledger id, which the
     /// ledger answers with its first result, so nothing posts twice.
-    pub fn put_response(&self, key: &[u8], response: &StoredResponse) -> Result<(), StoreError> {
+    pub fn put_response(&self, op: u128, response: &StoredResponse) -> Result<(), StoreError> {
+        let encoded = response.encode();
         let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
-        recent.unwritten.push((key.to_vec(), response.clone()));
-        if recent.map.insert(key.to_vec(), response.clone()).is_none() {
-            recent.order.push_back(key.to_vec());
+        recent.unwritten.push((op, encoded));
+        if recent.map.insert(op, response.clone()).is_none() {
+            recent.order.push_back(op);
         }
         Ok(())
     }
 
-    /// Writes the responses recorded since the last call as one sled batch, then lets the oldest
-    /// ones leave memory.
+    /// Writes the responses recorded since the last call as one fjall batch and hands its
+    /// journal to the OS, then lets the oldest ones leave memory.
     pub fn flush_responses(&self) -> Result<usize, StoreError> {
         let unwritten = std::mem::take(&mut self.recent.lock().unwrap_or_else(|p| p.into_inner()).unwritten);
         if unwritten.is_empty() {
             return Ok(0);
         }
-        let mut batch = sled::Batch::default();
-        for (key, response) in &unwritten {
-            batch.insert(key.as_slice(), encode(response)?);
+        let written = unwritten.len();
+        let mut batch = self.records.batch();
+        for (op, response) in unwritten {
+            batch.insert(&self.responses, op.to_be_bytes(), response);
         }
-        self.idempotency.apply_batch(batch)?;
+        batch.commit()?;
+        self.records.persist(fjall::PersistMode::Buffer)?;
         let mut recent = self.recent.lock().unwrap_or_else(|p| p.into_inner());
         while recent.order.len() > RECENT_MAX {
             if let Some(old) = recent.order.pop_front() {
                 recent.map.remove(&old);
             }
         }
-        Ok(unwritten.len())
+        Ok(written)
     }
 
     pub fn merchant(&self, merchant: u64) -> Result<Option<Merchant>, StoreError> {
@@ -447,7 +521,147 @@ impl Store {
 
     pub fn flush(&self) -> Result<(), StoreError> {
         self.flush_responses()?;
+        self.records.persist(fjall::PersistMode::SyncAll)?;
         self.db.flush()?;
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+/// Moves the idempotency records an older build kept in sled's `idempotency` tree into fjall,
+/// then drops the tree. Done in batches and made durable before the tree goes, so a crash
+/// midway moves them again on the next start (the same keys and values: harmless).
+fn move_sled_responses(
+    db: &sled::Db,
+    records: &fjall::Database,
+    responses: &fjall::Keyspace,
+) -> Result<(), StoreError> {
+    const OLD_TREE: &str = "idempotency";
+    if !db.tree_names().iter().any(|name| name.as_ref() == OLD_TREE.as_bytes()) {
+        return Ok(());
+    }
+    let old = db.open_tree(OLD_TREE)?;
+    let mut moved = 0_u64;
+    let mut batch = records.batch();
+    for entry in old.iter() {
+        let (key, value) = entry?;
+        // sled's key was the caller, a NUL and the Idempotency-Key; neither holds a NUL.
+        let Some((caller, idempotency_key)) = std::str::from_utf8(&key).ok().and_then(|k| k.split_once('\0'))
+        else {
+            return Err(StoreError::Corrupt("idempotency record key: not a caller, NUL and key".into()));
+        };
+        let op = crate::http::idempotency::operation_id(caller, idempotency_key);
+        let stored = decode::<SledResponse>(&value)?.into_stored()?;
+        batch.insert(responses, op.to_be_bytes(), stored.encode());
+        moved += 1;
+        if moved.is_multiple_of(10_000) {
+            std::mem::replace(&mut batch, records.batch()).commit()?;
+        }
+    }
+    batch.commit()?;
+    records.persist(fjall::PersistMode::SyncAll)?;
+    drop(old);
+    db.drop_tree(OLD_TREE)?;
+    db.flush()?;
+    if moved > 0 {
+        tracing::info!(moved, "server store: idempotency records moved from sled to fjall");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn response(body: &str) -> StoredResponse {
+        StoredResponse { body_sha256: [7; 32], status: 201, body: body.to_owned() }
+    }
+
+    #[test]
+    fn a_response_encodes_and_decodes() {
+        let stored = response(r#"{"transfer":"ab","fee":"0.50"}"#);
+        assert_eq!(StoredResponse::decode(&stored.encode()).ok(), Some(stored.clone()));
+        let encoded = stored.encode();
+        assert!(StoredResponse::decode(&[]).is_err());
+        assert!(StoredResponse::decode(&encoded[..20]).is_err(), "a truncated record");
+        let mut other = encoded.clone();
+        other[0] = 9;
+        assert!(StoredResponse::decode(&other).is_err(), "an unknown layout");
+        let mut bad = encoded;
+        bad.push(0xff);
+        assert!(StoredResponse::decode(&bad).is_err(), "a body that is not UTF-8");
+    }
+
+    #[test]
+    fn responses_survive_a_reopen_from_memory_or_from_fjall() -> Result<(), StoreError> {
+        let dir = tempfile::tempdir().map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let (flushed, unflushed) = (11_u128, 12_u128);
+        {
+            let store = Store::open(dir.path())?;
+            store.put_response(flushed, &response("one"))?;
+            assert_eq!(store.flush_responses()?, 1);
+            assert_eq!(store.response(flushed)?, Some(response("one")));
+            store.put_response(unflushed, &response("two"))?;
+            assert_eq!(store.response(unflushed)?, Some(response("two")), "answered from memory");
+            // Shutdown writes what is still in memory.
+            store.flush()?;
+        }
+        let store = Store::open(dir.path())?;
+        assert_eq!(store.response(flushed)?, Some(response("one")));
+        assert_eq!(store.response(unflushed)?, Some(response("two")));
+        assert_eq!(store.response(13)?, None);
+        Ok(())
+    }
+
+    #[test]
+    fn records_an_older_build_kept_in_sled_move_to_fjall() -> Result<(), StoreError> {
+        let dir = tempfile::tempdir().map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let tag = [0xab_u8; 32];
+        {
+            let db = sled::open(dir.path())?;
+            let old = db.open_tree("idempotency")?;
+            for n in 0..25_000_u32 {
+                let value = serde_json::json!({"body_sha256": hex::encode(tag), "status": 200, "body": format!("{{\"n\":{n}}}")});
+                old.insert(format!("agent-1\0key-{n}").as_bytes(), value.to_string().as_bytes())?;
+            }
+            db.flush()?;
+        }
+        {
+            let store = Store::open(dir.path())?;
+            let op = crate::http::idempotency::operation_id("agent-1", "key-24999");
+            let moved = store.response(op)?.ok_or_else(|| StoreError::Corrupt("not moved".into()))?;
+            assert_eq!((moved.status, moved.body_sha256, moved.body.as_str()), (200, tag, r#"{"n":24999}"#));
+            assert!(
+                !store.db.tree_names().iter().any(|name| name.as_ref() == b"idempotency"),
+                "the sled tree is dropped"
+            );
+        }
+        // Opened again, nothing is left to move and the records stay.
+        let store = Store::open(dir.path())?;
+        let op = crate::http::idempotency::operation_id("agent-1", "key-0");
+        assert_eq!(store.response(op)?.map(|s| s.body), Some(r#"{"n":0}"#.to_owned()));
+        Ok(())
+    }
+
+    #[test]
+    fn a_corrupt_sled_record_stops_the_move_with_an_error_and_loses_nothing() -> Result<(), StoreError> {
+        let dir = tempfile::tempdir().map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        {
+            let db = sled::open(dir.path())?;
+            db.open_tree("idempotency")?.insert(b"agent-1\0k".as_slice(), b"not json".as_slice())?;
+            db.flush()?;
+        }
+        let Err(StoreError::Corrupt(reason)) = Store::open(dir.path()) else {
+            panic!("a corrupt record must refuse the open");
+        };
+        assert!(reason.contains("expected"), "{reason}");
+        let db = sled::open(dir.path())?;
+        assert_eq!(db.open_tree("idempotency")?.len(), 1, "the old record is still there");
         Ok(())
     }
 }

@@ -97,9 +97,8 @@ async fn operation(
     signed: Signed,
 ) -> Result<Response, ApiError> {
     let caller = signed.require(&[Role::Agent, Role::Atm, Role::Staff])?;
-    let record_key = [caller.key_id.as_bytes(), b"\0", reference.as_bytes()].concat();
-    let stored = state.store.response(&record_key)?;
     let op = idempotency::operation_id(&caller.key_id, &reference);
+    let stored = state.store.response(op)?;
     let status = state.domain.operation_status(op).await?;
     let ledger = status.map(|s| format!("{:?}", s.state).to_lowercase());
     match (stored, ledger) {

@@ -1,5 +1,5 @@
 //! `Idempotency-Key` on every money-moving call. The first request with a key runs; its status
-//! and body are kept (sled, surviving restarts) and answered to every retry with the same body;
+//! and body are kept (fjall, surviving restarts) and answered to every retry with the same body;
 //! a retry with another body gets 422 `idempotency_key_reused`; a retry while the first still
 //! runs waits for it. The operation's ledger id derives from the caller and the key, so even a
 //! lost record cannot post twice: the ledger answers a known id with its first result.
@@ -74,7 +74,7 @@ where
 /// Requests running under a key, for retries that arrive meanwhile.
 #[derive(Debug, Default)]
 pub struct InFlight {
-    running: Mutex<HashMap<Vec<u8>, watch::Receiver<Option<StoredResponse>>>>,
+    running: Mutex<HashMap<u128, watch::Receiver<Option<StoredResponse>>>>,
 }
 
 /// The ledger id of the operation `caller` runs under `key`: never zero.
@@ -116,8 +116,8 @@ fn stored_response(stored: &StoredResponse) -> Response {
     response
 }
 
-fn answer(stored: &StoredResponse, body_sha256: &str) -> Response {
-    if stored.body_sha256 != body_sha256 {
+fn answer(stored: &StoredResponse, body_sha256: &[u8; 32]) -> Response {
+    if stored.body_sha256 != *body_sha256 {
         return ApiError::field(
             StatusCode::UNPROCESSABLE_ENTITY,
             "idempotency_key_reused",
@@ -143,21 +143,19 @@ where
     F: FnOnce(u128) -> Fut,
     Fut: Future<Output = Result<(StatusCode, serde_json::Value), ApiError>>,
 {
-    let record_key = [caller.as_bytes(), b"\0", key.as_bytes()].concat();
+    // The operation's ledger id is also its record's key: a SHA-256 of the caller and the key.
+    let op = operation_id(caller, key);
     // Keyed, not a plain hash: a body may carry a PIN, and a plain hash of a 4-digit PIN is no
     // secret.
-    let body_sha256 = hex::encode(state.secret.derive_key("idempotency", body));
+    let body_sha256 = state.secret.derive_key("idempotency", body);
     loop {
-        match state.store.response(&record_key) {
+        match state.store.response(op) {
             Ok(Some(stored)) => return answer(&stored, &body_sha256),
             Ok(None) => {}
             Err(error) => return ApiError::from(error).into_response(),
         }
-        match state.in_flight.enter(&record_key) {
-            Entered::First(sender) => {
-                return run(state, &record_key, &body_sha256, operation(operation_id(caller, key)), sender)
-                    .await;
-            }
+        match state.in_flight.enter(op) {
+            Entered::First(sender) => return run(state, op, &body_sha256, operation(op), sender).await,
             Entered::Running(mut receiver) => {
                 // The first request is running: wait for its answer (or for it to give up,
                 // then look again).
@@ -176,21 +174,21 @@ enum Entered {
 }
 
 impl InFlight {
-    fn enter(&self, record_key: &[u8]) -> Entered {
+    fn enter(&self, op: u128) -> Entered {
         let mut running = self.running.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(receiver) = running.get(record_key) {
+        if let Some(receiver) = running.get(&op) {
             return Entered::Running(receiver.clone());
         }
         let (sender, receiver) = watch::channel(None);
-        running.insert(record_key.to_vec(), receiver);
+        running.insert(op, receiver);
         Entered::First(sender)
     }
 }
 
 async fn run<Fut>(
     state: &Arc<AppState>,
-    record_key: &[u8],
-    body_sha256: &str,
+    op: u128,
+    body_sha256: &[u8; 32],
     operation: Fut,
     sender: watch::Sender<Option<StoredResponse>>,
 ) -> Response
@@ -198,13 +196,13 @@ where
     Fut: Future<Output = Result<(StatusCode, serde_json::Value), ApiError>>,
 {
     // Removes the in-flight entry however this ends (a dropped connection included).
-    struct Leave<'a>(&'a AppState, &'a [u8]);
+    struct Leave<'a>(&'a AppState, u128);
     impl Drop for Leave<'_> {
         fn drop(&mut self) {
-            self.0.in_flight.running.lock().unwrap_or_else(|p| p.into_inner()).remove(self.1);
+            self.0.in_flight.running.lock().unwrap_or_else(|p| p.into_inner()).remove(&self.1);
         }
     }
-    let _leave = Leave(state, record_key);
+    let _leave = Leave(state, op);
     let (status, body) = match operation.await {
         Ok(answer) => answer,
         // Unavailability is not an answer: not recorded, so a retry runs again.
@@ -213,12 +211,9 @@ where
         }
         Err(error) => (error.status, error.body()),
     };
-    let stored = StoredResponse {
-        body_sha256: body_sha256.to_owned(),
-        status: status.as_u16(),
-        body: body.to_string(),
-    };
-    if let Err(error) = state.store.put_response(record_key, &stored) {
+    let stored =
+        StoredResponse { body_sha256: *body_sha256, status: status.as_u16(), body: body.to_string() };
+    if let Err(error) = state.store.put_response(op, &stored) {
         return ApiError::from(error).into_response();
     }
     sender.send_replace(Some(stored.clone()));
