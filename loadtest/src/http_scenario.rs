@@ -132,9 +132,12 @@ impl Connection {
         Ok(request.body(Body::new(body.into()))?)
     }
 
-    /// Sends `request` and reads the whole answer: its status and the `Retry-After` seconds,
-    /// if any.
-    async fn send(&mut self, request: hyper::Request<Body>) -> anyhow::Result<(u16, Option<u64>)> {
+    /// Sends `request` and reads the whole answer: its status, the `Retry-After` seconds if
+    /// any, and its body.
+    async fn send(
+        &mut self,
+        request: hyper::Request<Body>,
+    ) -> anyhow::Result<(u16, Option<u64>, bytes::Bytes)> {
         use http_body_util::BodyExt;
         let sender = match self.sender.as_mut() {
             Some(sender) if !sender.is_closed() => sender,
@@ -156,8 +159,8 @@ impl Connection {
                 .get("retry-after")
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.parse::<u64>().ok());
-            response.into_body().collect().await?;
-            Ok::<_, hyper::Error>((status, retry_after))
+            let body = response.into_body().collect().await?.to_bytes();
+            Ok::<_, hyper::Error>((status, retry_after, body))
         };
         match answer.await {
             Ok(answer) => Ok(answer),
@@ -342,6 +345,8 @@ struct Counts {
     ok: AtomicU64,
     rejected: AtomicU64,
     errors: AtomicU64,
+    /// The first failed answers (status and body), for the report.
+    first_errors: std::sync::Mutex<Vec<String>>,
     cash_in_minor: AtomicU64,
 }
 
@@ -351,7 +356,24 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         "--connections and --duration-s must be at least 1"
     );
     ensure!(args.p2p_percent <= 100, "--p2p-percent is 0..=100");
-    with_credentials(&args.credentials.clone(), |credentials| drive(args, credentials))
+    with_credentials(&args.credentials.clone(), |credentials| async move {
+        let summary = drive(args, credentials).await?;
+        ensure!(
+            summary.ok > 0,
+            "no request was accepted ({} refused, {} errors)",
+            summary.rejected,
+            summary.errors
+        );
+        Ok(())
+    })
+}
+
+/// What a run counted.
+#[derive(Debug)]
+struct Summary {
+    ok: u64,
+    rejected: u64,
+    errors: u64,
 }
 
 /// Reads the server's credentials (`demo.json`) and runs `scenario` with them on a runtime of
@@ -367,7 +389,7 @@ where
     runtime.block_on(scenario(credentials))
 }
 
-async fn drive(args: Args, credentials: Value) -> anyhow::Result<()> {
+async fn drive(args: Args, credentials: Value) -> anyhow::Result<Summary> {
     let http =
         reqwest::Client::builder().pool_max_idle_per_host(args.connections).tcp_nodelay(true).build()?;
     let client = Arc::new(Client { http, base: format!("http://{}", args.target), credentials });
@@ -438,9 +460,9 @@ async fn drive(args: Args, credentials: Value) -> anyhow::Result<()> {
                     )
                 };
                 let sent = Instant::now();
-                let (status, retry_after) = match request {
-                    Ok(request) => link.send(request).await.unwrap_or((0, None)),
-                    Err(_) => (0, None),
+                let (status, retry_after, body) = match request {
+                    Ok(request) => link.send(request).await.unwrap_or_default(),
+                    Err(_) => Default::default(),
                 };
                 let micros = u64::try_from(intended.elapsed().as_micros()).unwrap_or(u64::MAX).max(1);
                 let from_send = u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX).max(1);
@@ -464,7 +486,13 @@ async fn drive(args: Args, credentials: Value) -> anyhow::Result<()> {
                         }
                     }
                     _ => {
-                        counts.errors.fetch_add(1, Ordering::Relaxed);
+                        if counts.errors.fetch_add(1, Ordering::Relaxed) < 3 {
+                            let what = match status {
+                                0 => "no answer".to_owned(),
+                                _ => format!("{status} {}", String::from_utf8_lossy(&body)),
+                            };
+                            counts.first_errors.lock().unwrap_or_else(|p| p.into_inner()).push(what);
+                        }
                     }
                 }
             }
@@ -499,6 +527,9 @@ async fn drive(args: Args, credentials: Value) -> anyhow::Result<()> {
         args.rate.map_or(String::new(), |r| format!(", offered {r}/s"))
     );
     println!("requests            {ok} ok, {rejected} rejected (429/503), {errors} errors in {elapsed:.1} s");
+    for error in counts.first_errors.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        println!("  error             {error}");
+    }
     println!(
         "throughput          {:.0} requests/s accepted, {:.0}/s sent",
         ok as f64 / elapsed,
@@ -542,7 +573,7 @@ async fn drive(args: Args, credentials: Value) -> anyhow::Result<()> {
     if !conserved {
         bail!("money was created or lost");
     }
-    Ok(())
+    Ok(Summary { ok, rejected, errors })
 }
 
 use rand::SeedableRng;
@@ -550,4 +581,44 @@ use rand::SeedableRng;
 /// Whole milliseconds of `seconds`.
 fn started_ms(seconds: f64) -> u128 {
     Duration::from_secs_f64(seconds).as_millis()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A short run against a real demo server on loopback: wallets set up through the API,
+    /// cash-ins and P2P transfers on the tool's own connections, conservation checked.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_short_run_against_a_demo_server_moves_money_and_conserves_it() -> anyhow::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let mut config = channels::config::Config::default();
+        config.server.data_dir = dir.path().to_path_buf();
+        config.server.shards = Some(2);
+        config.server.views = false;
+        config.server.secret = Some("22".repeat(32));
+        config.http.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
+        config.smpp.listen = None;
+        let options = channels::server::ServeOptions { demo: true, metrics: false };
+        let running = channels::server::start(config, options).await?;
+        let credentials: Value =
+            serde_json::from_str(&std::fs::read_to_string(dir.path().join("demo.json"))?)?;
+        let args = Args {
+            target: running.addr.to_string(),
+            credentials: dir.path().join("demo.json"),
+            duration_s: 1,
+            // Paced, so that no wallet meets its tier's daily count (the server refuses the
+            // rest with 422 `limit_daily_count`, which the tool counts as errors).
+            rate: Some(200),
+            connections: 4,
+            wallets: 20,
+            p2p_percent: 50,
+            honour_retry_after: true,
+        };
+        let summary = drive(args, credentials).await?;
+        running.shutdown().await?;
+        assert!(summary.ok > 100, "{summary:?}");
+        assert_eq!((summary.errors, summary.rejected), (0, 0), "{summary:?}");
+        Ok(())
+    }
 }
