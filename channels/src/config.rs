@@ -20,6 +20,7 @@ pub const ENV_OVERRIDES: &[(&str, &str)] = &[
     ("QEPIK_HTTP_LISTEN", "http.listen"),
     ("QEPIK_HTTP_MAX_IN_FLIGHT", "http.max_in_flight"),
     ("QEPIK_HTTP_QUEUE_TARGET_MS", "http.queue_target_ms"),
+    ("QEPIK_HTTP_IDEMPOTENCY_RETENTION_DAYS", "http.idempotency_retention_days"),
     ("QEPIK_HTTP_RATE_PER_S", "http.rate_per_s"),
     ("QEPIK_HTTP_TLS_CERT", "http.tls.cert_file (with QEPIK_HTTP_TLS_KEY)"),
     ("QEPIK_HTTP_TLS_KEY", "http.tls.key_file"),
@@ -85,6 +86,10 @@ pub struct HttpSection {
     pub refresh_ttl_s: u64,
     /// Serve HTTPS (and require client certificates, if a client CA is given).
     pub tls: Option<crate::tls::TlsSection>,
+    /// Days an idempotent request's response is kept for retries (at least; whole days are
+    /// dropped together). A retry after that runs again under the same ledger id, which the
+    /// ledger answers with its first result: it never posts twice.
+    pub idempotency_retention_days: u64,
 }
 
 impl Default for HttpSection {
@@ -98,6 +103,7 @@ impl Default for HttpSection {
             max_body_bytes: 64 * 1024,
             session_ttl_s: 15 * 60,
             refresh_ttl_s: 7 * 24 * 3600,
+            idempotency_retention_days: 7,
             tls: None,
         }
     }
@@ -323,6 +329,9 @@ impl Config {
         if let Some(v) = get("QEPIK_HTTP_QUEUE_TARGET_MS") {
             self.http.queue_target_ms = parse("QEPIK_HTTP_QUEUE_TARGET_MS", &v)?;
         }
+        if let Some(v) = get("QEPIK_HTTP_IDEMPOTENCY_RETENTION_DAYS") {
+            self.http.idempotency_retention_days = parse("QEPIK_HTTP_IDEMPOTENCY_RETENTION_DAYS", &v)?;
+        }
         if let Some(v) = get("QEPIK_HTTP_RATE_PER_S") {
             self.http.rate_per_s = parse("QEPIK_HTTP_RATE_PER_S", &v)?;
         }
@@ -364,6 +373,9 @@ impl Config {
         }
         if self.http.rate_per_s == 0 {
             return invalid("http.rate_per_s", "must be at least 1");
+        }
+        if !(1..=366).contains(&self.http.idempotency_retention_days) {
+            return invalid("http.idempotency_retention_days", "must be 1..=366");
         }
         if self.http.max_body_bytes < 1024 {
             return invalid("http.max_body_bytes", "must be at least 1024");
@@ -452,6 +464,8 @@ mod tests {
         assert!(error.to_string().contains("lisen"), "{error}");
         let error = Config::parse("[http]\nlisten = \"nowhere\"\n").expect_err("bad address");
         assert!(error.to_string().contains("listen"), "{error}");
+        let error = Config::parse("[http]\nidempotency_retention_days = 0\n").expect_err("no retention");
+        assert!(error.to_string().contains("http.idempotency_retention_days"), "{error}");
         let error = Config::parse("[server]\nshards = 0\n").expect_err("zero shards");
         assert!(error.to_string().contains("server.shards"), "{error}");
         assert!(Config::parse("[server").is_err());

@@ -118,7 +118,7 @@ pub async fn open_state(config: Config, options: ServeOptions) -> anyhow::Result
     if options.demo {
         crate::demo::default_tariffs(&mut domain_config)?;
     }
-    let store = Store::open(&data_dir.join("server"))?;
+    let store = Store::open_with(&data_dir.join("server"), config.http.idempotency_retention_days)?;
     // The file's tiers, tariffs and commissions, or the live ones administrators changed since
     // (`settings::reconcile` says which win).
     let file_rules = engine::Rules {

@@ -170,6 +170,21 @@ impl SledResponse {
 /// Responses kept in memory (besides sled) for retries that come soon, as most do.
 const RECENT_MAX: usize = 200_000;
 
+/// The day keyspaces kept, newest first, and how many days a record is kept.
+struct Days {
+    kept: Vec<(u64, fjall::Keyspace)>,
+    retention: u64,
+}
+
+/// Days an idempotency record is kept unless the configuration says otherwise.
+pub const RETENTION_DAYS: u64 = 7;
+
+const DAY_PREFIX: &str = "responses-";
+
+fn today() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() / 86_400)
+}
+
 /// Keyed by operation id (see [`crate::http::idempotency::operation_id`]).
 #[derive(Debug, Default)]
 struct Recent {
@@ -186,10 +201,11 @@ pub struct Store {
     db: sled::Db,
     credentials: sled::Tree,
     sessions: sled::Tree,
-    /// The idempotency records' database and its one keyspace: operation id (16 bytes,
-    /// big-endian; a SHA-256 of the caller and the key) → response.
+    /// The idempotency records' database, one keyspace per UTC day written (`responses-DAY`,
+    /// days since 1970): operation id (16 bytes, big-endian; a SHA-256 of the caller and the
+    /// key) → response.
     records: fjall::Database,
-    responses: fjall::Keyspace,
+    days: std::sync::Arc<std::sync::RwLock<Days>>,
     merchants: sled::Tree,
     requests: sled::Tree,
     webhooks: sled::Tree,
@@ -214,7 +230,13 @@ fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, StoreError> {
 }
 
 impl Store {
+    /// [`Store::open_with`] keeping idempotency records [`RETENTION_DAYS`] days.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
+        Store::open_with(path, RETENTION_DAYS)
+    }
+
+    /// Opens the store at `path`, keeping idempotency records `retention_days` (at least 1).
+    pub fn open_with(path: &Path, retention_days: u64) -> Result<Store, StoreError> {
         let db = sled::Config::new().path(path).cache_capacity(64 * 1024 * 1024).open()?;
         let credentials = db.open_tree("credentials")?;
         let mut cache = std::collections::HashMap::new();
@@ -231,18 +253,21 @@ impl Store {
             .worker_threads(1)
             .cache_size(32 * 1024 * 1024)
             .open()?;
-        // A small memtable: the records of the last 200,000 requests are answered from `recent`,
-        // so fjall is asked mostly for keys it does not have, which its bloom filters answer;
-        // a large memtable would make every such miss a long skiplist search.
-        let responses = records.keyspace("responses", || {
-            fjall::KeyspaceCreateOptions::default().max_memtable_size(8 * 1024 * 1024)
-        })?;
-        move_sled_responses(&db, &records, &responses)?;
+        let mut kept = Vec::new();
+        for name in records.list_keyspace_names() {
+            if let Some(day) = name.strip_prefix(DAY_PREFIX).and_then(|d| d.parse::<u64>().ok()) {
+                kept.push((day, day_keyspace(&records, day)?));
+            }
+        }
+        kept.sort_by_key(|(day, _)| std::cmp::Reverse(*day));
+        let days = Days { kept, retention: retention_days.max(1) };
+        let days = std::sync::Arc::new(std::sync::RwLock::new(days));
+        move_sled_responses(&db, &records, &days, today())?;
         Ok(Store {
             credentials,
             sessions: db.open_tree("sessions")?,
             records,
-            responses,
+            days,
             merchants: db.open_tree("merchants")?,
             requests: db.open_tree("payment_requests")?,
             webhooks: db.open_tree("webhooks")?,
@@ -338,7 +363,13 @@ impl Store {
         if let Some(stored) = self.recent.lock().unwrap_or_else(|p| p.into_inner()).map.get(&op) {
             return Ok(Some(stored.clone()));
         }
-        self.responses.get(op.to_be_bytes())?.map(|v| StoredResponse::decode(&v)).transpose()
+        let days = self.days.read().unwrap_or_else(|p| p.into_inner());
+        for (_, keyspace) in &days.kept {
+            if let Some(value) = keyspace.get(op.to_be_bytes())? {
+                return StoredResponse::decode(&value).map(Some);
+            }
+        }
+        Ok(None)
     }
 
     /// Records a response: in memory at once, in fjall at the next [`Store::flush_responses`]
@@ -358,6 +389,13 @@ impl Store {
     /// Writes the responses recorded since the last call as one fjall batch and hands its
     /// journal to the OS, then lets the oldest ones leave memory.
     pub fn flush_responses(&self) -> Result<usize, StoreError> {
+        self.flush_responses_on(today())
+    }
+
+    /// [`Store::flush_responses`] into day `today`'s keyspace, first dropping the days past
+    /// the retention.
+    fn flush_responses_on(&self, today: u64) -> Result<usize, StoreError> {
+        let keyspace = enter_day(&self.records, &self.days, today)?;
         let unwritten = std::mem::take(&mut self.recent.lock().unwrap_or_else(|p| p.into_inner()).unwritten);
         if unwritten.is_empty() {
             return Ok(0);
@@ -365,7 +403,7 @@ impl Store {
         let written = unwritten.len();
         let mut batch = self.records.batch();
         for (op, response) in unwritten {
-            batch.insert(&self.responses, op.to_be_bytes(), response);
+            batch.insert(&keyspace, op.to_be_bytes(), response);
         }
         batch.commit()?;
         self.records.persist(fjall::PersistMode::Buffer)?;
@@ -527,6 +565,50 @@ impl Store {
     }
 }
 
+/// Day `day`'s keyspace, created if new. A small memtable: the records of the last 200,000
+/// requests are answered from `recent`, so fjall is asked mostly for keys it does not have,
+/// which its bloom filters answer; a large memtable would make every such miss a long
+/// skiplist search.
+fn day_keyspace(records: &fjall::Database, day: u64) -> Result<fjall::Keyspace, StoreError> {
+    Ok(records.keyspace(&format!("{DAY_PREFIX}{day}"), || {
+        fjall::KeyspaceCreateOptions::default().max_memtable_size(8 * 1024 * 1024)
+    })?)
+}
+
+/// The keyspace to write on `today`: opens it the first time, and drops the days older than
+/// the retention (a record written on day D is kept through day D + retention).
+fn enter_day(
+    records: &fjall::Database,
+    days: &std::sync::RwLock<Days>,
+    today: u64,
+) -> Result<fjall::Keyspace, StoreError> {
+    {
+        let days = days.read().unwrap_or_else(|p| p.into_inner());
+        if let Some((day, keyspace)) = days.kept.first()
+            && *day >= today
+        {
+            return Ok(keyspace.clone());
+        }
+    }
+    let mut days = days.write().unwrap_or_else(|p| p.into_inner());
+    if days.kept.first().is_none_or(|(day, _)| *day < today) {
+        days.kept.insert(0, (today, day_keyspace(records, today)?));
+    }
+    let oldest_kept = today.saturating_sub(days.retention);
+    while let Some((day, _)) = days.kept.last()
+        && *day < oldest_kept
+    {
+        if let Some((day, keyspace)) = days.kept.pop() {
+            records.delete_keyspace(keyspace)?;
+            tracing::info!(day, "server store: idempotency records of a day past the retention dropped");
+        }
+    }
+    days.kept
+        .first()
+        .map(|(_, keyspace)| keyspace.clone())
+        .ok_or_else(|| StoreError::Corrupt("no day keyspace".into()))
+}
+
 impl std::fmt::Debug for Store {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Store").finish_non_exhaustive()
@@ -539,12 +621,16 @@ impl std::fmt::Debug for Store {
 fn move_sled_responses(
     db: &sled::Db,
     records: &fjall::Database,
-    responses: &fjall::Keyspace,
+    days: &std::sync::RwLock<Days>,
+    today: u64,
 ) -> Result<(), StoreError> {
     const OLD_TREE: &str = "idempotency";
     if !db.tree_names().iter().any(|name| name.as_ref() == OLD_TREE.as_bytes()) {
         return Ok(());
     }
+    // sled kept no dates: the records count as today's.
+    let keyspace = enter_day(records, days, today)?;
+    let responses = &keyspace;
     let old = db.open_tree(OLD_TREE)?;
     let mut moved = 0_u64;
     let mut batch = records.batch();
@@ -615,6 +701,38 @@ mod tests {
         assert_eq!(store.response(flushed)?, Some(response("one")));
         assert_eq!(store.response(unflushed)?, Some(response("two")));
         assert_eq!(store.response(13)?, None);
+        Ok(())
+    }
+
+    #[test]
+    fn records_are_kept_for_the_retention_then_dropped_whole_days_at_a_time() -> Result<(), StoreError> {
+        let dir = tempfile::tempdir().map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let day = 20_000;
+        {
+            let store = Store::open_with(dir.path(), 2)?;
+            store.put_response(1, &response("day 0"))?;
+            store.flush_responses_on(day)?;
+            store.put_response(2, &response("day 1"))?;
+            store.flush_responses_on(day + 1)?;
+            // Not `flush`: it writes on the real today, which would drop these days at once.
+            store.records.persist(fjall::PersistMode::SyncAll)?;
+        }
+        // Reopened, out of the recent map: both from fjall, the older day searched too.
+        let store = Store::open_with(dir.path(), 2)?;
+        assert_eq!(store.response(1)?, Some(response("day 0")));
+        assert_eq!(store.response(2)?, Some(response("day 1")));
+        // Day + 2: day 0 is still within two days.
+        store.flush_responses_on(day + 2)?;
+        assert_eq!(store.response(1)?, Some(response("day 0")));
+        // Day + 3: day 0 is past them and goes; day 1 stays.
+        store.flush_responses_on(day + 3)?;
+        store.recent.lock().unwrap_or_else(|p| p.into_inner()).map.clear();
+        assert_eq!(store.response(1)?, None);
+        assert_eq!(store.response(2)?, Some(response("day 1")));
+        drop(store);
+        let store = Store::open_with(dir.path(), 2)?;
+        assert_eq!(store.response(1)?, None, "the dropped day stays dropped");
+        assert_eq!(store.days.read().unwrap_or_else(|p| p.into_inner()).kept.len(), 3);
         Ok(())
     }
 
