@@ -664,6 +664,35 @@ fn move_sled_responses(
 mod tests {
     use super::*;
 
+    /// Opens the store, waiting out sled's lock while the threads of a store just dropped
+    /// wind down (sled releases its file lock from a background thread, a moment after the drop).
+    fn open_sled(path: &Path) -> Result<sled::Db, StoreError> {
+        for _ in 0..100 {
+            match sled::open(path) {
+                Err(sled::Error::Io(error)) if error.to_string().contains("could not acquire lock") => {
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                result => return Ok(result?),
+            }
+        }
+        Ok(sled::open(path)?)
+    }
+
+    fn reopen(path: &Path, retention_days: u64) -> Result<Store, StoreError> {
+        let mut tries = 0;
+        loop {
+            match Store::open_with(path, retention_days) {
+                Err(StoreError::Sled(sled::Error::Io(error)))
+                    if error.to_string().contains("could not acquire lock") && tries < 100 =>
+                {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(50));
+                }
+                result => return result,
+            }
+        }
+    }
+
     fn response(body: &str) -> StoredResponse {
         StoredResponse { body_sha256: [7; 32], status: 201, body: body.to_owned() }
     }
@@ -688,7 +717,7 @@ mod tests {
         let dir = tempfile::tempdir().map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let (flushed, unflushed) = (11_u128, 12_u128);
         {
-            let store = Store::open(dir.path())?;
+            let store = reopen(dir.path(), RETENTION_DAYS)?;
             store.put_response(flushed, &response("one"))?;
             assert_eq!(store.flush_responses()?, 1);
             assert_eq!(store.response(flushed)?, Some(response("one")));
@@ -697,7 +726,7 @@ mod tests {
             // Shutdown writes what is still in memory.
             store.flush()?;
         }
-        let store = Store::open(dir.path())?;
+        let store = reopen(dir.path(), RETENTION_DAYS)?;
         assert_eq!(store.response(flushed)?, Some(response("one")));
         assert_eq!(store.response(unflushed)?, Some(response("two")));
         assert_eq!(store.response(13)?, None);
@@ -709,7 +738,7 @@ mod tests {
         let dir = tempfile::tempdir().map_err(|e| StoreError::Corrupt(e.to_string()))?;
         let day = 20_000;
         {
-            let store = Store::open_with(dir.path(), 2)?;
+            let store = reopen(dir.path(), 2)?;
             store.put_response(1, &response("day 0"))?;
             store.flush_responses_on(day)?;
             store.put_response(2, &response("day 1"))?;
@@ -718,7 +747,7 @@ mod tests {
             store.records.persist(fjall::PersistMode::SyncAll)?;
         }
         // Reopened, out of the recent map: both from fjall, the older day searched too.
-        let store = Store::open_with(dir.path(), 2)?;
+        let store = reopen(dir.path(), 2)?;
         assert_eq!(store.response(1)?, Some(response("day 0")));
         assert_eq!(store.response(2)?, Some(response("day 1")));
         // Day + 2: day 0 is still within two days.
@@ -730,7 +759,7 @@ mod tests {
         assert_eq!(store.response(1)?, None);
         assert_eq!(store.response(2)?, Some(response("day 1")));
         drop(store);
-        let store = Store::open_with(dir.path(), 2)?;
+        let store = reopen(dir.path(), 2)?;
         assert_eq!(store.response(1)?, None, "the dropped day stays dropped");
         assert_eq!(store.days.read().unwrap_or_else(|p| p.into_inner()).kept.len(), 3);
         Ok(())
@@ -750,7 +779,7 @@ mod tests {
             db.flush()?;
         }
         {
-            let store = Store::open(dir.path())?;
+            let store = reopen(dir.path(), RETENTION_DAYS)?;
             let op = crate::http::idempotency::operation_id("agent-1", "key-24999");
             let moved = store.response(op)?.ok_or_else(|| StoreError::Corrupt("not moved".into()))?;
             assert_eq!((moved.status, moved.body_sha256, moved.body.as_str()), (200, tag, r#"{"n":24999}"#));
@@ -760,7 +789,7 @@ mod tests {
             );
         }
         // Opened again, nothing is left to move and the records stay.
-        let store = Store::open(dir.path())?;
+        let store = reopen(dir.path(), RETENTION_DAYS)?;
         let op = crate::http::idempotency::operation_id("agent-1", "key-0");
         assert_eq!(store.response(op)?.map(|s| s.body), Some(r#"{"n":0}"#.to_owned()));
         Ok(())
@@ -774,11 +803,11 @@ mod tests {
             db.open_tree("idempotency")?.insert(b"agent-1\0k".as_slice(), b"not json".as_slice())?;
             db.flush()?;
         }
-        let Err(StoreError::Corrupt(reason)) = Store::open(dir.path()) else {
+        let Err(StoreError::Corrupt(reason)) = reopen(dir.path(), RETENTION_DAYS) else {
             panic!("a corrupt record must refuse the open");
         };
         assert!(reason.contains("expected"), "{reason}");
-        let db = sled::open(dir.path())?;
+        let db = open_sled(dir.path())?;
         assert_eq!(db.open_tree("idempotency")?.len(), 1, "the old record is still there");
         Ok(())
     }
