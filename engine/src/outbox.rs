@@ -1,6 +1,6 @@
-//! The notification outbox: a sled tree of messages for customers (OTPs; money sent, received,
+//! The notification outbox: a fjall keyspace of messages for customers (OTPs; money sent, received,
 //! cashed out; wallet blocked) that the SMS sender drains. It is a view fed from the durable
-//! journal by the views' pass ([`crate::views`]), written in the same transaction as the
+//! journal by the views' pass ([`crate::views`]), written in the same atomic batch as the
 //! position that pass applied, so an entry exists only for a change that was committed, and a
 //! pass re-applied after a crash writes nothing twice.
 //!
@@ -19,6 +19,7 @@
 //! Money notifications come one per operation per wallet: the legs of one operation (principal
 //! and fee) touching one wallet are consecutive in one journal record and are merged.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::ids::{AccountId, TransferId};
@@ -337,52 +338,86 @@ fn money_notice(msisdn: u64, account: AccountId, lines: &[HistoryEntry]) -> Opti
 }
 
 /// The reading end of the outbox. Cheap to clone; every clone sees the same entries.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Outbox {
-    tree: sled::Tree,
+    db: fjall::Database,
+    keyspace: fjall::Keyspace,
+    /// The first key a scan needs to look at: every key below it was acknowledged. The queue is
+    /// read from its low end and acknowledged there, so without it each scan would step over
+    /// the tombstones of everything acknowledged since fjall last compacted them away.
+    floor: Arc<Mutex<[u8; 12]>>,
     enqueued: tokio::sync::watch::Receiver<u64>,
 }
 
+impl std::fmt::Debug for Outbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Outbox").finish_non_exhaustive()
+    }
+}
+
 impl Outbox {
-    pub(crate) fn new(tree: sled::Tree, enqueued: tokio::sync::watch::Receiver<u64>) -> Outbox {
-        Outbox { tree, enqueued }
+    pub(crate) fn new(
+        db: fjall::Database,
+        keyspace: fjall::Keyspace,
+        floor: Arc<Mutex<[u8; 12]>>,
+        enqueued: tokio::sync::watch::Receiver<u64>,
+    ) -> Outbox {
+        Outbox { db, keyspace, floor, enqueued }
+    }
+
+    fn floor(&self) -> [u8; 12] {
+        *self.floor.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// The oldest `n` entries not yet acknowledged, oldest first. An entry that cannot be decoded
     /// (written by a newer release) is skipped with a warning and left in place.
-    pub fn oldest(&self, n: usize) -> Result<Vec<(NotificationKey, Notification)>, sled::Error> {
+    pub fn oldest(&self, n: usize) -> Result<Vec<(NotificationKey, Notification)>, fjall::Error> {
+        let floor = self.floor();
         let mut found = Vec::with_capacity(n.min(1024));
-        for entry in self.tree.iter() {
+        let mut first = None;
+        for entry in self.keyspace.range(floor..) {
             if found.len() >= n {
                 break;
             }
-            let (key, value) = entry?;
+            let (key, value) = entry.into_inner()?;
+            first.get_or_insert_with(|| key.to_vec());
             match (NotificationKey::from_bytes(&key), Notification::decode(&value)) {
                 (Some(key), Some(notification)) => found.push((key, notification)),
                 _ => tracing::warn!("outbox: an undecodable entry is skipped"),
             }
         }
+        // Nothing below the first entry is left, and the views only ever enqueue past what they
+        // enqueued before, so later scans may start there.
+        if let Some(first) = first.and_then(|key| <[u8; 12]>::try_from(key.as_slice()).ok()) {
+            let mut shared = self.floor.lock().unwrap_or_else(|p| p.into_inner());
+            *shared = (*shared).max(first);
+        }
         Ok(found)
     }
 
     /// Removes delivered (or deliberately dropped) entries. Acknowledging one twice, or one that
-    /// is not there, changes nothing.
-    pub fn ack(&self, keys: &[NotificationKey]) -> Result<(), sled::Error> {
-        let mut batch = sled::Batch::default();
-        for key in keys {
-            batch.remove(&key.to_bytes());
+    /// is not there, changes nothing. The removal reaches the operating system before this
+    /// returns (not the disk: after a power cut a few may be sent again).
+    pub fn ack(&self, keys: &[NotificationKey]) -> Result<(), fjall::Error> {
+        if keys.is_empty() {
+            return Ok(());
         }
-        self.tree.apply_batch(batch)
+        let mut batch = self.db.batch();
+        for key in keys {
+            batch.remove(&self.keyspace, key.to_bytes());
+        }
+        batch.commit()?;
+        self.db.persist(fjall::PersistMode::Buffer)
     }
 
     /// Entries waiting (counted by a scan: for tests and metrics, not a hot loop).
     pub fn len(&self) -> usize {
-        self.tree.len()
+        self.keyspace.range(self.floor()..).count()
     }
 
     /// Whether no entry is waiting.
     pub fn is_empty(&self) -> bool {
-        self.tree.is_empty()
+        self.keyspace.range(self.floor()..).next().is_none()
     }
 
     /// Resolves when the views have enqueued entries since this handle last saw them; `false`

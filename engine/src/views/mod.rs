@@ -1,14 +1,14 @@
 //! Views derived from the journal: the transfer index by id (fjall), each account's history with
 //! its running posted balance (the history log and its pages, [`history`]; read through
-//! [`crate::statement`]), and the notification outbox ([`crate::outbox`], sled). Nothing here
+//! [`crate::statement`]), and the notification outbox ([`crate::outbox`], fjall). Nothing here
 //! holds the only copy of anything but the outbox's acknowledgements: the views restart from a
 //! journal position after a crash, and [`reindex`] rebuilds them from the journal.
 //!
 //! One thread tails the journal (reading only what became durable since its last pass, in passes
 //! of at least 256 KiB or 5 ms). A pass holds the write lock of the accounts' running states: it
 //! updates them in place, appends its history lines to the log, writes the transfer index and
-//! the pages to fjall, commits the outbox entries (if any) with the position and the outbox
-//! watermark in one sled transaction, and only then lets readers in. Every 30 s, and when the
+//! the pages to fjall, with the outbox entries (if any), the position and the outbox watermark
+//! in the same atomic fjall batch, and only then lets readers in. Every 30 s, and when the
 //! views stop, the tail saves a snapshot: its position, the log's length, every running state,
 //! the cross-shard transfers in flight and the unresolved holds. After a crash it restarts from
 //! the snapshot: the log is cut back to the snapshot's length and the passes after it are applied
@@ -45,6 +45,8 @@ use crate::outbox::{Notification, NotificationKey, Outbox, RecordNotices};
 use crate::transfer::{Transfer, TransferFlags};
 use crate::wallet::WalletCommand;
 
+/// The keys of [`Trees::marks`]: the journal position the views applied (as of the last pass
+/// that enqueued notifications, or the last snapshot).
 const APPLIED_KEY: &[u8] = b"applied";
 /// The journal position up to which notifications were enqueued. [`reindex`] keeps it, so that a
 /// rebuild enqueues nothing that was already enqueued (and perhaps delivered).
@@ -58,8 +60,10 @@ const HISTORY_MARK_KEY: &[u8] = b"history_mark";
 const TRANSFERS: &str = "transfers";
 /// The layout of the trees. Views of another layout are rebuilt from the journal on open.
 const FORMAT: u64 = 3;
-/// Trees of older layouts, dropped on upgrade.
-const RETIRED_TREES: [&str; 4] = ["history", "running", "in_flight", "transfers"];
+/// The files of the sled store that held the outbox and the position in earlier builds: what
+/// they hold moves to fjall once on open, then they are removed, `conf` last (its presence is
+/// what says a move is due).
+const SLED_FILES: [&str; 2] = ["db", "conf"];
 /// Journal bytes one pass of the view thread reads at most.
 const PASS_LEN_MAX: u64 = 4 * 1024 * 1024;
 /// A pass waits for this much durable journal, or for [`PASS_WAIT`] since the last pass, so
@@ -73,8 +77,8 @@ pub const SNAPSHOT_EVERY: Duration = Duration::from_secs(30);
 /// Why the views could not be opened or rebuilt.
 #[derive(Debug, thiserror::Error)]
 pub enum ViewsError {
-    /// sled failed.
-    #[error("views store at {path}: {source}")]
+    /// The sled store of an older release (outbox and position) could not be moved to fjall.
+    #[error("views store at {path} (older release, being moved to fjall): {source}")]
     Sled { path: PathBuf, source: sled::Error },
     /// The index store (fjall) failed.
     #[error("views index at {path}: {source}")]
@@ -90,10 +94,7 @@ pub enum ViewsError {
 /// Why a read of the views failed.
 #[derive(Debug, thiserror::Error)]
 pub enum ReadError {
-    /// sled (the outbox's store) failed.
-    #[error("views store: {0}")]
-    Sled(#[from] sled::Error),
-    /// The index store (transfers, history pages) failed.
+    /// The index store (transfers, history pages, outbox) failed.
     #[error("views index: {0}")]
     Index(#[from] fjall::Error),
     /// The history log could not be read, or a line in it is damaged.
@@ -234,12 +235,11 @@ impl HistoryEntry {
 /// Every account's running state; a pass holds the write lock while it applies.
 type RunningStates = Arc<RwLock<FxHashMap<AccountId, Running>>>;
 
-/// The views' stores. sled keeps the outbox and the views' position, which commit together;
-/// fjall, an LSM tree, keeps what is written at the journal's pace under random keys (the
-/// transfer index, the history pages), where sled copies a leaf per insert.
+/// The views' stores: the history log (a file of lines) and one fjall database, an LSM tree,
+/// for what is written at the journal's pace (the transfer index, the history pages, the
+/// outbox) and the marks, so that one pass's writes commit in one atomic batch.
 #[derive(Clone)]
 struct Trees {
-    db: sled::Db,
     dir: PathBuf,
     index: fjall::Database,
     /// Transfer id → the journal positions before and after the record that holds it.
@@ -247,12 +247,15 @@ struct Trees {
     /// One key per [`PAGE_LINES`] lines of an account: the account and the first line's
     /// position, to the log index of the last line and the page's length.
     pages: fjall::Keyspace,
-    /// The history mark ([`HISTORY_MARK_KEY`]).
+    /// The position applied ([`APPLIED_KEY`]), the outbox watermark ([`WATERMARK_KEY`]), the
+    /// layout ([`FORMAT_KEY`]) and the history mark ([`HISTORY_MARK_KEY`]).
     marks: fjall::Keyspace,
     /// Transfer index entries on their way to [`Trees::transfers`].
     pending: PendingIndex,
-    outbox: sled::Tree,
-    meta: sled::Tree,
+    /// Notifications by [`NotificationKey`], until the sender acknowledges them.
+    outbox: fjall::Keyspace,
+    /// Where the outbox's readers start scanning ([`crate::outbox::Outbox::oldest`]).
+    outbox_floor: Arc<Mutex<[u8; 12]>>,
     log: Arc<HistoryLog>,
     running: RunningStates,
 }
@@ -304,14 +307,6 @@ struct Tail {
     holds: FxHashMap<u128, Transfer>,
 }
 
-fn index_error(error: fjall::Error) -> sled::Error {
-    sled::Error::Io(std::io::Error::other(format!("views index: {error}")))
-}
-
-fn io_error(error: std::io::Error) -> sled::Error {
-    sled::Error::Io(error)
-}
-
 /// What a pass found in the journal, in journal order.
 #[derive(Clone, Copy)]
 enum Event {
@@ -321,19 +316,14 @@ enum Event {
     Blocked { msisdn: u64, flag: u8 },
 }
 
-fn read_u64(tree: &sled::Tree, key: &[u8]) -> Result<u64, sled::Error> {
-    Ok(tree.get(key)?.and_then(|v| v.as_ref().try_into().ok()).map_or(0, u64::from_be_bytes))
+fn read_u64(keyspace: &fjall::Keyspace, key: &[u8]) -> Result<u64, fjall::Error> {
+    Ok(keyspace.get(key)?.and_then(|v| v.as_ref().try_into().ok()).map_or(0, u64::from_be_bytes))
 }
 
 impl Trees {
     fn open(path: &Path) -> Result<Trees, ViewsError> {
-        let err = |source| ViewsError::Sled { path: path.to_path_buf(), source };
-        let db = sled::Config::new()
-            .path(path)
-            .cache_capacity(256 * 1024 * 1024)
-            .flush_every_ms(Some(1000))
-            .open()
-            .map_err(err)?;
+        std::fs::create_dir_all(path)
+            .map_err(|source| ViewsError::History { path: path.to_path_buf(), source })?;
         let log = HistoryLog::open(path)
             .map_err(|source| ViewsError::History { path: path.to_path_buf(), source })?;
         let index_path = path.join("index");
@@ -355,16 +345,66 @@ impl Trees {
             pages: keyspace("pages")?,
             marks: keyspace("marks")?,
             pending: PendingIndex::default(),
+            outbox: keyspace("outbox")?,
+            outbox_floor: Arc::default(),
             index: index.clone(),
-            outbox: db.open_tree("outbox").map_err(err)?,
-            meta: db.open_tree("meta").map_err(err)?,
-            db,
             dir: path.to_path_buf(),
             log: Arc::new(log),
             running: RunningStates::default(),
         };
-        trees.upgrade().map_err(err)?;
+        trees.move_from_sled()?;
+        trees.upgrade().map_err(index_err)?;
         Ok(trees)
+    }
+
+    /// Moves what an older release kept in sled (the outbox, the position, the watermark and
+    /// the layout) into fjall, fsyncs it, then removes sled's files. A crash before the removal
+    /// moves the same entries again at the next open; sled's files are not touched until fjall
+    /// holds everything they held.
+    fn move_from_sled(&self) -> Result<(), ViewsError> {
+        let path = &self.dir;
+        if !path.join("conf").exists() {
+            return Ok(());
+        }
+        let err = |source| ViewsError::Sled { path: path.clone(), source };
+        let index_err = |source| ViewsError::Index { path: path.join("index"), source };
+        let db = sled::Config::new().path(path).open().map_err(err)?;
+        let outbox = db.open_tree("outbox").map_err(err)?;
+        let meta = db.open_tree("meta").map_err(err)?;
+        let mut batch = self.index.batch();
+        let mut moved = 0_usize;
+        for entry in outbox.iter() {
+            let (key, value) = entry.map_err(err)?;
+            batch.insert(&self.outbox, key.as_ref(), value.as_ref());
+            moved += 1;
+        }
+        for key in [APPLIED_KEY, WATERMARK_KEY, FORMAT_KEY] {
+            if let Some(value) = meta.get(key).map_err(err)? {
+                batch.insert(&self.marks, key, value.as_ref());
+            }
+        }
+        batch.commit().map_err(index_err)?;
+        self.index.persist(fjall::PersistMode::SyncAll).map_err(index_err)?;
+        drop((outbox, meta, db));
+        let io_err = |source| ViewsError::History { path: path.clone(), source };
+        for entry in std::fs::read_dir(path).map_err(io_err)? {
+            let entry = entry.map_err(io_err)?;
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name == "blobs" {
+                std::fs::remove_dir_all(entry.path()).map_err(io_err)?;
+            } else if name.starts_with("snap.") {
+                std::fs::remove_file(entry.path()).map_err(io_err)?;
+            }
+        }
+        for name in SLED_FILES {
+            match std::fs::remove_file(path.join(name)) {
+                Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(io_err(error)),
+                _ => {}
+            }
+        }
+        tracing::info!(notifications = moved, "views: the outbox and the position moved from sled to fjall");
+        Ok(())
     }
 
     fn history_error(&self, source: std::io::Error) -> ViewsError {
@@ -374,7 +414,7 @@ impl Trees {
     /// Where the tail restarts: the history snapshot if fjall and the log still hold what it relies on,
     /// else the start of the journal with the history cleared.
     fn recover(&self) -> Result<Tail, ViewsError> {
-        let err = |source| ViewsError::Sled { path: self.dir.clone(), source };
+        let err = |source| ViewsError::Index { path: self.dir.join("index"), source };
         let mark = self
             .marks
             .get(HISTORY_MARK_KEY)
@@ -412,69 +452,66 @@ impl Trees {
     }
 
     /// Empties the history: pages, log, running states and snapshot.
-    fn clear_history(&self) -> Result<(), sled::Error> {
-        self.pages.clear().map_err(index_error)?;
-        self.marks.remove(HISTORY_MARK_KEY).map_err(index_error)?;
-        history::remove_snapshot(&self.dir).map_err(io_error)?;
-        self.log.truncate(0).map_err(io_error)?;
+    fn clear_history(&self) -> Result<(), fjall::Error> {
+        self.pages.clear()?;
+        self.marks.remove(HISTORY_MARK_KEY)?;
+        history::remove_snapshot(&self.dir)?;
+        self.log.truncate(0)?;
         self.running.write().unwrap_or_else(|p| p.into_inner()).clear();
         Ok(())
     }
 
     /// Saves the tail's state: the index with its mark first (fsynced), then the log's lines,
     /// then the snapshot file.
-    fn snapshot(&self, tail: &Tail) -> Result<(), sled::Error> {
+    fn snapshot(&self, tail: &Tail) -> Result<(), fjall::Error> {
         self.ingest()?;
-        self.meta.insert(APPLIED_KEY, &tail.applied.to_be_bytes())?;
-        self.marks.insert(HISTORY_MARK_KEY, tail.applied.to_be_bytes()).map_err(index_error)?;
-        self.index.persist(fjall::PersistMode::SyncAll).map_err(index_error)?;
-        self.log.sync().map_err(io_error)?;
+        let mut batch = self.index.batch();
+        batch.insert(&self.marks, APPLIED_KEY, tail.applied.to_be_bytes());
+        batch.insert(&self.marks, HISTORY_MARK_KEY, tail.applied.to_be_bytes());
+        batch.commit()?;
+        self.index.persist(fjall::PersistMode::SyncAll)?;
+        self.log.sync()?;
         let running = self.running.read().unwrap_or_else(|p| p.into_inner());
-        history::write_snapshot(&self.dir, tail, &running).map_err(io_error)
+        Ok(history::write_snapshot(&self.dir, tail, &running)?)
     }
 
     /// Views written in an older layout are cleared to be rebuilt from the journal; what they
     /// had applied becomes the outbox watermark, so the rebuild notifies nobody of old news.
-    fn upgrade(&mut self) -> Result<(), sled::Error> {
-        if read_u64(&self.meta, FORMAT_KEY)? == FORMAT {
+    fn upgrade(&mut self) -> Result<(), fjall::Error> {
+        if read_u64(&self.marks, FORMAT_KEY)? == FORMAT {
             return Ok(());
         }
         let applied = self.applied()?;
         if applied > 0 {
             self.clear_derived()?;
             let watermark = self.watermark()?.max(applied);
-            self.meta.insert(WATERMARK_KEY, &watermark.to_be_bytes())?;
+            self.marks.insert(WATERMARK_KEY, watermark.to_be_bytes())?;
         }
-        for name in RETIRED_TREES {
-            self.db.drop_tree(name)?;
-        }
-        self.meta.insert(FORMAT_KEY, &FORMAT.to_be_bytes())?;
-        self.db.flush()?;
-        Ok(())
+        self.marks.insert(FORMAT_KEY, FORMAT.to_be_bytes())?;
+        self.index.persist(fjall::PersistMode::SyncAll)
     }
 
     /// Clears everything [`reindex`] rebuilds: all but the outbox and its watermark.
     /// Takes `&mut self`: it replaces the transfer index, so no other handle on these stores may
     /// exist yet.
-    fn clear_derived(&mut self) -> Result<(), sled::Error> {
+    fn clear_derived(&mut self) -> Result<(), fjall::Error> {
         self.pending.write().unwrap_or_else(|p| p.into_inner()).clear();
         // The transfer index is replaced, not cleared: fjall journals a clear but not an
         // ingested table, so a clear replayed from fjall's journal at the next open would remove
         // the tables ingested after it.
-        self.index.delete_keyspace(self.transfers.clone()).map_err(index_error)?;
-        self.transfers =
-            self.index.keyspace(TRANSFERS, fjall::KeyspaceCreateOptions::default).map_err(index_error)?;
+        self.index.delete_keyspace(self.transfers.clone())?;
+        self.transfers = self.index.keyspace(TRANSFERS, fjall::KeyspaceCreateOptions::default)?;
         self.clear_history()?;
-        self.meta.remove(APPLIED_KEY)?;
+        self.marks.remove(APPLIED_KEY)?;
         Ok(())
     }
 
-    fn applied(&self) -> Result<u64, sled::Error> {
-        read_u64(&self.meta, APPLIED_KEY)
+    fn applied(&self) -> Result<u64, fjall::Error> {
+        read_u64(&self.marks, APPLIED_KEY)
     }
 
-    fn watermark(&self) -> Result<u64, sled::Error> {
-        read_u64(&self.meta, WATERMARK_KEY)
+    fn watermark(&self) -> Result<u64, fjall::Error> {
+        read_u64(&self.marks, WATERMARK_KEY)
     }
 
     /// Applies records and then records `position` as applied. Returns how many notifications
@@ -484,7 +521,7 @@ impl Trees {
         records: &[(u64, WalRecord)],
         position: u64,
         tail: &mut Tail,
-    ) -> Result<usize, sled::Error> {
+    ) -> Result<usize, fjall::Error> {
         // (record end, record time, event)
         let mut events: Vec<(u64, u64, Event)> = Vec::new();
         let mut record_start = tail.applied;
@@ -545,38 +582,28 @@ impl Trees {
         let written = pass.finish();
         // The lines first: a page below, or a running state once the lock is released, may point
         // at any of them.
-        self.log.write_at(tail.log_lines, &written.log).map_err(io_error)?;
+        self.log.write_at(tail.log_lines, &written.log)?;
         let pending = {
             let mut pending = self.pending.write().unwrap_or_else(|p| p.into_inner());
             pending.extend(written.transfers);
             pending.len()
         };
+        // The pages, the outbox entries, the position and the watermark commit in one batch, so
+        // that fjall recovers all of them or none (it recovers a prefix of its batches). A pass
+        // that enqueued nothing leaves the marks alone: applying its records again after a crash
+        // enqueues nothing either.
         let mut batch = self.index.batch();
         for (key, value) in written.pages {
             batch.insert(&self.pages, key, value);
         }
-        batch.commit().map_err(index_error)?;
-        // The outbox entries, the position and the watermark commit together, so that sled
-        // recovers all of them or none. A pass that enqueued nothing skips sled: applying its
-        // records again enqueues nothing either, and sled's I/O threads wake as a herd on every
-        // commit, which the engine's threads feel as scheduling delays.
         if written.enqueued > 0 {
-            use sled::transaction::Transactional;
-            let watermark = watermark.max(position);
-            (&self.outbox, &self.meta)
-                .transaction(|(outbox_tx, meta_tx)| {
-                    outbox_tx.apply_batch(&written.outbox)?;
-                    meta_tx.insert(APPLIED_KEY, &position.to_be_bytes())?;
-                    meta_tx.insert(WATERMARK_KEY, &watermark.to_be_bytes())?;
-                    Ok::<(), sled::transaction::ConflictableTransactionError<()>>(())
-                })
-                .map_err(|error| match error {
-                    sled::transaction::TransactionError::Storage(error) => error,
-                    sled::transaction::TransactionError::Abort(()) => {
-                        sled::Error::ReportableBug("the views transaction aborted".into())
-                    }
-                })?;
+            for (key, value) in written.outbox {
+                batch.insert(&self.outbox, key, value);
+            }
+            batch.insert(&self.marks, APPLIED_KEY, position.to_be_bytes());
+            batch.insert(&self.marks, WATERMARK_KEY, watermark.max(position).to_be_bytes());
         }
+        batch.commit()?;
         drop(running);
         tail.log_lines += written.lines;
         tail.applied = position;
@@ -606,7 +633,7 @@ impl Trees {
     /// Writes the pending transfer index entries to fjall as one sorted table (fsynced with
     /// fjall's version before it returns), then forgets them. Readers find each entry in the
     /// map until the table is in place, and in fjall after.
-    fn ingest(&self) -> Result<(), sled::Error> {
+    fn ingest(&self) -> Result<(), fjall::Error> {
         let mut entries: Vec<(u128, [u8; 16])> = {
             let pending = self.pending.read().unwrap_or_else(|p| p.into_inner());
             pending.iter().map(|(id, value)| (*id, *value)).collect()
@@ -616,11 +643,11 @@ impl Trees {
         }
         // Unique ids (map keys), so strictly ascending, as ingestion requires.
         entries.sort_unstable_by_key(|(id, _)| *id);
-        let mut ingestion = self.transfers.start_ingestion().map_err(index_error)?;
+        let mut ingestion = self.transfers.start_ingestion()?;
         for (id, value) in entries {
-            ingestion.write(id.to_be_bytes(), value).map_err(index_error)?;
+            ingestion.write(id.to_be_bytes(), value)?;
         }
-        ingestion.finish().map_err(index_error)?;
+        ingestion.finish()?;
         self.pending.write().unwrap_or_else(|p| p.into_inner()).clear();
         Ok(())
     }
@@ -630,7 +657,8 @@ impl Trees {
 struct Written {
     transfers: TransferWrites,
     pages: Writes,
-    outbox: sled::Batch,
+    /// Notifications by key, in key order.
+    outbox: Vec<([u8; 12], Vec<u8>)>,
     /// Encoded history lines, to append at the log's end.
     log: Vec<u8>,
     lines: u64,
@@ -643,7 +671,7 @@ struct Pass<'a> {
     running: &'a mut FxHashMap<AccountId, Running>,
     transfers: TransferWrites,
     pages: Writes,
-    outbox: sled::Batch,
+    outbox: Vec<([u8; 12], Vec<u8>)>,
     log: Vec<u8>,
     /// The log index of the pass's first line, and how many it wrote.
     log_first: u64,
@@ -685,7 +713,7 @@ impl<'a> Pass<'a> {
             running,
             transfers: TransferWrites::default(),
             pages: Writes::new(),
-            outbox: sled::Batch::default(),
+            outbox: Vec::new(),
             log: Vec::new(),
             log_first,
             lines: 0,
@@ -824,7 +852,7 @@ impl<'a> Pass<'a> {
         for (index, notification) in self.notices.take().into_iter().enumerate() {
             let key =
                 NotificationKey { position: self.record, index: u32::try_from(index).unwrap_or(u32::MAX) };
-            self.outbox.insert(&key.to_bytes(), notification.encode());
+            self.outbox.push((key.to_bytes(), notification.encode()));
             self.enqueued += 1;
         }
     }
@@ -1102,7 +1130,7 @@ impl Views {
                         *error.lock().unwrap_or_else(|p| p.into_inner()) = Some(message);
                     }
                 })
-                .map_err(|e| ViewsError::Sled { path: path.to_path_buf(), source: sled::Error::Io(e) })?
+                .map_err(|source| ViewsError::History { path: path.to_path_buf(), source })?
         };
         Ok(Views {
             trees,
@@ -1221,7 +1249,12 @@ impl Views {
 
     /// The notification outbox, for the sender that drains it.
     pub fn outbox(&self) -> Outbox {
-        Outbox::new(self.trees.outbox.clone(), self.enqueued.clone())
+        Outbox::new(
+            self.trees.index.clone(),
+            self.trees.outbox.clone(),
+            self.trees.outbox_floor.clone(),
+            self.enqueued.clone(),
+        )
     }
 
     /// Waits until the views have applied the journal up to `position`, or have stopped: how a
@@ -1252,7 +1285,6 @@ impl Views {
         if let Some(thread) = self.thread.lock().unwrap_or_else(|p| p.into_inner()).take() {
             let _panicked = thread.join();
         }
-        let _flushed = self.trees.db.flush();
         let _persisted = self.trees.index.persist(fjall::PersistMode::SyncAll);
     }
 }
@@ -1334,7 +1366,7 @@ pub fn reindex(data_dir: &Path) -> Result<u64, ViewsError> {
     let path = data_dir.join("views");
     let journal_dir = data_dir.join("journal");
     let mut trees = Trees::open(&path)?;
-    let err = |source| ViewsError::Sled { path: path.clone(), source };
+    let err = |source| ViewsError::Index { path: path.join("index"), source };
     trees.clear_derived().map_err(err)?;
     let end = journal::scan::<JournalError>(&journal_dir, 0, journal::TailRepair::ReportOnly, |_, _| Ok(()))?;
     let mut tail = Tail::default();
@@ -1352,7 +1384,6 @@ pub fn reindex(data_dir: &Path) -> Result<u64, ViewsError> {
         }
     }
     trees.snapshot(&tail).map_err(err)?;
-    trees.db.flush().map_err(err)?;
     Ok(tail.applied)
 }
 
@@ -1431,6 +1462,85 @@ mod tests {
         drop(trees);
         let trees = Trees::open(dir.path())?;
         assert_eq!(trees.transfer_record(TransferId(ids[9]))?, Some((90, 91)));
+        Ok(())
+    }
+
+    #[test]
+    fn an_older_builds_sled_outbox_and_position_move_to_fjall() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let keys: Vec<[u8; 12]> =
+            (1..=3_u64).map(|i| NotificationKey { position: i * 100, index: 0 }.to_bytes()).collect();
+        let otp = Notification::Otp { msisdn: 994_501_234_567, nonce: 7, expires_at: 9 }.encode();
+        {
+            let db = sled::Config::new().path(dir.path()).open()?;
+            let outbox = db.open_tree("outbox")?;
+            for key in &keys {
+                outbox.insert(key, otp.as_slice())?;
+            }
+            let meta = db.open_tree("meta")?;
+            meta.insert(APPLIED_KEY, &300_u64.to_be_bytes())?;
+            meta.insert(WATERMARK_KEY, &300_u64.to_be_bytes())?;
+            meta.insert(FORMAT_KEY, &FORMAT.to_be_bytes())?;
+            db.flush()?;
+        }
+        // sled lets go of its lock from its own threads, a moment after the last handle drops.
+        let mut opened = Trees::open(dir.path());
+        for _ in 0..100 {
+            match &opened {
+                Err(ViewsError::Sled { .. }) => {
+                    std::thread::sleep(Duration::from_millis(20));
+                    opened = Trees::open(dir.path());
+                }
+                _ => break,
+            }
+        }
+        let trees = opened?;
+        assert_eq!((trees.applied()?, trees.watermark()?), (300, 300));
+        assert_eq!(read_u64(&trees.marks, FORMAT_KEY)?, FORMAT);
+        let (_tx, rx) = tokio::sync::watch::channel(0);
+        let outbox = Outbox::new(trees.index.clone(), trees.outbox.clone(), trees.outbox_floor.clone(), rx);
+        let moved = outbox.oldest(10)?;
+        assert_eq!(moved.iter().map(|(key, _)| key.to_bytes()).collect::<Vec<_>>(), keys);
+        assert!(moved.iter().all(|(_, n)| matches!(n, Notification::Otp { nonce: 7, .. })));
+        for name in SLED_FILES {
+            assert!(!dir.path().join(name).exists(), "{name} is left");
+        }
+        // Acknowledged entries stay gone after a reopen; the rest stay, and nothing moves twice.
+        outbox.ack(&[moved[0].0])?;
+        assert_eq!(outbox.oldest(10)?.len(), 2);
+        drop((outbox, trees));
+        let trees = Trees::open(dir.path())?;
+        let (_tx, rx) = tokio::sync::watch::channel(0);
+        let outbox = Outbox::new(trees.index.clone(), trees.outbox.clone(), trees.outbox_floor.clone(), rx);
+        assert_eq!(outbox.oldest(10)?.iter().map(|(key, _)| key.to_bytes()).collect::<Vec<_>>(), keys[1..]);
+        Ok(())
+    }
+
+    #[test]
+    fn the_outbox_floor_never_hides_an_entry() -> Result<(), Box<dyn std::error::Error>> {
+        let dir = tempfile::tempdir()?;
+        let trees = Trees::open(dir.path())?;
+        let (_tx, rx) = tokio::sync::watch::channel(0);
+        let outbox = Outbox::new(trees.index.clone(), trees.outbox.clone(), trees.outbox_floor.clone(), rx);
+        let key = |position: u64, index: u32| NotificationKey { position, index };
+        let put = |k: NotificationKey| {
+            trees.outbox.insert(k.to_bytes(), Notification::Blocked { msisdn: 1, flag: 1, at: 2 }.encode())
+        };
+        for position in 1..=5 {
+            put(key(position, 0))?;
+        }
+        // One left unacknowledged (in flight), the others acknowledged.
+        let first = outbox.oldest(2)?;
+        outbox.ack(&[first[1].0])?;
+        assert_eq!(outbox.oldest(10)?.iter().map(|(k, _)| k.position).collect::<Vec<_>>(), [1, 3, 4, 5]);
+        outbox.ack(&[key(1, 0), key(3, 0), key(4, 0), key(5, 0)])?;
+        assert!(outbox.oldest(10)?.is_empty() && outbox.is_empty());
+        put(key(6, 0))?;
+        put(key(6, 1))?;
+        assert_eq!(outbox.len(), 2);
+        assert_eq!(outbox.oldest(1)?.iter().map(|(k, _)| *k).collect::<Vec<_>>(), [key(6, 0)]);
+        outbox.ack(&[key(6, 0)])?;
+        assert_eq!(outbox.oldest(10)?.iter().map(|(k, _)| *k).collect::<Vec<_>>(), [key(6, 1)]);
         Ok(())
     }
 
