@@ -17,7 +17,11 @@ const BATCH: usize = 8_190;
 const NOW: u64 = 1_700_000_000_000_000_000;
 
 fn funded_ledger(shard_count: u16) -> Ledger {
-    let mut ledger = Ledger::with_capacity(ShardId(0), shard_count, 1_100_000, 16_000_000);
+    funded_ledger_with(Ledger::with_capacity(ShardId(0), shard_count, 1_100_000, 16_000_000))
+}
+
+fn funded_ledger_with(mut ledger: Ledger) -> Ledger {
+    let shard_count = ledger.shard_count();
     let mut log = Vec::new();
     let issuance = AccountId::spread(1);
     ledger.create_account(
@@ -122,5 +126,29 @@ fn apply(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, apply);
+/// What a checkpoint stops a shard for: copying its state (half of a million accounts, two
+/// million final transfers) into the checkpoint's record, on the shard's own thread.
+fn capture(c: &mut Criterion) {
+    let mut group = c.benchmark_group("checkpoint_capture");
+    group.sample_size(10);
+    // Grown as the engine grows it (no table reserved up front), so that the copy walks tables
+    // of the engine's shape.
+    let mut ledger = funded_ledger_with(Ledger::new(ShardId(0), 2));
+    let mut outcomes = Vec::new();
+    let mut log = Vec::new();
+    for batch in batches(&ledger, false, 190) {
+        outcomes.clear();
+        log.clear();
+        ledger.submit(&batch, NOW, &mut outcomes, &mut log);
+    }
+    group.throughput(Throughput::Elements(
+        u64::try_from(ledger.account_count() + ledger.transfer_count()).unwrap_or(u64::MAX),
+    ));
+    group.bench_function("500k_accounts_2m_transfers", |b| {
+        b.iter(|| engine::journal::record::WalShardState::capture(&ledger, NOW));
+    });
+    group.finish();
+}
+
+criterion_group!(benches, apply, capture);
 criterion_main!(benches);

@@ -251,7 +251,78 @@ fn companion(code: u16) -> bool {
 #[derive(Debug)]
 enum Draft {
     Ready(Notification),
-    Money { msisdn: u64, account: AccountId, lines: Vec<HistoryEntry> },
+    Money(Box<MoneyDraft>),
+}
+
+/// One operation's legs on one wallet so far, summed as they come.
+#[derive(Debug)]
+struct MoneyDraft {
+    msisdn: u64,
+    account: AccountId,
+    /// The first leg: it names the operation (reference and direction) and stands for the
+    /// principal if every leg is a fee or commission.
+    first: HistoryEntry,
+    /// The first leg that is not a fee or commission.
+    principal: Option<HistoryEntry>,
+    /// The amounts of the legs that are not fees or commissions, and of those that are.
+    amounts: u64,
+    companions: u64,
+    balance_after: i128,
+}
+
+impl MoneyDraft {
+    fn new(msisdn: u64, account: AccountId, line: &HistoryEntry) -> MoneyDraft {
+        let mut draft = MoneyDraft {
+            msisdn,
+            account,
+            first: *line,
+            principal: None,
+            amounts: 0,
+            companions: 0,
+            balance_after: line.balance_after,
+        };
+        draft.add(line);
+        draft
+    }
+
+    fn add(&mut self, line: &HistoryEntry) {
+        // Legs of one operation are each a u64; their sum cannot pass one only by a bug.
+        if companion(line.code) {
+            self.companions = self.companions.saturating_add(line.amount);
+        } else {
+            self.amounts = self.amounts.saturating_add(line.amount);
+            self.principal.get_or_insert(*line);
+        }
+        self.balance_after = line.balance_after;
+    }
+
+    /// The legs as one notice: the principal is the first leg that is not a fee or commission
+    /// (or the first leg), the fee the companions beside it.
+    fn notice(&self) -> MoneyNotice {
+        let (principal, amount, fee) = match &self.principal {
+            Some(principal) => (principal, self.amounts, self.companions),
+            None => (&self.first, self.first.amount, self.companions.saturating_sub(self.first.amount)),
+        };
+        let kind = match (principal.debit, principal.code) {
+            (true, codes::CASH_OUT | codes::CASH_CODE) => MoneyKind::CashedOut,
+            (true, _) => MoneyKind::Sent,
+            (false, _) => MoneyKind::Received,
+        };
+        MoneyNotice {
+            kind,
+            msisdn: self.msisdn,
+            account: self.account,
+            currency: principal.currency,
+            amount,
+            fee,
+            code: principal.code,
+            counterparty: principal.other_account,
+            reference: principal.user_data,
+            transfer_id: principal.transfer_id,
+            balance_after: self.balance_after,
+            at: principal.booked_at,
+        }
+    }
 }
 
 /// The notifications of one journal record, in the order they arose: the views' pass fills it
@@ -259,6 +330,10 @@ enum Draft {
 #[derive(Debug, Default)]
 pub(crate) struct RecordNotices {
     drafts: Vec<Draft>,
+    /// The money draft of each (wallet account, reference, direction) in `drafts`, by index:
+    /// a record holds thousands of operations, and a leg finds its operation's draft in one
+    /// probe instead of a scan.
+    by_operation: rustc_hash::FxHashMap<(AccountId, u128, bool), usize>,
 }
 
 impl RecordNotices {
@@ -270,71 +345,30 @@ impl RecordNotices {
     /// Adds a posted line of wallet `account`: to the notification of the same operation (same
     /// non-zero reference and direction) if this record has one, or as a new one.
     pub(crate) fn money(&mut self, msisdn: u64, account: AccountId, line: &HistoryEntry) {
-        let same = self.drafts.iter_mut().rev().find_map(|draft| match draft {
-            Draft::Money { account: a, lines, .. }
-                if *a == account
-                    && line.user_data != 0
-                    && lines
-                        .first()
-                        .is_some_and(|l| l.user_data == line.user_data && l.debit == line.debit) =>
+        if line.user_data != 0 {
+            let key = (account, line.user_data, line.debit);
+            if let Some(Draft::Money(draft)) =
+                self.by_operation.get(&key).and_then(|index| self.drafts.get_mut(*index))
             {
-                Some(lines)
+                draft.add(line);
+                return;
             }
-            _ => None,
-        });
-        match same {
-            Some(lines) => lines.push(*line),
-            None => self.drafts.push(Draft::Money { msisdn, account, lines: vec![*line] }),
+            self.by_operation.insert(key, self.drafts.len());
         }
+        self.drafts.push(Draft::Money(Box::new(MoneyDraft::new(msisdn, account, line))));
     }
 
     /// The record's notifications, in order; empties the collector.
     pub(crate) fn take(&mut self) -> Vec<Notification> {
-        std::mem::take(&mut self.drafts)
-            .into_iter()
-            .filter_map(|draft| match draft {
-                Draft::Ready(notification) => Some(notification),
-                Draft::Money { msisdn, account, lines } => {
-                    money_notice(msisdn, account, &lines).map(Notification::Money)
-                }
+        self.by_operation.clear();
+        self.drafts
+            .drain(..)
+            .map(|draft| match draft {
+                Draft::Ready(notification) => notification,
+                Draft::Money(draft) => Notification::Money(draft.notice()),
             })
             .collect()
     }
-}
-
-/// One operation's legs on one wallet as a notice: the principal is the first leg that is not a
-/// fee or commission (or the first leg), the fee the companions beside it.
-fn money_notice(msisdn: u64, account: AccountId, lines: &[HistoryEntry]) -> Option<MoneyNotice> {
-    let index = lines.iter().position(|l| !companion(l.code)).unwrap_or(0);
-    let (principal, last) = (lines.get(index)?, lines.last()?);
-    let (mut amount, mut fee) = (0_u64, 0_u64);
-    for (i, line) in lines.iter().enumerate() {
-        // Legs of one operation are each a u64; their sum cannot pass one only by a bug.
-        if i == index || !companion(line.code) {
-            amount = amount.saturating_add(line.amount);
-        } else {
-            fee = fee.saturating_add(line.amount);
-        }
-    }
-    let kind = match (principal.debit, principal.code) {
-        (true, codes::CASH_OUT | codes::CASH_CODE) => MoneyKind::CashedOut,
-        (true, _) => MoneyKind::Sent,
-        (false, _) => MoneyKind::Received,
-    };
-    Some(MoneyNotice {
-        kind,
-        msisdn,
-        account,
-        currency: principal.currency,
-        amount,
-        fee,
-        code: principal.code,
-        counterparty: principal.other_account,
-        reference: principal.user_data,
-        transfer_id: principal.transfer_id,
-        balance_after: last.balance_after,
-        at: principal.booked_at,
-    })
 }
 
 /// The reading end of the outbox. Cheap to clone; every clone sees the same entries.
@@ -528,6 +562,10 @@ mod tests {
         notices.money(PAYER, payer, &line(0, 5, true, 0, 670));
         notices.money(PAYER, payer, &line(0, 6, true, 0, 664));
         notices.money(PAYER, payer, &line(codes::CASH_OUT, 100, true, 2, 564));
+        // A fee alone is its own principal; a fee before its principal is still the fee.
+        notices.money(PAYER, payer, &line(codes::FEE, 7, true, 3, 557));
+        notices.money(PAYER, payer, &line(codes::FEE, 2, true, 4, 555));
+        notices.money(PAYER, payer, &line(codes::P2P, 50, true, 4, 505));
         let taken = notices.take();
         assert!(notices.take().is_empty());
         /// (msisdn, and for money: kind, amount, fee, balance after)
@@ -548,6 +586,8 @@ mod tests {
                 (PAYER, Some((MoneyKind::Sent, 5, 0, 670))),
                 (PAYER, Some((MoneyKind::Sent, 6, 0, 664))),
                 (PAYER, Some((MoneyKind::CashedOut, 100, 0, 564))),
+                (PAYER, Some((MoneyKind::Sent, 7, 0, 557))),
+                (PAYER, Some((MoneyKind::Sent, 50, 2, 505))),
             ]
         );
         let Notification::Money(sent) = taken[0] else { panic!("{taken:?}") };

@@ -325,7 +325,7 @@ impl Snapshot {
             *at += super::TRANSFER_VALUE_LEN;
             holds.insert(id, hold);
         }
-        let tail = Tail { applied, log_lines, reserved, members, holds };
+        let tail = Tail { applied, log_lines, reserved, members, holds, ..Tail::default() };
         (*at == bytes.len()).then_some(Snapshot { tail, running })
     }
 }
@@ -470,6 +470,7 @@ mod tests {
             reserved: [(7_u128, found)].into_iter().collect(),
             members: [(7_u128, vec![found, Found { at: 5, ..found }])].into_iter().collect(),
             holds: [(8_u128, transfer)].into_iter().collect(),
+            ..Tail::default()
         };
         write_snapshot(dir.path(), &tail, &running)?;
         let read =

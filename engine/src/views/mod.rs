@@ -305,10 +305,23 @@ struct Tail {
     members: FxHashMap<u128, Vec<Found>>,
     /// Holds placed and not yet posted, voided or expired: their lines need the hold's body.
     holds: FxHashMap<u128, Transfer>,
+    /// The buffers of the last pass, for the next.
+    scratch: Scratch,
+}
+
+/// Buffers a pass fills and hands back emptied: the next pass reuses them instead of growing
+/// new ones, whose fresh pages the kernel would zero again on every pass.
+#[derive(Debug, Default)]
+struct Scratch {
+    events: Vec<(u64, u64, Event)>,
+    log: Vec<u8>,
+    transfers: TransferWrites,
+    outbox: Vec<([u8; 12], Vec<u8>)>,
+    notices: RecordNotices,
 }
 
 /// What a pass found in the journal, in journal order.
-#[derive(Clone, Copy)]
+#[derive(Debug, Clone, Copy)]
 enum Event {
     Transfer(Found),
     Expired(TransferId),
@@ -523,7 +536,9 @@ impl Trees {
         tail: &mut Tail,
     ) -> Result<usize, fjall::Error> {
         // (record end, record time, event)
-        let mut events: Vec<(u64, u64, Event)> = Vec::new();
+        let mut scratch = std::mem::take(&mut tail.scratch);
+        let mut events = std::mem::take(&mut scratch.events);
+        events.clear();
         let mut record_start = tail.applied;
         for (record_end, record) in records {
             let from = std::mem::replace(&mut record_start, *record_end);
@@ -572,20 +587,20 @@ impl Trees {
         // The pass changes running states in place, holding the lock until everything they
         // point at (lines, pages) is written: readers see the states before the pass or after.
         let mut running = self.running.write().unwrap_or_else(|p| p.into_inner());
-        let mut pass = Pass::new(&mut running, &mut tail.holds, tail.log_lines, watermark);
+        let mut pass = Pass::new(&mut running, &mut tail.holds, tail.log_lines, watermark, scratch);
         for chunk in events.chunks(TOUCH_AHEAD) {
             pass.touch(chunk);
             for (record_end, record_at, event) in chunk {
                 pass.event(*record_end, *record_at, *event);
             }
         }
-        let written = pass.finish();
+        let mut written = pass.finish();
         // The lines first: a page below, or a running state once the lock is released, may point
         // at any of them.
         self.log.write_at(tail.log_lines, &written.log)?;
         let pending = {
             let mut pending = self.pending.write().unwrap_or_else(|p| p.into_inner());
-            pending.extend(written.transfers);
+            pending.extend(written.transfers.drain(..));
             pending.len()
         };
         // The pages, the outbox entries, the position and the watermark commit in one batch, so
@@ -597,7 +612,7 @@ impl Trees {
             batch.insert(&self.pages, key, value);
         }
         if written.enqueued > 0 {
-            for (key, value) in written.outbox {
+            for (key, value) in written.outbox.drain(..) {
                 batch.insert(&self.outbox, key, value);
             }
             batch.insert(&self.marks, APPLIED_KEY, position.to_be_bytes());
@@ -607,6 +622,15 @@ impl Trees {
         drop(running);
         tail.log_lines += written.lines;
         tail.applied = position;
+        events.clear();
+        written.log.clear();
+        tail.scratch = Scratch {
+            events,
+            log: written.log,
+            transfers: written.transfers,
+            outbox: written.outbox,
+            notices: written.notices,
+        };
         if pending >= INGEST_AT {
             self.ingest()?;
         }
@@ -656,6 +680,8 @@ impl Trees {
 /// What one pass writes.
 struct Written {
     transfers: TransferWrites,
+    /// Empty: handed back for the next pass.
+    notices: RecordNotices,
     pages: Writes,
     /// Notifications by key, in key order.
     outbox: Vec<([u8; 12], Vec<u8>)>,
@@ -708,20 +734,25 @@ impl<'a> Pass<'a> {
         holds: &'a mut FxHashMap<u128, Transfer>,
         log_first: u64,
         watermark: u64,
+        scratch: Scratch,
     ) -> Pass<'a> {
+        let Scratch { mut log, mut transfers, mut outbox, notices, .. } = scratch;
+        log.clear();
+        transfers.clear();
+        outbox.clear();
         Pass {
             running,
-            transfers: TransferWrites::default(),
+            transfers,
             pages: Writes::new(),
-            outbox: Vec::new(),
-            log: Vec::new(),
+            outbox,
+            log,
             log_first,
             lines: 0,
             enqueued: 0,
             holds,
             watermark,
             record: 0,
-            notices: RecordNotices::default(),
+            notices,
         }
     }
 
@@ -861,6 +892,7 @@ impl<'a> Pass<'a> {
         self.flush_notices();
         Written {
             transfers: self.transfers,
+            notices: self.notices,
             pages: self.pages,
             outbox: self.outbox,
             log: self.log,
