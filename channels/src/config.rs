@@ -73,7 +73,7 @@ pub struct HttpSection {
     /// API requests served at once at most; beyond the current limit, an immediate 503
     /// `overloaded`. The limit adapts below this bound (see `queue_target_ms`).
     pub max_in_flight: usize,
-    /// When even the fastest API request of a 100 ms window took longer than this, a queue
+    /// When more than half the API requests of a 100 ms window took longer than this, a queue
     /// has formed and the in-flight limit shrinks; keep it above the disk's fsync latency.
     pub queue_target_ms: u64,
     /// Requests a second each caller may make (token bucket, burst of one second's worth).
