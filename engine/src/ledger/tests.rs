@@ -396,8 +396,8 @@ fn the_body_hash_is_the_crc32c_pair_of_the_fixed_layout_and_stays_stable() {
         flags: TransferFlags(0),
         currency: Currency::Azn,
     };
-    // The layout, placed one byte off any alignment, hashed by the crate directly.
-    let mut layout = vec![0_u8; 82];
+    // The layout in a plain byte buffer, hashed by the crate directly.
+    let mut layout = [0_u8; 82];
     let bytes = &mut layout[1..];
     bytes[0..16].copy_from_slice(&t.id.0.to_le_bytes());
     bytes[16..24].copy_from_slice(&t.debit_account_id.0.to_le_bytes());
