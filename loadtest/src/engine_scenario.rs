@@ -103,6 +103,11 @@ pub struct Args {
     /// `none`: plain transfers; `full`: wallet policy (tier limits, a fee leg on every P2P).
     #[arg(long, value_enum, default_value_t = PolicyMode::None)]
     policy: PolicyMode,
+    /// Acknowledge the views' notifications as they are enqueued (as an SMS sender that keeps
+    /// up would), instead of letting them pile up in the outbox for the run. Only `--policy
+    /// full` makes notifications (plain accounts have no wallets to notify).
+    #[arg(long)]
+    drain_outbox: bool,
 }
 
 struct Tally {
@@ -154,6 +159,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
 
     let stop = Arc::new(AtomicBool::new(false));
     let tally = Arc::new(Tally { ok: AtomicU64::new(0), refused: AtomicU64::new(0) });
+    let drainer = match engine.views() {
+        Some(views) if args.drain_outbox => Some(spawn_drainer(views.outbox(), stop.clone())?),
+        _ => None,
+    };
     let started = Instant::now();
     let workers: Vec<_> = (0..args.submitters)
         .map(|worker| {
@@ -175,6 +184,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         latency.add(&histogram)?;
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let drained = match drainer {
+        Some(drainer) => Some(drainer.join().map_err(|_| anyhow::anyhow!("the outbox drainer panicked"))??),
+        None => None,
+    };
     let ok = tally.ok.load(Ordering::Relaxed);
     let refused = tally.refused.load(Ordering::Relaxed);
     let per_s = (ok + refused) as f64 / elapsed;
@@ -245,6 +258,9 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             error.as_deref().map(|e| format!(" error: {e}")).unwrap_or_default()
         );
     }
+    if let Some(drained) = drained {
+        println!("outbox              {drained} notifications acknowledged during the run");
+    }
     println!("rss                 {rss_mib} MiB");
     println!("conserved           {conserved}");
 
@@ -286,6 +302,26 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     println!("{json}");
     ensure!(conserved, "conservation check failed");
     Ok(())
+}
+
+/// Acknowledges the outbox's entries as they come until `stop`; returns how many.
+fn spawn_drainer(
+    outbox: engine::outbox::Outbox,
+    stop: Arc<AtomicBool>,
+) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<u64>>> {
+    Ok(std::thread::Builder::new().name("outbox-drain".into()).spawn(move || {
+        let mut drained = 0_u64;
+        while !stop.load(Ordering::Acquire) {
+            let keys: Vec<_> = outbox.oldest(4_096)?.into_iter().map(|(key, _)| key).collect();
+            if keys.is_empty() {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            }
+            outbox.ack(&keys)?;
+            drained += keys.len() as u64;
+        }
+        Ok(drained)
+    })?)
 }
 
 fn open_domain(engine: &Engine) -> anyhow::Result<engine::Domain> {
