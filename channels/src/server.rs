@@ -442,11 +442,15 @@ pub enum NotifierMsg {
 /// Drains the notification outbox every 50 ms.
 struct Notifier;
 
-/// The notifier's state: the server, and the notifications handed to the SMS binds whose
-/// answer has not come yet (not handed again meanwhile).
+/// The notifier's state: the server, the notifications handed to the SMS binds whose answer has
+/// not come yet (not handed again meanwhile), those to hand again, and where new ones start.
 struct NotifierState {
     app: Arc<AppState>,
     pending: Vec<(engine::outbox::NotificationKey, tokio::sync::oneshot::Receiver<bool>)>,
+    /// Refused or lost by the binds: handed again after the new ones.
+    retry: std::collections::BTreeSet<engine::outbox::NotificationKey>,
+    /// The first key not yet read from the outbox (`None`: the outbox's oldest entry).
+    next: Option<engine::outbox::NotificationKey>,
 }
 
 impl Actor for Notifier {
@@ -460,7 +464,7 @@ impl Actor for Notifier {
         app: Arc<AppState>,
     ) -> Result<NotifierState, ActorProcessingErr> {
         myself.send_interval(std::time::Duration::from_millis(50), || NotifierMsg::Tick);
-        Ok(NotifierState { app, pending: Vec::new() })
+        Ok(NotifierState { app, pending: Vec::new(), retry: Default::default(), next: None })
     }
 
     async fn handle(
@@ -472,20 +476,24 @@ impl Actor for Notifier {
         // What the SMSCs answered since the last round: taken ones are acknowledged, refused
         // or lost ones are handed again below.
         let mut taken = Vec::new();
+        let mut retry = std::mem::take(&mut state.retry);
         state.pending.retain_mut(|(key, answer)| match answer.try_recv() {
             Err(tokio::sync::oneshot::error::TryRecvError::Empty) => true,
-            Ok(accepted) => {
-                if accepted {
-                    taken.push(*key);
-                }
+            Ok(true) => {
+                taken.push(*key);
                 false
             }
-            Err(tokio::sync::oneshot::error::TryRecvError::Closed) => false,
+            Ok(false) | Err(tokio::sync::oneshot::error::TryRecvError::Closed) => {
+                retry.insert(*key);
+                false
+            }
         });
         let app = state.app.clone();
-        let in_flight = state.pending.iter().map(|(key, _)| *key).collect();
-        let handed = tokio::task::spawn_blocking(move || drain_outbox(&app, &taken, &in_flight)).await??;
-        state.pending.extend(handed);
+        let next = state.next;
+        let round = tokio::task::spawn_blocking(move || drain_outbox(&app, &taken, retry, next)).await??;
+        state.pending.extend(round.pending);
+        state.retry = round.retry;
+        state.next = round.next;
         Ok(())
     }
 }
@@ -493,30 +501,58 @@ impl Actor for Notifier {
 /// Notifications looked at in one round, oldest first.
 const OUTBOX_ROUND: usize = 4_096;
 
-/// Acknowledges `taken` (what the SMSCs accepted since the last round), then hands what the
-/// outbox holds to the SMS sink, oldest first, skipping what is `in_flight`, and acknowledges
-/// what the sink took for good; returns the ones whose taking is still to be heard (acknowledged when the
-/// SMSC accepts them, handed again in a later round if it does not). Delivery is at least once:
-/// a crash, or an SMSC answer lost, between the send and the acknowledgement sends that message
-/// again; a crash before the SMSC took it loses nothing.
-#[allow(clippy::type_complexity)]
+/// What one round of the notifier leaves for the next.
+struct Round {
+    /// Handed to the binds, their answer still to come.
+    pending: Vec<(engine::outbox::NotificationKey, tokio::sync::oneshot::Receiver<bool>)>,
+    /// To hand again in a later round (no room in this one).
+    retry: std::collections::BTreeSet<engine::outbox::NotificationKey>,
+    next: Option<engine::outbox::NotificationKey>,
+}
+
+/// Acknowledges `taken` (what the SMSCs accepted since the last round), then hands the SMS sink
+/// up to [`OUTBOX_ROUND`] notifications: first those the outbox received since the last round
+/// (from `next` on), then those the binds refused or lost (`retry`), oldest first; acknowledges
+/// what the sink took for good and returns the rest (acknowledged when the SMSC accepts them,
+/// handed again in a later round if it does not). New ones go first, so that while the binds
+/// cannot take anything (no SMSC bound, or one that refuses) a fresh OTP still reaches the sink
+/// instead of waiting behind every message already handed: the outbox is read from where the
+/// last round stopped, not from its oldest entry. Delivery is at least once: a crash, or an SMSC
+/// answer lost, between the send and the acknowledgement sends that message again; a crash
+/// before the SMSC took it loses nothing.
 fn drain_outbox(
     app: &AppState,
     taken: &[engine::outbox::NotificationKey],
-    in_flight: &std::collections::HashSet<engine::outbox::NotificationKey>,
-) -> Result<Vec<(engine::outbox::NotificationKey, tokio::sync::oneshot::Receiver<bool>)>, ActorProcessingErr>
-{
+    mut retry: std::collections::BTreeSet<engine::outbox::NotificationKey>,
+    next: Option<engine::outbox::NotificationKey>,
+) -> Result<Round, ActorProcessingErr> {
     let Some(views) = app.engine.views() else {
-        return Ok(Vec::new());
+        return Ok(Round { pending: Vec::new(), retry, next });
     };
     let outbox = views.outbox();
     outbox.ack(taken)?;
-    let entries = outbox.oldest(OUTBOX_ROUND)?;
+    let fresh = outbox.oldest_from(next, OUTBOX_ROUND)?;
+    let mut next = fresh.last().map(|(key, _)| key.next()).or(next);
+    let mut entries: Vec<_> =
+        fresh.into_iter().map(|(key, notification)| (key, notification, false)).collect();
+    while entries.len() < OUTBOX_ROUND {
+        let Some(key) = retry.pop_first() else { break };
+        if let Some(notification) = outbox.get(key)? {
+            entries.push((key, notification, true));
+        }
+    }
     let now = app.engine.now_ns();
     let mut done = Vec::new();
     let mut pending = Vec::new();
-    for (key, notification) in entries {
-        if in_flight.contains(&key) {
+    let mut busy = false;
+    for (key, notification, again) in entries {
+        // Once the queue to the SMSCs is full, the rest waits for a later round: a new one is
+        // read again from the outbox (so that a long outage holds nothing in memory), one handed
+        // before goes back to the retries.
+        if busy {
+            if again {
+                retry.insert(key);
+            }
             continue;
         }
         let Some(text) = notification_text(app, &notification).filter(|_| !notification.expired(now)) else {
@@ -526,10 +562,18 @@ fn drain_outbox(
         match app.sms.send(notification.msisdn(), text) {
             crate::sms::Delivery::Taken => done.push(key),
             crate::sms::Delivery::Pending(delivery) => pending.push((key, delivery)),
+            crate::sms::Delivery::Busy => {
+                busy = true;
+                if again {
+                    retry.insert(key);
+                } else {
+                    next = Some(key);
+                }
+            }
         }
     }
     outbox.ack(&done)?;
-    Ok(pending)
+    Ok(Round { pending, retry, next })
 }
 
 /// The SMS for a notification (English until the menus of the USSD issue bring three languages).

@@ -22,6 +22,8 @@ pub enum Delivery {
     /// Answers `true` once the operator's SMSC accepted it (its `_resp` said ESME_ROK); `false`
     /// or a dropped sender: not taken, to be sent again.
     Pending(tokio::sync::oneshot::Receiver<bool>),
+    /// Not taken: the queue to the SMSCs is full. Hand nothing more for now.
+    Busy,
 }
 
 /// The simulated handsets of the demo.

@@ -46,6 +46,14 @@ impl NotificationKey {
         out
     }
 
+    /// The first key after this one.
+    pub fn next(self) -> NotificationKey {
+        match self.index.checked_add(1) {
+            Some(index) => NotificationKey { position: self.position, index },
+            None => NotificationKey { position: self.position.saturating_add(1), index: 0 },
+        }
+    }
+
     /// The key [`NotificationKey::to_bytes`] stored, if `bytes` is one.
     pub fn from_bytes(bytes: &[u8]) -> Option<NotificationKey> {
         let bytes: [u8; 12] = bytes.try_into().ok()?;
@@ -427,6 +435,35 @@ impl Outbox {
             *shared = (*shared).max(first);
         }
         Ok(found)
+    }
+
+    /// The oldest `n` entries from `from` on (from the oldest entry if `None`), oldest first:
+    /// how a reader that remembers where it stopped reads only what came since.
+    pub fn oldest_from(
+        &self,
+        from: Option<NotificationKey>,
+        n: usize,
+    ) -> Result<Vec<(NotificationKey, Notification)>, fjall::Error> {
+        let Some(from) = from.map(NotificationKey::to_bytes).filter(|from| *from > self.floor()) else {
+            return self.oldest(n);
+        };
+        let mut found = Vec::with_capacity(n.min(1024));
+        for entry in self.keyspace.range(from..) {
+            if found.len() >= n {
+                break;
+            }
+            let (key, value) = entry.into_inner()?;
+            match (NotificationKey::from_bytes(&key), Notification::decode(&value)) {
+                (Some(key), Some(notification)) => found.push((key, notification)),
+                _ => tracing::warn!("outbox: an undecodable entry is skipped"),
+            }
+        }
+        Ok(found)
+    }
+
+    /// The entry at `key`, if it is still waiting (and can be decoded).
+    pub fn get(&self, key: NotificationKey) -> Result<Option<Notification>, fjall::Error> {
+        Ok(self.keyspace.get(key.to_bytes())?.and_then(|value| Notification::decode(&value)))
     }
 
     /// Removes delivered (or deliberately dropped) entries. Acknowledging one twice, or one that

@@ -361,6 +361,41 @@ async fn customers_log_in_send_money_and_take_cash_at_an_atm() -> anyhow::Result
     server.stop().await
 }
 
+/// With no SMSC bound, every notification handed to the binds waits for them; a fresh OTP must
+/// still reach the handset instead of waiting behind them (the notifier once read the outbox
+/// from its oldest entry, 4,096 at a time, and skipped those in flight: past 4,096 waiting,
+/// nothing new was ever handed, and no customer could log in).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_otp_is_not_stuck_behind_notifications_no_smsc_has_taken() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut cfg = config(dir.path());
+    cfg.server.views = true;
+    let server = Arc::new(Server::start_with(cfg).await?);
+    // 64 × 70 = 4,480 cash-ins, one notification each, none of them taken: no gateway binds.
+    let mut tasks = Vec::new();
+    for lane in 0..64 {
+        let server = server.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..70 {
+                let key = format!("backlog-{lane}-{i}");
+                let body = r#"{"msisdn":"0552222222","amount":"0.01"}"#;
+                let (status, answer) =
+                    server.signed("agent", "POST", "/v1/agent/cash-in", body, Some(&key)).await;
+                anyhow::ensure!(status == 200, "cash-in {key}: {status} {answer}");
+            }
+            Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    let token = server.login("0703333333").await?;
+    assert!(!token.is_empty());
+    server.assert_balanced().await;
+    let mut server = Arc::try_unwrap(server).map_err(|_| anyhow::anyhow!("server still shared"))?;
+    server.stop().await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn staff_identify_unblock_and_reverse() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;

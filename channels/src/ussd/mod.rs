@@ -228,20 +228,26 @@ pub struct SmppSms {
 
 impl crate::sms::SmsSink for SmppSms {
     fn send(&self, msisdn: u64, text: String) -> crate::sms::Delivery {
-        if let Some(demo) = &self.demo {
-            crate::sms::SmsSink::send(demo.as_ref(), msisdn, text.clone());
-        }
+        let demo_copy = self.demo.as_ref().map(|_| text.clone());
         let (taken, delivery) = oneshot::channel();
-        match self.ussd.get().and_then(std::sync::Weak::upgrade) {
+        let delivery = match self.ussd.get().and_then(std::sync::Weak::upgrade) {
             Some(ussd) => {
                 if !ussd.queue_sms(msisdn, text, taken) {
+                    // Once a round at most (the notifier stops handing on `Busy`); the demo
+                    // handset sees the SMS when it is queued, later, not once per attempt.
                     tracing::warn!("sms: the queue to the binds is full; the SMS waits in the outbox");
+                    metrics::counter!("qepik_sms_busy_total").increment(1);
+                    return crate::sms::Delivery::Busy;
                 }
                 crate::sms::Delivery::Pending(delivery)
             }
             // Not started yet: the outbox keeps it for the next round.
             None => crate::sms::Delivery::Pending(delivery),
+        };
+        if let (Some(demo), Some(text)) = (&self.demo, demo_copy) {
+            crate::sms::SmsSink::send(demo.as_ref(), msisdn, text);
         }
+        delivery
     }
 }
 

@@ -1573,6 +1573,20 @@ mod tests {
         assert_eq!(outbox.oldest(1)?.iter().map(|(k, _)| *k).collect::<Vec<_>>(), [key(6, 0)]);
         outbox.ack(&[key(6, 0)])?;
         assert_eq!(outbox.oldest(10)?.iter().map(|(k, _)| *k).collect::<Vec<_>>(), [key(6, 1)]);
+        // Reading on from where a reader stopped: only what came after, and nothing hidden from
+        // a reader that starts at the oldest entry.
+        put(key(7, 0))?;
+        put(key(8, 0))?;
+        let from = |k: Option<NotificationKey>, n| -> Result<Vec<u64>, fjall::Error> {
+            Ok(outbox.oldest_from(k, n)?.iter().map(|(k, _)| k.position).collect())
+        };
+        assert_eq!(from(Some(key(6, 1).next()), 10)?, [7, 8]);
+        assert_eq!(from(Some(key(7, 0).next()), 10)?, [8]);
+        assert_eq!(from(None, 2)?, [6, 7]);
+        assert_eq!(from(Some(key(0, 0)), 10)?, [6, 7, 8], "a start below the floor is the floor");
+        assert_eq!(outbox.oldest(10)?.len(), 3);
+        assert!(outbox.get(key(7, 0))?.is_some() && outbox.get(key(6, 0))?.is_none());
+        assert_eq!(key(3, u32::MAX).next(), key(4, 0));
         Ok(())
     }
 
