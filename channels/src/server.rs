@@ -149,8 +149,13 @@ pub async fn open_state(config: Config, options: ServeOptions) -> anyhow::Result
     };
     let demo_inbox = options.demo.then(|| Arc::new(DemoInbox::default()));
     let smpp_on = config.smpp.listen.is_some() || !config.smpp.operators.is_empty();
-    let smpp_sms = smpp_on
-        .then(|| Arc::new(crate::ussd::SmppSms { ussd: Default::default(), demo: demo_inbox.clone() }));
+    let smpp_sms = smpp_on.then(|| {
+        Arc::new(crate::ussd::SmppSms {
+            ussd: Default::default(),
+            demo: demo_inbox.clone(),
+            busy_log: crate::ussd::LogEvery::new(std::time::Duration::from_secs(60)),
+        })
+    });
     let sms: Arc<dyn SmsSink> = match (&smpp_sms, &demo_inbox) {
         (Some(smpp), _) => smpp.clone(),
         (None, Some(inbox)) => inbox.clone(),

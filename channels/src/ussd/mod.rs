@@ -224,6 +224,31 @@ impl Ussd {
 pub struct SmppSms {
     pub ussd: std::sync::OnceLock<std::sync::Weak<Ussd>>,
     pub demo: Option<Arc<crate::sms::DemoInbox>>,
+    /// When "the queue is full" was last logged.
+    pub busy_log: LogEvery,
+}
+
+/// Lets a repeated warning through once per interval.
+#[derive(Debug)]
+pub struct LogEvery {
+    every: std::time::Duration,
+    last: std::sync::Mutex<Option<std::time::Instant>>,
+}
+
+impl LogEvery {
+    pub fn new(every: std::time::Duration) -> LogEvery {
+        LogEvery { every, last: std::sync::Mutex::new(None) }
+    }
+
+    /// Whether to log now; if so, the next time is one interval away.
+    pub fn ready(&self, now: std::time::Instant) -> bool {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if last.is_some_and(|at| now.saturating_duration_since(at) < self.every) {
+            return false;
+        }
+        *last = Some(now);
+        true
+    }
 }
 
 impl crate::sms::SmsSink for SmppSms {
@@ -233,10 +258,16 @@ impl crate::sms::SmsSink for SmppSms {
         let delivery = match self.ussd.get().and_then(std::sync::Weak::upgrade) {
             Some(ussd) => {
                 if !ussd.queue_sms(msisdn, text, taken) {
-                    // Once a round at most (the notifier stops handing on `Busy`); the demo
-                    // handset sees the SMS when it is queued, later, not once per attempt.
-                    tracing::warn!("sms: the queue to the binds is full; the SMS waits in the outbox");
+                    // Once a round at most (the notifier stops handing on `Busy`), and logged once
+                    // a minute at most: an SMSC outage must not flood the log. The demo handset
+                    // sees the SMS when it is queued, later, not once per attempt.
                     metrics::counter!("qepik_sms_busy_total").increment(1);
+                    if self.busy_log.ready(std::time::Instant::now()) {
+                        tracing::warn!(
+                            "sms: the queue to the binds is full; notifications wait in the outbox \
+                             (qepik_sms_busy_total counts the rounds)"
+                        );
+                    }
                     return crate::sms::Delivery::Busy;
                 }
                 crate::sms::Delivery::Pending(delivery)
@@ -268,5 +299,18 @@ pub async fn accept(ussd: Arc<Ussd>, listener: tokio::net::TcpListener) {
         };
         let _ = stream.set_nodelay(true);
         tokio::spawn(link::run(ussd.clone(), stream, peer, link::Role::Smsc, None));
+    }
+}
+
+#[cfg(test)]
+mod log_every_tests {
+    #[test]
+    fn a_repeated_warning_passes_once_an_interval() {
+        let start = std::time::Instant::now();
+        let log = super::LogEvery::new(std::time::Duration::from_secs(60));
+        assert!(log.ready(start));
+        assert!(!log.ready(start + std::time::Duration::from_secs(59)));
+        assert!(log.ready(start + std::time::Duration::from_secs(60)));
+        assert!(!log.ready(start + std::time::Duration::from_secs(61)));
     }
 }
