@@ -414,23 +414,10 @@ impl Outbox {
     /// The oldest `n` entries not yet acknowledged, oldest first. An entry that cannot be decoded
     /// (written by a newer release) is skipped with a warning and left in place.
     pub fn oldest(&self, n: usize) -> Result<Vec<(NotificationKey, Notification)>, fjall::Error> {
-        let floor = self.floor();
-        let mut found = Vec::with_capacity(n.min(1024));
-        let mut first = None;
-        for entry in self.keyspace.range(floor..) {
-            if found.len() >= n {
-                break;
-            }
-            let (key, value) = entry.into_inner()?;
-            first.get_or_insert_with(|| key.to_vec());
-            match (NotificationKey::from_bytes(&key), Notification::decode(&value)) {
-                (Some(key), Some(notification)) => found.push((key, notification)),
-                _ => tracing::warn!("outbox: an undecodable entry is skipped"),
-            }
-        }
+        let (found, first) = self.scan(self.floor(), n)?;
         // Nothing below the first entry is left, and the views only ever enqueue past what they
         // enqueued before, so later scans may start there.
-        if let Some(first) = first.and_then(|key| <[u8; 12]>::try_from(key.as_slice()).ok()) {
+        if let Some(first) = first {
             let mut shared = self.floor.lock().unwrap_or_else(|p| p.into_inner());
             *shared = (*shared).max(first);
         }
@@ -444,21 +431,35 @@ impl Outbox {
         from: Option<NotificationKey>,
         n: usize,
     ) -> Result<Vec<(NotificationKey, Notification)>, fjall::Error> {
-        let Some(from) = from.map(NotificationKey::to_bytes).filter(|from| *from > self.floor()) else {
-            return self.oldest(n);
-        };
+        match from.map(NotificationKey::to_bytes).filter(|from| *from > self.floor()) {
+            Some(from) => Ok(self.scan(from, n)?.0),
+            None => self.oldest(n),
+        }
+    }
+
+    /// Up to `n` decodable entries from key `from` on, and the first key the scan met.
+    #[allow(clippy::type_complexity)]
+    fn scan(
+        &self,
+        from: [u8; 12],
+        n: usize,
+    ) -> Result<(Vec<(NotificationKey, Notification)>, Option<[u8; 12]>), fjall::Error> {
         let mut found = Vec::with_capacity(n.min(1024));
+        let mut first = None;
         for entry in self.keyspace.range(from..) {
             if found.len() >= n {
                 break;
             }
             let (key, value) = entry.into_inner()?;
+            if first.is_none() {
+                first = <[u8; 12]>::try_from(key.as_ref()).ok();
+            }
             match (NotificationKey::from_bytes(&key), Notification::decode(&value)) {
                 (Some(key), Some(notification)) => found.push((key, notification)),
                 _ => tracing::warn!("outbox: an undecodable entry is skipped"),
             }
         }
-        Ok(found)
+        Ok((found, first))
     }
 
     /// The entry at `key`, if it is still waiting (and can be decoded).

@@ -3,14 +3,15 @@
 //! `overloaded` instead of letting every request queue behind the others.
 //!
 //! The limit moves in windows of [`WINDOW`]. If more than half of the requests that finished in
-//! a window (at least [`WINDOW_SAMPLES_MIN`] of them, or the limit if it is lower) took longer than the target, a queue has
-//! formed that does not drain, and the limit shrinks by a tenth. (CoDel watches the minimum:
-//! a burst raises the mean, only a standing queue raises the minimum. Here service is not
-//! first come, first served: a request that arrives just before a group commit is answered
-//! within a millisecond however long the queue, so under a 2× overload the minimum stayed at
-//! 1–10 ms while the median was 19 ms; the median is the signal.) Otherwise, if the window ever
-//! used the whole limit, the limit grows by one sixteenth (at least one). It stays between a sixteenth of the configured `max_in_flight`
-//! (at least 4) and `max_in_flight` itself.
+//! a window (at least [`WINDOW_SAMPLES_MIN`] of them, or the limit if it is lower) took longer
+//! than the target, a queue has formed that does not drain, and the limit shrinks by a tenth.
+//! (CoDel watches the minimum: a burst raises the mean, only a standing queue raises the
+//! minimum. Here service is not first come, first served: a request that arrives just before a
+//! group commit is answered within a millisecond however long the queue, so under a 2× overload
+//! the minimum stayed at 1–10 ms while the median was 19 ms; the median is the signal.)
+//! Otherwise, if the window ever used the whole limit, the limit grows by one sixteenth (at
+//! least one). It stays between a sixteenth of the configured `max_in_flight` (at least 4) and
+//! `max_in_flight` itself.
 //! `/health`, `/ready` and `/metrics` are never refused.
 
 use std::sync::Arc;
