@@ -15,13 +15,13 @@ use crate::account::{Account, CreateAccountResult};
 use crate::checkpoint::{self, CheckpointError};
 use crate::clock::{Clock, SystemClock};
 use crate::ids::{AccountId, ShardId, TransferId, home_shard, route};
-use crate::journal::record::{WalCheckpoint, WalRecord, WalShardState};
+use crate::journal::record::{self, WalCheckpoint, WalDoneSegment, WalRecord};
 use crate::journal::{self, JournalBatch, JournalError, JournalState, TailRepair, WriterConfig};
 use crate::ledger::{Command, Ledger, ReplayError, Totals, TransferStatus, resolve_in_flight};
 use crate::limits;
 use crate::money::Currency;
 use crate::reply::{Completion, Gather, Waiter};
-use crate::shard::{Shard, ShardMessage, ShardStats, encode_batch};
+use crate::shard::{Shard, ShardCapture, ShardMessage, ShardStats, encode_batch};
 use crate::transfer::{Transfer, TransferResult};
 use crate::views::{Views, ViewsError};
 
@@ -42,6 +42,9 @@ pub struct EngineConfig {
     /// A checkpoint is written once the journal has grown this much since the last one
     /// (0: only when asked), bounding how much recovery replays.
     pub checkpoint_every_bytes: u64,
+    /// How fast a checkpoint's files are written (bytes/s): slow enough to leave the disk to
+    /// the journal's syncs. Lifted at shutdown.
+    pub checkpoint_write_bytes_per_s: u64,
     pub clock: Arc<dyn Clock>,
 }
 
@@ -58,6 +61,7 @@ impl EngineConfig {
             views: true,
             views_snapshot_every: crate::views::SNAPSHOT_EVERY,
             checkpoint_every_bytes: limits::CHECKPOINT_EVERY_BYTES,
+            checkpoint_write_bytes_per_s: limits::CHECKPOINT_WRITE_BYTES_PER_S,
             clock: Arc::new(SystemClock),
         }
     }
@@ -116,6 +120,18 @@ struct Inner {
     /// journal would corrupt it.
     lock: Mutex<Option<std::fs::File>>,
     checkpointer: Mutex<Option<JoinHandle<()>>>,
+    /// Where the chain of done segments stands; held through a whole checkpoint, so that
+    /// checkpoints are taken one at a time.
+    chain: Mutex<Chain>,
+    checkpoint_write_bytes_per_s: u64,
+}
+
+/// The done segments the newest checkpoint lists, and the final transfers the shards have
+/// handed over since that a failed checkpoint could not write (the next one writes them).
+#[derive(Debug)]
+struct Chain {
+    segments: Vec<u64>,
+    pending: Vec<crate::ledger::DoneLog>,
 }
 
 #[derive(Debug, Clone)]
@@ -134,7 +150,7 @@ impl Engine {
         let lock = lock_data_dir(&config.data_dir)?;
         let journal_dir = config.data_dir.join("journal");
         let checkpoint_dir = config.data_dir.join("checkpoints");
-        let (mut ledgers, mut report, last_now) = recover(&config, &journal_dir, &checkpoint_dir)?;
+        let (mut ledgers, mut report, last_now, segments) = recover(&config, &journal_dir, &checkpoint_dir)?;
 
         let state = JournalState::new(report.journal_position);
         let (journal_tx, journal_rx) =
@@ -251,6 +267,11 @@ impl Engine {
                 recovery: report,
                 lock: Mutex::new(Some(lock)),
                 checkpointer: Mutex::new(None),
+                chain: Mutex::new(Chain {
+                    segments,
+                    pending: vec![Vec::new(); usize::from(config.shard_count)],
+                }),
+                checkpoint_write_bytes_per_s: config.checkpoint_write_bytes_per_s,
             }),
         };
         if config.checkpoint_every_bytes > 0 {
@@ -632,7 +653,7 @@ impl Engine {
         Ok(totals)
     }
 
-    fn capture(&self) -> Result<Vec<(ShardId, WalShardState)>, EngineError> {
+    fn capture(&self) -> Result<Vec<ShardCapture>, EngineError> {
         let (tx, rx) = crossbeam_channel::unbounded();
         for shard in 0..self.inner.shard_count {
             self.send(ShardId(shard), ShardMessage::Checkpoint { reply: tx.clone() })?;
@@ -646,19 +667,50 @@ impl Engine {
         if states.len() != usize::from(self.inner.shard_count) {
             return Err(EngineError::Stopped);
         }
-        states.sort_by_key(|(shard, _)| *shard);
+        states.sort_by_key(|(shard, _, _)| *shard);
         Ok(states)
     }
 
     /// Writes a checkpoint of every shard; recovery then replays only the journal after it.
-    /// Blocks for as long as the shards take to copy their state and the file takes to write.
+    /// Blocks for as long as the shards take to copy their state (the final transfers they
+    /// only hand over) and the files take to write.
     pub fn checkpoint(&self) -> Result<PathBuf, EngineError> {
-        let states = self.capture()?;
-        let checkpoint = WalCheckpoint {
-            shard_count: self.inner.shard_count,
-            shards: states.into_iter().map(|(_, state)| state).collect(),
+        let mut chain = self.inner.chain.lock().unwrap_or_else(|p| p.into_inner());
+        let started = std::time::Instant::now();
+        let captured = self.capture()?;
+        let captured_ms = started.elapsed().as_millis();
+        let mut shards = Vec::with_capacity(captured.len());
+        for ((_, state, done), pending) in captured.into_iter().zip(chain.pending.iter_mut()) {
+            pending.extend(done);
+            shards.push(state);
+        }
+        let mut checkpoint =
+            WalCheckpoint { shard_count: self.inner.shard_count, shards, segments: chain.segments.clone() };
+        let mut segment = WalDoneSegment { sequence: 0, shards: std::mem::take(&mut chain.pending) };
+        let pace = checkpoint::Pace {
+            bytes_per_s: self.inner.checkpoint_write_bytes_per_s,
+            hurry: &self.inner.stopped,
         };
-        Ok(checkpoint::write(&self.inner.checkpoint_dir, &checkpoint)?)
+        match checkpoint::write(&self.inner.checkpoint_dir, &mut checkpoint, &mut segment, Some(pace)) {
+            Ok(path) => {
+                chain.segments = checkpoint.segments;
+                chain.pending = vec![Vec::new(); usize::from(self.inner.shard_count)];
+                let final_transfers: usize = segment.shards.iter().flatten().map(Vec::len).sum();
+                tracing::info!(
+                    path = %path.display(),
+                    captured_ms,
+                    total_ms = started.elapsed().as_millis(),
+                    segments = chain.segments.len(),
+                    final_transfers,
+                    "checkpoint written"
+                );
+                Ok(path)
+            }
+            Err(error) => {
+                chain.pending = segment.shards;
+                Err(error.into())
+            }
+        }
     }
 
     /// Stops the shards, lets the journal writer finish its last group commit, and waits.
@@ -732,10 +784,7 @@ fn spawn_checkpointer(
                 }
                 let engine = Engine { inner };
                 match engine.checkpoint() {
-                    Ok(path) => {
-                        tracing::info!(path = %path.display(), durable, "checkpoint written");
-                        last = durable;
-                    }
+                    Ok(_) => last = durable,
                     Err(error) => {
                         // Every attempt copies every shard's state: wait before the next one.
                         tracing::error!(%error, "checkpoint failed; retrying after the journal grows again");
@@ -796,23 +845,34 @@ fn check_balanced(ledgers: &[Ledger]) -> Result<(), EngineError> {
     Ok(())
 }
 
-/// Loads the checkpoint and replays the journal. Returns the ledgers, the report, and each
-/// shard's last batch time.
+/// What recovery hands to the engine it opens: the ledgers, the report, each shard's last batch
+/// time, and the done segments the loaded checkpoint listed.
+type Recovered = (Vec<Ledger>, RecoveryReport, Vec<u64>, Vec<u64>);
+
+/// Loads the checkpoint and its done segments, and replays the journal.
 fn recover(
     config: &EngineConfig,
     journal_dir: &Path,
     checkpoint_dir: &Path,
-) -> Result<(Vec<Ledger>, RecoveryReport, Vec<u64>), EngineError> {
+) -> Result<Recovered, EngineError> {
     let n = config.shard_count;
     let mut report = RecoveryReport::default();
     let mut ledgers: Vec<Ledger> = (0..n).map(|s| Ledger::new(ShardId(s), n)).collect();
     let mut positions = vec![0_u64; usize::from(n)];
     let mut last_now = vec![0_u64; usize::from(n)];
+    let mut segments = Vec::new();
     if let Some(checkpoint) = checkpoint::load_latest(checkpoint_dir)? {
         if checkpoint.shard_count != n {
             return Err(
                 JournalError::ShardCountMismatch { found: checkpoint.shard_count, expected: n }.into()
             );
+        }
+        if checkpoint.shards.len() != usize::from(n) {
+            return Err(CheckpointError::Corrupt {
+                path: checkpoint_dir.to_path_buf(),
+                reason: format!("{} shard states for {n} shards", checkpoint.shards.len()),
+            }
+            .into());
         }
         for (index, state) in checkpoint.shards.iter().enumerate() {
             state.restore_into(&mut ledgers[index]).map_err(|error| EngineError::InvalidRecord {
@@ -822,6 +882,20 @@ fn recover(
             positions[index] = state.position;
             last_now[index] = state.timestamp;
         }
+        for &sequence in &checkpoint.segments {
+            let segment = checkpoint::load_segment(checkpoint_dir, sequence, n)?;
+            for (ledger, entries) in ledgers.iter_mut().zip(&segment.shards) {
+                let entries =
+                    record::done_entries(entries).collect::<Result<Vec<_>, _>>().map_err(|error| {
+                        CheckpointError::Corrupt {
+                            path: checkpoint_dir.to_path_buf(),
+                            reason: format!("done segment {sequence}: {error}"),
+                        }
+                    })?;
+                ledger.restore_done(entries);
+            }
+        }
+        segments = checkpoint.segments;
         report.checkpoint_loaded = true;
     }
     let from = positions.iter().copied().min().unwrap_or(0);
@@ -898,5 +972,5 @@ fn recover(
     let end = end?;
     report.torn_bytes = end.torn_bytes;
     report.journal_position = end.position;
-    Ok((ledgers, report, last_now))
+    Ok((ledgers, report, last_now, segments))
 }

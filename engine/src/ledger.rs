@@ -24,6 +24,7 @@ use crate::wallet::{
     self, Authorization, Evidence, LimitHit, Outflow, Policy, Tag, WalletAccountView, WalletCommand,
     WalletRefusal, WalletReply, WalletRequest, WalletState, WalletView,
 };
+use parted::Parted;
 
 const NS_PER_S: u64 = 1_000_000_000;
 
@@ -190,6 +191,75 @@ impl Done {
     }
 }
 
+/// The final transfers, and the ones added since the last checkpoint took them.
+///
+/// Final transfers are never forgotten and only ever added (or moved to a later final state),
+/// so a checkpoint need not copy the millions already in earlier checkpoints: it takes the
+/// entries added since (`take_added`, no copying) and writes them as one more done segment.
+/// The only removal is a linked chain's undo, of an entry the same batch added.
+#[derive(Debug, Default)]
+pub(crate) struct DoneTable {
+    map: Parted<Done>,
+    /// Id halves and bits, in the order added: a later entry for an id supersedes an earlier.
+    added: DoneLog,
+}
+
+/// Final transfers in the order added (id halves and `Done` bits), in chunks of
+/// [`DONE_LOG_CHUNK`]: millions pile up between checkpoints, and one growing vector would copy
+/// all of them at each doubling, on the shard's thread.
+pub type DoneLog = Vec<Vec<[u64; 3]>>;
+const DONE_LOG_CHUNK: usize = 1 << 16;
+
+impl DoneTable {
+    fn get(&self, id: &TransferId) -> Option<&Done> {
+        self.map.get(id)
+    }
+
+    fn insert(&mut self, id: TransferId, done: Done) {
+        self.map.insert(id, done);
+        let [low, high] = crate::ids::halves(id.0);
+        match self.added.last_mut() {
+            Some(chunk) if chunk.len() < DONE_LOG_CHUNK => chunk.push([low, high, done.bits()]),
+            _ => {
+                let mut chunk = Vec::with_capacity(DONE_LOG_CHUNK);
+                chunk.push([low, high, done.bits()]);
+                self.added.push(chunk);
+            }
+        }
+    }
+
+    /// Undoes an insert of the running batch: it is among the last added.
+    fn remove(&mut self, id: &TransferId) {
+        self.map.remove(id);
+        let halves = crate::ids::halves(id.0);
+        for chunk in self.added.iter_mut().rev() {
+            if let Some(at) = chunk.iter().rposition(|entry| entry[..2] == halves) {
+                chunk.remove(at);
+                return;
+            }
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    fn reserve(&mut self, additional: usize) {
+        self.map.reserve(additional);
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (&TransferId, &Done)> {
+        self.map.iter()
+    }
+
+    /// Entries from a checkpoint's segments: already written, so not added again.
+    fn restore(&mut self, entries: impl IntoIterator<Item = (TransferId, Done)>) {
+        for (id, done) in entries {
+            self.map.insert(id, done);
+        }
+    }
+}
+
 /// A stable 64-bit hash of a transfer's body: two CRC32C passes with different seeds over a
 /// fixed little-endian layout. Stable across releases, since checkpoints store it.
 pub fn body_hash(t: &Transfer) -> u64 {
@@ -228,7 +298,7 @@ pub struct Ledger {
     /// Transfers not yet final: open holds and cross-shard transfers in flight, with their bodies.
     open: FxHashMap<TransferId, StoredTransfer>,
     /// Transfers in a final state, compactly.
-    done: FxHashMap<TransferId, Done>,
+    done: DoneTable,
     expiries: BTreeSet<(u64, TransferId)>,
     /// Credit steps of cross-shard transfers this shard applied (or refused), until forgotten.
     /// Keyed by id, with the body hash: a transfer reusing the id with another body must not be
@@ -260,7 +330,7 @@ impl Ledger {
             shard_count,
             accounts: FxHashMap::default(),
             open: FxHashMap::default(),
-            done: FxHashMap::default(),
+            done: DoneTable::default(),
             expiries: BTreeSet::new(),
             credits: FxHashMap::default(),
             linked: FxHashMap::default(),
@@ -335,6 +405,17 @@ impl Ledger {
         self.done.iter()
     }
 
+    /// The final transfers added since the last call (id halves and `Done` bits, in order),
+    /// for a checkpoint's done segment. Moves them out: the shard copies nothing.
+    pub fn take_added_done(&mut self) -> DoneLog {
+        std::mem::take(&mut self.done.added)
+    }
+
+    /// Adds final transfers from a checkpoint's done segments, in the order they were written.
+    pub fn restore_done(&mut self, entries: impl IntoIterator<Item = (TransferId, Done)>) {
+        self.done.restore(entries);
+    }
+
     pub fn transfer_count(&self) -> usize {
         self.open.len() + self.done.len()
     }
@@ -365,7 +446,6 @@ impl Ledger {
         &mut self,
         accounts: Vec<Account>,
         open: Vec<StoredTransfer>,
-        done: Vec<(TransferId, Done)>,
         credits: Vec<(TransferId, (TransferResult, u64))>,
     ) {
         self.accounts = accounts.into_iter().map(|a| (a.id, a)).collect();
@@ -379,7 +459,7 @@ impl Ledger {
             self.linked.entry(t.parent).or_default().push(t.transfer.id);
         }
         self.open = open.into_iter().map(|t| (t.transfer.id, t)).collect();
-        self.done = done.into_iter().collect();
+        self.done = DoneTable::default();
         self.credits = credits.into_iter().collect();
     }
 
@@ -1994,5 +2074,6 @@ pub fn resolve_in_flight(ledgers: &mut [Ledger]) -> (Vec<Vec<Command>>, Vec<Vec<
     (finalizes, forgets)
 }
 
+mod parted;
 #[cfg(test)]
 mod tests;

@@ -71,7 +71,13 @@ pub enum Completion {
     Accounts(oneshot::Sender<Vec<CreateAccountResult>>, Vec<CreateAccountResult>),
     AccountLookup(oneshot::Sender<Vec<Option<Account>>>, Vec<Option<Account>>),
     Transfers(oneshot::Sender<Vec<Option<TransferStatus>>>, Vec<Option<TransferStatus>>),
-    Checkpoint(crossbeam_channel::Sender<(ShardId, WalShardState)>, ShardId, Box<WalShardState>),
+    /// A checkpoint's state of one shard, and the final transfers it added since the last.
+    Checkpoint(
+        crossbeam_channel::Sender<crate::shard::ShardCapture>,
+        ShardId,
+        Box<WalShardState>,
+        crate::ledger::DoneLog,
+    ),
     Totals(
         oneshot::Sender<
             rustc_hash::FxHashMap<
@@ -105,9 +111,9 @@ impl Completion {
             Completion::Transfers(reply, found) => {
                 let _gone = reply.send(found);
             }
-            Completion::Checkpoint(reply, shard, mut state) => {
+            Completion::Checkpoint(reply, shard, mut state, done) => {
                 state.position = position;
-                let _gone = reply.send((shard, *state));
+                let _gone = reply.send((shard, *state, done));
             }
             Completion::Totals(reply, totals) => {
                 let _gone = reply.send(totals);

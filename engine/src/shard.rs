@@ -23,6 +23,10 @@ use crate::reply::{Completion, Waiter};
 use crate::transfer::{Transfer, TransferResult};
 use crate::wallet::{Authority, Policy, WalletReply, WalletRequest};
 
+/// A checkpoint's share of one shard: its state, and the final transfers it added since the
+/// last capture (id halves and `Done` bits).
+pub type ShardCapture = (ShardId, WalShardState, crate::ledger::DoneLog);
+
 pub enum ShardMessage {
     Submit {
         transfers: Vec<Transfer>,
@@ -76,7 +80,7 @@ pub enum ShardMessage {
         reply: oneshot::Sender<Vec<Option<TransferStatus>>>,
     },
     Checkpoint {
-        reply: crossbeam_channel::Sender<(ShardId, WalShardState)>,
+        reply: crossbeam_channel::Sender<ShardCapture>,
     },
     /// Per-currency sums of this shard's accounts.
     Totals {
@@ -353,8 +357,8 @@ impl Shard {
             // A checkpoint captures the state after this batch; the position it covers is known
             // once the journal has taken the batch, so it rides in the batch's completion.
             for reply in checkpoints {
-                let state = WalShardState::capture(&self.ledger, now);
-                completions.push(Completion::Checkpoint(reply, shard, Box::new(state)));
+                let (state, done) = WalShardState::capture(&mut self.ledger, now);
+                completions.push(Completion::Checkpoint(reply, shard, Box::new(state), done));
             }
             if !frames.is_empty() || !completions.is_empty() {
                 let credits_forwarded = forwards.iter().filter(|f| matches!(f, Forward::Credit(..))).count();

@@ -108,11 +108,25 @@ pub struct Args {
     /// full` makes notifications (plain accounts have no wallets to notify).
     #[arg(long)]
     drain_outbox: bool,
+    /// Print one row a second of the run: transfers, p50, p99 and the slowest answer, to see
+    /// when a stall happened (a checkpoint, a flush) rather than only that it did.
+    #[arg(long)]
+    timeline: bool,
 }
 
 struct Tally {
     ok: AtomicU64,
     refused: AtomicU64,
+}
+
+/// What one submitter measured: over the whole run, and second by second of it.
+struct Measured {
+    latency: Histogram<u64>,
+    seconds: Vec<Histogram<u64>>,
+}
+
+fn histogram() -> anyhow::Result<Histogram<u64>> {
+    Ok(Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?)
 }
 
 pub fn run(args: Args) -> anyhow::Result<()> {
@@ -171,17 +185,24 @@ pub fn run(args: Args) -> anyhow::Result<()> {
             let seed = args.seed.wrapping_mul(1_000_003).wrapping_add(worker as u64);
             let domain = domain.clone();
             std::thread::spawn(move || {
-                let load = Load { accounts, batch_len: batch, hot_percent, domain };
+                let load = Load { accounts, batch_len: batch, hot_percent, domain, started };
                 submitter(&engine, &stop, &tally, worker, seed, &load)
             })
         })
         .collect();
     std::thread::sleep(Duration::from_secs(args.duration_s));
     stop.store(true, Ordering::Release);
-    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut latency = histogram()?;
+    let mut seconds: Vec<Histogram<u64>> = Vec::new();
     for worker in workers {
-        let histogram = worker.join().map_err(|_| anyhow::anyhow!("a submitter panicked"))??;
-        latency.add(&histogram)?;
+        let measured = worker.join().map_err(|_| anyhow::anyhow!("a submitter panicked"))??;
+        latency.add(&measured.latency)?;
+        for (second, part) in measured.seconds.iter().enumerate() {
+            if seconds.len() <= second {
+                seconds.push(histogram()?);
+            }
+            seconds[second].add(part)?;
+        }
     }
     let elapsed = started.elapsed().as_secs_f64();
     let drained = match drainer {
@@ -263,6 +284,18 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     }
     println!("rss                 {rss_mib} MiB");
     println!("conserved           {conserved}");
+    if args.timeline {
+        println!("second  transfers  p50_us  p99_us  max_us  (by the second each batch was answered)");
+        for (second, part) in seconds.iter().enumerate() {
+            println!(
+                "{second:>6}  {:>9}  {:>6}  {:>6}  {:>6}",
+                part.len(),
+                part.value_at_quantile(0.50),
+                part.value_at_quantile(0.99),
+                part.max()
+            );
+        }
+    }
 
     let mut recovery_ms = None;
     if args.measure_recovery {
@@ -413,6 +446,8 @@ struct Load {
     batch_len: usize,
     hot_percent: u8,
     domain: Option<engine::Domain>,
+    /// When the measured run began: the timeline's second zero.
+    started: Instant,
 }
 
 fn submitter(
@@ -422,9 +457,10 @@ fn submitter(
     worker: usize,
     seed: u64,
     load: &Load,
-) -> anyhow::Result<Histogram<u64>> {
+) -> anyhow::Result<Measured> {
     let mut rng = rand::rngs::SmallRng::seed_from_u64(seed);
-    let mut latency = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)?;
+    let mut latency = histogram()?;
+    let mut seconds = Vec::new();
     // Ids: the worker in the high bits and a counter below, so no two transfers share one.
     let mut counter: u128 = 0;
     let base = (u128::from(seed) << 80) | ((worker as u128 + 1) << 64);
@@ -463,13 +499,18 @@ fn submitter(
         let results = engine.submit_blocking(std::mem::take(&mut batch))?;
         let micros = u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX).max(1);
         latency.record_n(micros, starts.len() as u64)?;
+        let second = usize::try_from(load.started.elapsed().as_secs()).unwrap_or(usize::MAX);
+        while seconds.len() <= second {
+            seconds.push(histogram()?);
+        }
+        seconds[second].record_n(micros, starts.len() as u64)?;
         // An operation is ok when its first transfer is (a chain commits whole).
         let ok = starts.iter().filter(|start| results[**start] == TransferResult::Ok).count() as u64;
         tally.ok.fetch_add(ok, Ordering::Relaxed);
         tally.refused.fetch_add(starts.len() as u64 - ok, Ordering::Relaxed);
         batch = Vec::with_capacity(load.batch_len * 2);
     }
-    Ok(latency)
+    Ok(Measured { latency, seconds })
 }
 
 /// Nothing created or destroyed: debits equal credits per currency, no wallet below zero, and

@@ -46,6 +46,15 @@ enum Scenario {
 }
 
 fn main() -> anyhow::Result<()> {
+    // The in-process engine's own log (checkpoints, views) goes to stderr, apart from the
+    // table and the JSON line on stdout.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| "warn,engine=info".into()),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let cli = Cli::parse();
     match cli.scenario {
         Scenario::Engine(args) => engine_scenario::run(args),

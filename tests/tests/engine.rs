@@ -256,6 +256,60 @@ fn holds_expire_on_the_manual_clock_and_stay_expired_across_restarts() -> anyhow
     assert_balanced(&engine)
 }
 
+/// Each checkpoint writes only the final transfers since the one before (a done segment) and
+/// lists all of them: after restarts, transfers of every segment are still known by id.
+#[test]
+fn final_transfers_of_every_checkpoint_are_known_after_restarts() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (same, cross) = (same_shard_pair(10, 2)?, cross_shard_pair(10, 2)?);
+    let round = |n: u128| -> Vec<Transfer> {
+        vec![Transfer::new(n * 10 + 1, same.0, same.1, 5), Transfer::new(n * 10 + 2, cross.0, cross.1, 7)]
+    };
+    let submitted = |rounds: u128| (1..=rounds).flat_map(round).collect::<Vec<_>>();
+    let check = |engine: &Engine, rounds: u128| -> anyhow::Result<()> {
+        let all = submitted(rounds);
+        // Another body under a known id is refused: the id is remembered, whichever segment.
+        let changed: Vec<Transfer> = all.iter().map(|t| Transfer { amount: t.amount + 1, ..*t }).collect();
+        let refused = engine.submit_blocking(changed)?;
+        anyhow::ensure!(refused.iter().all(|r| *r == TransferResult::ExistsWithDifferentBody), "{refused:?}");
+        // The same body is answered as before and moves nothing again.
+        let retried = engine.submit_blocking(all)?;
+        anyhow::ensure!(retried.iter().all(|r| *r == TransferResult::Ok), "{retried:?}");
+        let moved = i128::try_from(rounds)?;
+        anyhow::ensure!(balance(engine, same.1)?.balance_posted() == 1_000 + 5 * moved);
+        anyhow::ensure!(balance(engine, cross.1)?.balance_posted() == 1_000 + 7 * moved);
+        assert_balanced(engine)
+    };
+    let engine = open(dir.path(), 2)?;
+    world(&engine, 10, 1_000)?;
+    for n in 1..=3 {
+        anyhow::ensure!(engine.submit_blocking(round(n))? == [TransferResult::Ok; 2]);
+        engine.checkpoint()?;
+    }
+    engine.shutdown();
+    drop(engine);
+    let engine = open(dir.path(), 2)?;
+    anyhow::ensure!(engine.recovery_report().checkpoint_loaded);
+    check(&engine, 3)?;
+    // The chain goes on from a recovered engine: one more round, replayed and then checkpointed.
+    anyhow::ensure!(engine.submit_blocking(round(4))? == [TransferResult::Ok; 2]);
+    engine.shutdown();
+    drop(engine);
+    let engine = open(dir.path(), 2)?;
+    engine.checkpoint()?;
+    engine.shutdown();
+    drop(engine);
+    let engine = open(dir.path(), 2)?;
+    check(&engine, 4)?;
+    let segments = std::fs::read_dir(dir.path().join("checkpoints"))?
+        .filter_map(Result::ok)
+        .filter(|entry| entry.file_name().to_string_lossy().ends_with(".qds"))
+        .count();
+    anyhow::ensure!(segments == 4, "{segments} done segments");
+    engine.shutdown();
+    Ok(())
+}
+
 #[test]
 fn views_list_history_in_time_order_and_reindex_rebuilds_them() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;

@@ -21,7 +21,9 @@ pub const FORMAT_VERSION_V3: u8 = 3;
 /// The layout of checkpoints ([`WalCheckpoint`]), versioned apart from the journal's records.
 /// Version 3 (the journal's, which checkpoints shared until the done list became plain `u64`s)
 /// is an older layout: recovery passes over such a checkpoint and replays the journal.
-pub const CHECKPOINT_VERSION: u8 = 4;
+/// Version 4 held the final transfers inline, before done segments; also passed over.
+pub const CHECKPOINT_VERSION: u8 = 5;
+pub const CHECKPOINT_VERSION_V4: u8 = 4;
 
 #[derive(Debug, Clone, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct WalTransfer {
@@ -360,10 +362,6 @@ pub struct WalShardState {
     pub accounts: Vec<WalAccount>,
     /// Open holds and cross-shard transfers in flight, whole.
     pub transfers: Vec<WalStoredTransfer>,
-    /// Final transfers: the id's low and high halves and the `ledger::Done` bits (body hash
-    /// and state). Plain `u64`s, without the padding of a `(u128, u64)`, so that rkyv copies
-    /// the millions of them in one piece instead of one by one.
-    pub done: Vec<[u64; 3]>,
     pub credits: Vec<(u128, u8, u64)>,
     pub policy: crate::wallet::Policy,
     pub wallets: Vec<crate::wallet::WalletState>,
@@ -374,6 +372,21 @@ pub struct WalShardState {
 pub struct WalCheckpoint {
     pub shard_count: u16,
     pub shards: Vec<WalShardState>,
+    /// The done segments (their sequence numbers, oldest first) that together hold the final
+    /// transfers of this state; recovery reads them in this order.
+    pub segments: Vec<u64>,
+}
+
+/// One checkpoint's share of the final transfers: those each shard added since the checkpoint
+/// before. Written once, next to the checkpoints, and read back by every later checkpoint that
+/// lists it, so no checkpoint copies the final transfers of another.
+#[derive(Debug, Clone, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct WalDoneSegment {
+    pub sequence: u64,
+    /// Per shard, in chunks: the id's low and high halves and the `ledger::Done` bits (body
+    /// hash and state), in the order added. Plain `u64`s, without the padding of a `(u128,
+    /// u64)`, so that rkyv copies the millions of them a chunk at a time, not one by one.
+    pub shards: Vec<crate::ledger::DoneLog>,
 }
 
 /// A record that decoded but holds a value this version does not know.
@@ -540,7 +553,6 @@ pub fn encode_checkpoint(checkpoint: &WalCheckpoint) -> Result<rkyv::util::Align
         .map(|state| {
             state.accounts.len() * size_of::<ArchivedWalAccount>()
                 + state.transfers.len() * size_of::<ArchivedWalStoredTransfer>()
-                + state.done.len() * size_of::<rkyv::Archived<[u64; 3]>>()
                 + state.credits.len() * size_of::<rkyv::Archived<(u128, u8, u64)>>()
                 + state.wallets.len() * size_of::<rkyv::Archived<crate::wallet::WalletState>>()
                 + state.outflow.len() * size_of::<rkyv::Archived<(u64, crate::wallet::Outflow)>>()
@@ -618,25 +630,50 @@ pub fn decode_checkpoint(bytes: &[u8]) -> Result<WalCheckpoint, rancor::Error> {
     rkyv::from_bytes::<WalCheckpoint, rancor::Error>(&aligned)
 }
 
+pub fn encode_done_segment(segment: &WalDoneSegment) -> Result<rkyv::util::AlignedVec, rancor::Error> {
+    let entries: usize = segment.shards.iter().flatten().map(Vec::len).sum();
+    let chunks: usize = segment.shards.iter().map(Vec::len).sum();
+    let len = entries * std::mem::size_of::<rkyv::Archived<[u64; 3]>>() + chunks * 16;
+    let buffer = rkyv::util::AlignedVec::with_capacity(len + 4096);
+    rkyv::api::high::to_bytes_in::<_, rancor::Error>(segment, buffer)
+}
+
+pub fn decode_done_segment(bytes: &[u8]) -> Result<WalDoneSegment, rancor::Error> {
+    let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(bytes.len());
+    aligned.extend_from_slice(bytes);
+    rkyv::from_bytes::<WalDoneSegment, rancor::Error>(&aligned)
+}
+
+/// Final transfers of a done segment's shard, checked.
+pub fn done_entries(
+    chunks: &[Vec<[u64; 3]>],
+) -> impl Iterator<Item = Result<(TransferId, crate::ledger::Done), DecodeRecordError>> + '_ {
+    chunks.iter().flatten().map(|[low, high, bits]| {
+        crate::ledger::Done::from_bits(*bits)
+            .map(|done| (TransferId(crate::ids::from_halves([*low, *high])), done))
+            .ok_or(DecodeRecordError("state"))
+    })
+}
+
 impl WalShardState {
-    pub fn capture(ledger: &crate::ledger::Ledger, timestamp: u64) -> WalShardState {
-        WalShardState {
+    /// The shard's state, and the final transfers added since the last capture (which it
+    /// moves out of the ledger, so the next capture starts a new segment).
+    pub fn capture(
+        ledger: &mut crate::ledger::Ledger,
+        timestamp: u64,
+    ) -> (WalShardState, crate::ledger::DoneLog) {
+        let done = ledger.take_added_done();
+        let state = WalShardState {
             position: 0,
             timestamp,
             accounts: ledger.accounts().map(WalAccount::from).collect(),
             transfers: ledger.open_transfers().map(WalStoredTransfer::from).collect(),
-            done: ledger
-                .done_transfers()
-                .map(|(id, done)| {
-                    let [low, high] = crate::ids::halves(id.0);
-                    [low, high, done.bits()]
-                })
-                .collect(),
             credits: ledger.credit_steps().map(|(id, (result, hash))| (id.0, *result as u8, *hash)).collect(),
             policy: ledger.policy().clone(),
             wallets: ledger.wallets().cloned().collect(),
             outflow: ledger.outflows().map(|(id, outflow)| (id.0, *outflow)).collect(),
-        }
+        };
+        (state, done)
     }
 
     pub fn restore_into(&self, ledger: &mut crate::ledger::Ledger) -> Result<(), DecodeRecordError> {
@@ -651,16 +688,7 @@ impl WalShardState {
                     .ok_or(DecodeRecordError("result"))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        let done = self
-            .done
-            .iter()
-            .map(|[low, high, bits]| {
-                crate::ledger::Done::from_bits(*bits)
-                    .map(|done| (TransferId(crate::ids::from_halves([*low, *high])), done))
-                    .ok_or(DecodeRecordError("state"))
-            })
-            .collect::<Result<Vec<_>, _>>()?;
-        ledger.restore(accounts, transfers, done, credits);
+        ledger.restore(accounts, transfers, credits);
         let outflow = self.outflow.iter().map(|(id, outflow)| (AccountId(*id), *outflow)).collect();
         ledger.restore_wallets(self.policy.clone(), self.wallets.clone(), outflow);
         Ok(())

@@ -195,7 +195,7 @@ fn cross_shard_transfer_reserves_credits_and_finalizes() {
     let mut log = Vec::new();
     let mut fund = wallet(debit_id);
     fund.credits_posted = 100;
-    ledgers[home(debit_id)].restore(vec![fund], vec![], vec![], vec![]);
+    ledgers[home(debit_id)].restore(vec![fund], vec![], vec![]);
     ledgers[home(credit_id)].create_account(wallet(credit_id), NOW, &mut log);
     // Balance the funding with a spread issuance account so totals stay exact.
     let transfer = Transfer::new(7, AccountId(debit_id), AccountId(credit_id), 60);
@@ -249,9 +249,9 @@ impl CloneForTest for Vec<Ledger> {
                 copy.restore(
                     l.accounts.values().copied().collect(),
                     l.open.values().copied().collect(),
-                    l.done.iter().map(|(k, v)| (*k, *v)).collect(),
                     l.credits.iter().map(|(k, v)| (*k, *v)).collect(),
                 );
+                copy.restore_done(l.done.iter().map(|(k, v)| (*k, *v)));
                 copy
             })
             .collect()
@@ -314,7 +314,7 @@ fn a_chain_crossing_shards_posts_or_voids_as_one_and_replays() {
     let mut log = Vec::new();
     let mut funded = wallet(a);
     funded.credits_posted = 100;
-    ledgers[da].restore(vec![funded], vec![], vec![], vec![]);
+    ledgers[da].restore(vec![funded], vec![], vec![]);
     ledgers[db].create_account(wallet(b), NOW, &mut log);
     for ledger in &mut ledgers {
         ledger.create_account(issuance(fee.0), NOW, &mut log);
@@ -373,7 +373,7 @@ fn a_chain_crossing_shards_posts_or_voids_as_one_and_replays() {
 
     // Replaying the debit shard's commands from its starting state reaches the same state.
     let mut replayed = Ledger::new(ShardId(u16::try_from(da).expect("shard")), shards);
-    replayed.restore(vec![funded], vec![], vec![], vec![]);
+    replayed.restore(vec![funded], vec![], vec![]);
     replayed.create_account(issuance(fee.0), NOW, &mut Vec::new());
     replayed.replay(&chain_log, NOW).expect("chain replays");
     replayed.replay(&finalize_log, NOW).expect("finalize replays");
@@ -418,3 +418,28 @@ fn the_body_hash_is_the_crc32c_pair_of_the_fixed_layout_and_stays_stable() {
 
 /// `body_hash` of the transfer above, as the releases before this test computed it.
 const PINNED: u64 = 0x7b5e_d63f_7bb2_1352;
+
+#[test]
+fn the_done_log_keeps_the_order_added_and_undoes_across_a_chunk_boundary() {
+    let mut table = DoneTable::default();
+    let done = |n: u64| Done::new(n << 3, TransferState::Posted);
+    let count = u128::try_from(DONE_LOG_CHUNK).expect("chunk") + 2;
+    for id in 1..=count {
+        table.insert(TransferId(id << 64 | 1), done(u64::try_from(id).expect("id")));
+    }
+    // The last two went into a second chunk; undo one of those and the last of the first.
+    table.remove(&TransferId(count << 64 | 1));
+    table.remove(&TransferId((count - 2) << 64 | 1));
+    assert_eq!(table.len(), DONE_LOG_CHUNK);
+    let log: Vec<[u64; 3]> = std::mem::take(&mut table.added).into_iter().flatten().collect();
+    assert_eq!(log.len(), DONE_LOG_CHUNK);
+    let ids: Vec<u128> = log.iter().map(|entry| crate::ids::from_halves([entry[0], entry[1]])).collect();
+    let expected: Vec<u128> =
+        (1..=count).filter(|id| *id != count && *id != count - 2).map(|id| id << 64 | 1).collect();
+    assert_eq!(ids, expected);
+    assert!(
+        log.iter()
+            .zip(&expected)
+            .all(|(entry, id)| entry[2] == done(u64::try_from(id >> 64).expect("id")).bits())
+    );
+}

@@ -347,6 +347,7 @@ pub(super) fn write_snapshot(
         &dir.join(format!("{SNAPSHOT_FILE}.tmp")),
         &dir.join(SNAPSHOT_FILE),
         &[&frame::header(SNAPSHOT_VERSION, &payload), &payload],
+        None,
     )
 }
 
