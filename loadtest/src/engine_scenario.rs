@@ -108,8 +108,9 @@ pub struct Args {
     /// full` makes notifications (plain accounts have no wallets to notify).
     #[arg(long)]
     drain_outbox: bool,
-    /// Print one row a second of the run: transfers, p50, p99 and the slowest answer, to see
-    /// when a stall happened (a checkpoint, a flush) rather than only that it did.
+    /// Print one row a second of the run: transfers, p50, p99 and the slowest answer, the
+    /// journal's fdatasyncs and their mean, how far the views are behind; to see when a stall
+    /// happened (a checkpoint, a flush) and where, rather than only that it did.
     #[arg(long)]
     timeline: bool,
 }
@@ -178,6 +179,26 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         _ => None,
     };
     let started = Instant::now();
+    // The journal's fdatasyncs and the views' progress, sampled each second for the timeline.
+    let sampler = args.timeline.then(|| {
+        let (engine, stop) = (engine.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let mut samples = Vec::new();
+            let mut next = started + Duration::from_secs(1);
+            while !stop.load(Ordering::Acquire) {
+                std::thread::sleep(next.saturating_duration_since(Instant::now()));
+                next += Duration::from_secs(1);
+                let journal = engine.journal();
+                let behind = engine.views().map_or(0, |views| journal.durable().saturating_sub(views.applied()));
+                samples.push((
+                    journal.syncs.load(Ordering::Relaxed),
+                    journal.sync_ns_total.load(Ordering::Relaxed),
+                    behind,
+                ));
+            }
+            samples
+        })
+    });
     let workers: Vec<_> = (0..args.submitters)
         .map(|worker| {
             let (engine, stop, tally) = (engine.clone(), stop.clone(), tally.clone());
@@ -205,6 +226,10 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     let elapsed = started.elapsed().as_secs_f64();
+    let samples = match sampler {
+        Some(sampler) => sampler.join().map_err(|_| anyhow::anyhow!("the timeline sampler panicked"))?,
+        None => Vec::new(),
+    };
     let drained = match drainer {
         Some(drainer) => Some(drainer.join().map_err(|_| anyhow::anyhow!("the outbox drainer panicked"))??),
         None => None,
@@ -285,10 +310,21 @@ pub fn run(args: Args) -> anyhow::Result<()> {
     println!("rss                 {rss_mib} MiB");
     println!("conserved           {conserved}");
     if args.timeline {
-        println!("second  transfers  p50_us  p99_us  max_us  (by the second each batch was answered)");
+        println!(
+            "second  transfers  p50_us  p99_us  max_us  syncs  sync_us  views_behind_kib  (by the second each batch was answered)"
+        );
+        let mut before = (0, 0);
         for (second, part) in seconds.iter().enumerate() {
+            let (syncs, sync_us, behind) = match samples.get(second) {
+                Some(&(syncs, ns, behind)) => {
+                    let (count, ns_in) = (syncs - before.0, ns - before.1);
+                    before = (syncs, ns);
+                    (count, if count > 0 { ns_in / count / 1_000 } else { 0 }, behind / 1024)
+                }
+                None => (0, 0, 0),
+            };
             println!(
-                "{second:>6}  {:>9}  {:>6}  {:>6}  {:>6}",
+                "{second:>6}  {:>9}  {:>6}  {:>6}  {:>6}  {syncs:>5}  {sync_us:>7}  {behind:>16}",
                 part.len(),
                 part.value_at_quantile(0.50),
                 part.value_at_quantile(0.99),
