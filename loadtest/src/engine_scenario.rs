@@ -189,7 +189,8 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 std::thread::sleep(next.saturating_duration_since(Instant::now()));
                 next += Duration::from_secs(1);
                 let journal = engine.journal();
-                let behind = engine.views().map_or(0, |views| journal.durable().saturating_sub(views.applied()));
+                let behind =
+                    engine.views().map_or(0, |views| journal.durable().saturating_sub(views.applied()));
                 samples.push((
                     journal.syncs.load(Ordering::Relaxed),
                     journal.sync_ns_total.load(Ordering::Relaxed),
@@ -319,7 +320,7 @@ pub fn run(args: Args) -> anyhow::Result<()> {
                 Some(&(syncs, ns, behind)) => {
                     let (count, ns_in) = (syncs - before.0, ns - before.1);
                     before = (syncs, ns);
-                    (count, if count > 0 { ns_in / count / 1_000 } else { 0 }, behind / 1024)
+                    (count, ns_in.checked_div(count).unwrap_or(0) / 1_000, behind / 1024)
                 }
                 None => (0, 0, 0),
             };
