@@ -334,9 +334,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         }
     }
 
+    // Stop the engine (a checkpoint under way, the shards, the writer, the views and fjall's
+    // workers) before a temporary data directory is removed under it.
+    engine.shutdown();
     let mut recovery_ms = None;
     if args.measure_recovery {
-        engine.shutdown();
         drop(engine);
         let mut config = config;
         config.views = false;
