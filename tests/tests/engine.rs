@@ -310,6 +310,39 @@ fn final_transfers_of_every_checkpoint_are_known_after_restarts() -> anyhow::Res
     Ok(())
 }
 
+/// A checkpoint that cannot be written keeps the final transfers the shards handed it: the next
+/// one writes them, and they are still known after a restart.
+#[test]
+fn final_transfers_of_a_failed_checkpoint_go_into_the_next() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (a, b) = cross_shard_pair(10, 2)?;
+    let first = vec![Transfer::new(501, a, b, 3), Transfer::new(502, b, a, 2)];
+    let second = vec![Transfer::new(503, a, b, 4)];
+    let engine = open(dir.path(), 2)?;
+    world(&engine, 10, 1_000)?;
+    anyhow::ensure!(engine.submit_blocking(first.clone())? == [TransferResult::Ok; 2]);
+    // A file where the checkpoint directory should be: the write fails after the capture.
+    let checkpoints = dir.path().join("checkpoints");
+    let _gone = std::fs::remove_dir_all(&checkpoints);
+    std::fs::write(&checkpoints, b"not a directory")?;
+    anyhow::ensure!(engine.checkpoint().is_err(), "a checkpoint was written into a file");
+    std::fs::remove_file(&checkpoints)?;
+    anyhow::ensure!(engine.submit_blocking(second.clone())? == [TransferResult::Ok]);
+    engine.checkpoint()?;
+    engine.shutdown();
+    drop(engine);
+    let engine = open(dir.path(), 2)?;
+    anyhow::ensure!(engine.recovery_report().checkpoint_loaded);
+    let all: Vec<Transfer> = first.iter().chain(&second).copied().collect();
+    let changed: Vec<Transfer> = all.iter().map(|t| Transfer { amount: t.amount + 1, ..*t }).collect();
+    let refused = engine.submit_blocking(changed)?;
+    anyhow::ensure!(refused.iter().all(|r| *r == TransferResult::ExistsWithDifferentBody), "{refused:?}");
+    anyhow::ensure!(balance(&engine, b)?.balance_posted() == 1_000 + 3 - 2 + 4);
+    assert_balanced(&engine)?;
+    engine.shutdown();
+    Ok(())
+}
+
 #[test]
 fn views_list_history_in_time_order_and_reindex_rebuilds_them() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
