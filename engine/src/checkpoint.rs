@@ -249,8 +249,7 @@ mod tests {
         loaded.shards[0].restore_into(&mut restored)?;
         for sequence in loaded.segments {
             let segment = load_segment(dir, sequence, 1)?;
-            let entries = record::done_entries(&segment.shards[0]).collect::<Result<Vec<_>, _>>()?;
-            restored.restore_done(entries);
+            restored.restore_done(record::done_entries(&segment.shards[0]))?;
         }
         Ok(restored)
     }

@@ -686,7 +686,9 @@ impl Engine {
         }
         let mut checkpoint =
             WalCheckpoint { shard_count: self.inner.shard_count, shards, segments: chain.segments.clone() };
-        let mut segment = WalDoneSegment { sequence: 0, shards: std::mem::take(&mut chain.pending) };
+        let empty = vec![Vec::new(); usize::from(self.inner.shard_count)];
+        let mut segment =
+            WalDoneSegment { sequence: 0, shards: std::mem::replace(&mut chain.pending, empty) };
         let pace = checkpoint::Pace {
             bytes_per_s: self.inner.checkpoint_write_bytes_per_s,
             hurry: &self.inner.stopped,
@@ -694,7 +696,6 @@ impl Engine {
         match checkpoint::write(&self.inner.checkpoint_dir, &mut checkpoint, &mut segment, Some(pace)) {
             Ok(path) => {
                 chain.segments = checkpoint.segments;
-                chain.pending = vec![Vec::new(); usize::from(self.inner.shard_count)];
                 let final_transfers: usize = segment.shards.iter().flatten().map(Vec::len).sum();
                 tracing::info!(
                     path = %path.display(),
@@ -885,14 +886,12 @@ fn recover(
         for &sequence in &checkpoint.segments {
             let segment = checkpoint::load_segment(checkpoint_dir, sequence, n)?;
             for (ledger, entries) in ledgers.iter_mut().zip(&segment.shards) {
-                let entries =
-                    record::done_entries(entries).collect::<Result<Vec<_>, _>>().map_err(|error| {
-                        CheckpointError::Corrupt {
-                            path: checkpoint_dir.to_path_buf(),
-                            reason: format!("done segment {sequence}: {error}"),
-                        }
-                    })?;
-                ledger.restore_done(entries);
+                ledger.restore_done(record::done_entries(entries)).map_err(|error| {
+                    CheckpointError::Corrupt {
+                        path: checkpoint_dir.to_path_buf(),
+                        reason: format!("done segment {sequence}: {error}"),
+                    }
+                })?;
             }
         }
         segments = checkpoint.segments;

@@ -195,7 +195,7 @@ impl Done {
 ///
 /// Final transfers are never forgotten and only ever added (or moved to a later final state),
 /// so a checkpoint need not copy the millions already in earlier checkpoints: it takes the
-/// entries added since (`take_added`, no copying) and writes them as one more done segment.
+/// entries added since (`Ledger::take_added_done`, no copying) and writes them as one more done segment.
 /// The only removal is a linked chain's undo, of an entry the same batch added.
 #[derive(Debug, Default)]
 pub(crate) struct DoneTable {
@@ -248,15 +248,9 @@ impl DoneTable {
         self.map.reserve(additional);
     }
 
+    #[cfg(test)]
     fn iter(&self) -> impl Iterator<Item = (&TransferId, &Done)> {
         self.map.iter()
-    }
-
-    /// Entries from a checkpoint's segments: already written, so not added again.
-    fn restore(&mut self, entries: impl IntoIterator<Item = (TransferId, Done)>) {
-        for (id, done) in entries {
-            self.map.insert(id, done);
-        }
     }
 }
 
@@ -401,19 +395,24 @@ impl Ledger {
         self.open.values()
     }
 
-    pub fn done_transfers(&self) -> impl Iterator<Item = (&TransferId, &Done)> {
-        self.done.iter()
-    }
-
     /// The final transfers added since the last call (id halves and `Done` bits, in order),
     /// for a checkpoint's done segment. Moves them out: the shard copies nothing.
     pub fn take_added_done(&mut self) -> DoneLog {
         std::mem::take(&mut self.done.added)
     }
 
-    /// Adds final transfers from a checkpoint's done segments, in the order they were written.
-    pub fn restore_done(&mut self, entries: impl IntoIterator<Item = (TransferId, Done)>) {
-        self.done.restore(entries);
+    /// Adds final transfers from a checkpoint's done segments, in the order they were written
+    /// (already in a segment, so not added to the done log again). Stops at the first entry
+    /// that failed to decode and returns its error.
+    pub fn restore_done<E>(
+        &mut self,
+        entries: impl IntoIterator<Item = Result<(TransferId, Done), E>>,
+    ) -> Result<(), E> {
+        for entry in entries {
+            let (id, done) = entry?;
+            self.done.map.insert(id, done);
+        }
+        Ok(())
     }
 
     pub fn transfer_count(&self) -> usize {

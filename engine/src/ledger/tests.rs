@@ -251,7 +251,7 @@ impl CloneForTest for Vec<Ledger> {
                     l.open.values().copied().collect(),
                     l.credits.iter().map(|(k, v)| (*k, *v)).collect(),
                 );
-                copy.restore_done(l.done.iter().map(|(k, v)| (*k, *v)));
+                copy.restore_done(l.done.iter().map(|(k, v)| Ok::<_, ()>((*k, *v)))).expect("infallible");
                 copy
             })
             .collect()
