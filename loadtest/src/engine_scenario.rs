@@ -204,10 +204,11 @@ pub fn run(args: Args) -> anyhow::Result<()> {
         .map(|worker| {
             let (engine, stop, tally) = (engine.clone(), stop.clone(), tally.clone());
             let (accounts, batch, hot_percent) = (args.accounts, args.batch, args.hot_percent);
+            let timeline = args.timeline;
             let seed = args.seed.wrapping_mul(1_000_003).wrapping_add(worker as u64);
             let domain = domain.clone();
             std::thread::spawn(move || {
-                let load = Load { accounts, batch_len: batch, hot_percent, domain, started };
+                let load = Load { accounts, batch_len: batch, hot_percent, domain, started, timeline };
                 submitter(&engine, &stop, &tally, worker, seed, &load)
             })
         })
@@ -487,6 +488,8 @@ struct Load {
     domain: Option<engine::Domain>,
     /// When the measured run began: the timeline's second zero.
     started: Instant,
+    /// Whether to keep a histogram for each second as well (`--timeline`).
+    timeline: bool,
 }
 
 fn submitter(
@@ -538,11 +541,13 @@ fn submitter(
         let results = engine.submit_blocking(std::mem::take(&mut batch))?;
         let micros = u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX).max(1);
         latency.record_n(micros, starts.len() as u64)?;
-        let second = usize::try_from(load.started.elapsed().as_secs()).unwrap_or(usize::MAX);
-        while seconds.len() <= second {
-            seconds.push(histogram()?);
+        if load.timeline {
+            let second = usize::try_from(load.started.elapsed().as_secs()).unwrap_or(usize::MAX);
+            while seconds.len() <= second {
+                seconds.push(histogram()?);
+            }
+            seconds[second].record_n(micros, starts.len() as u64)?;
         }
-        seconds[second].record_n(micros, starts.len() as u64)?;
         // An operation is ok when its first transfer is (a chain commits whole).
         let ok = starts.iter().filter(|start| results[**start] == TransferResult::Ok).count() as u64;
         tally.ok.fetch_add(ok, Ordering::Relaxed);
