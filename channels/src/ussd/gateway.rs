@@ -102,16 +102,19 @@ impl Gateway {
         let (out, mut out_rx) = mpsc::channel::<Vec<u8>>(4096);
         tokio::spawn(async move {
             while let Some(bytes) = out_rx.recv().await {
-                // An empty write is [`Gateway::close`].
-                if bytes.is_empty() {
-                    let _ = write.shutdown().await;
-                    return;
-                }
+                // An empty write is [`Gateway::close`], wherever it falls in a batch: what was
+                // queued before it goes out, then the connection is shut.
                 let mut batch = bytes;
-                while let Ok(more) = out_rx.try_recv() {
+                let mut close = batch.is_empty();
+                while !close && let Ok(more) = out_rx.try_recv() {
+                    close = more.is_empty();
                     batch.extend_from_slice(&more);
                 }
                 if write.write_all(&batch).await.is_err() {
+                    return;
+                }
+                if close {
+                    let _ = write.shutdown().await;
                     return;
                 }
             }
@@ -337,5 +340,32 @@ impl Dialogue {
             self.sequence = s & 0xFE;
         }
         Ok(screen)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::io::AsyncReadExt;
+
+    use super::*;
+
+    /// A close queued behind other writes still shuts the connection once they are out: the
+    /// client-mode test relies on it to make Qepik bind again.
+    #[tokio::test]
+    async fn a_close_queued_behind_writes_still_closes() -> std::io::Result<()> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let client = tokio::net::TcpStream::connect(listener.local_addr()?).await?;
+        let (mut peer, _) = listener.accept().await?;
+        let (gateway, _reader) = Gateway::over(client, "*150#", Carrier::DeliverSm);
+        // On this one-thread runtime the writer task runs only once both are queued.
+        gateway.send_raw(b"first".to_vec()).await;
+        gateway.send_raw(b"second".to_vec()).await;
+        gateway.close().await;
+        let mut seen = Vec::new();
+        tokio::time::timeout(Duration::from_secs(10), peer.read_to_end(&mut seen))
+            .await
+            .map_err(|_| std::io::Error::other("the connection stayed open"))??;
+        assert_eq!(seen, b"firstsecond");
+        Ok(())
     }
 }
