@@ -1,14 +1,14 @@
-//! The notification outbox: a fjall keyspace of messages for customers (OTPs; money sent, received,
-//! cashed out; wallet blocked) that the SMS sender drains. It is a view fed from the durable
-//! journal by the views' pass ([`crate::views`]), written in the same atomic batch as the
-//! position that pass applied, so an entry exists only for a change that was committed, and a
-//! pass re-applied after a crash writes nothing twice.
+//! The notification outbox: messages for customers (OTPs; money sent, received, cashed out;
+//! wallet blocked) that the SMS sender drains, in append-only files ([`store`]). It is a view
+//! fed from the durable journal by the views' pass ([`crate::views`]), so an entry exists only
+//! for a change that was committed, and a pass applied again after a crash appends nothing
+//! twice (an append skips keys at or below the newest one there).
 //!
 //! Keys ([`NotificationKey`]) come from the journal: the position after the record that caused
 //! the notification and its index among that record's notifications. The outbox is thus ordered
-//! like the journal, and its keys are the same however often a record is applied. A watermark
-//! (the last position enqueued) survives [`crate::views::reindex`], so a rebuild enqueues only
-//! records past it and never re-sends what was delivered and acknowledged.
+//! like the journal, and its keys are the same however often a record is applied. The watermark
+//! (the position of the newest entry) survives [`crate::views::reindex`], so a rebuild enqueues
+//! only records past it and never re-sends what was delivered and acknowledged.
 //!
 //! A reader takes [`Outbox::oldest`] entries, sends them, and [`Outbox::ack`]s what was sent
 //! (an unacknowledged entry is sent again after a restart: delivery is at least once). It may
@@ -19,8 +19,13 @@
 //! Money notifications come one per operation per wallet: the legs of one operation (principal
 //! and fee) touching one wallet are consecutive in one journal record and are merged.
 
-use std::sync::{Arc, Mutex};
+mod store;
+
+use std::io;
+use std::sync::Arc;
 use std::time::Duration;
+
+pub(crate) use store::{Frames, Store};
 
 use crate::ids::{AccountId, TransferId};
 use crate::money::Currency;
@@ -163,8 +168,15 @@ impl Notification {
     }
 
     /// The stored form: a tag byte, then the fields big-endian.
+    #[cfg(test)]
     pub(crate) fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(104);
+        self.encode_into(&mut out);
+        out
+    }
+
+    /// [`Notification::encode`], appended to `out`.
+    pub(crate) fn encode_into(&self, out: &mut Vec<u8>) {
         match self {
             Notification::Otp { msisdn, nonce, expires_at } => {
                 out.push(TAG_OTP);
@@ -194,7 +206,6 @@ impl Notification {
                 out.extend_from_slice(&at.to_be_bytes());
             }
         }
-        out
     }
 
     /// The notification [`Notification::encode`] stored, if `bytes` is one (whole).
@@ -382,12 +393,7 @@ impl RecordNotices {
 /// The reading end of the outbox. Cheap to clone; every clone sees the same entries.
 #[derive(Clone)]
 pub struct Outbox {
-    db: fjall::Database,
-    keyspace: fjall::Keyspace,
-    /// The first key a scan needs to look at: every key below it was acknowledged. The queue is
-    /// read from its low end and acknowledged there, so without it each scan would step over
-    /// the tombstones of everything acknowledged since fjall last compacted them away.
-    floor: Arc<Mutex<[u8; 12]>>,
+    store: Arc<Store>,
     enqueued: tokio::sync::watch::Receiver<u64>,
 }
 
@@ -398,30 +404,14 @@ impl std::fmt::Debug for Outbox {
 }
 
 impl Outbox {
-    pub(crate) fn new(
-        db: fjall::Database,
-        keyspace: fjall::Keyspace,
-        floor: Arc<Mutex<[u8; 12]>>,
-        enqueued: tokio::sync::watch::Receiver<u64>,
-    ) -> Outbox {
-        Outbox { db, keyspace, floor, enqueued }
-    }
-
-    fn floor(&self) -> [u8; 12] {
-        *self.floor.lock().unwrap_or_else(|p| p.into_inner())
+    pub(crate) fn new(store: Arc<Store>, enqueued: tokio::sync::watch::Receiver<u64>) -> Outbox {
+        Outbox { store, enqueued }
     }
 
     /// The oldest `n` entries not yet acknowledged, oldest first. An entry that cannot be decoded
     /// (written by a newer release) is skipped with a warning and left in place.
-    pub fn oldest(&self, n: usize) -> Result<Vec<(NotificationKey, Notification)>, fjall::Error> {
-        let (found, first) = self.scan(self.floor(), n)?;
-        // Nothing below the first entry is left, and the views only ever enqueue past what they
-        // enqueued before, so later scans may start there.
-        if let Some(first) = first {
-            let mut shared = self.floor.lock().unwrap_or_else(|p| p.into_inner());
-            *shared = (*shared).max(first);
-        }
-        Ok(found)
+    pub fn oldest(&self, n: usize) -> io::Result<Vec<(NotificationKey, Notification)>> {
+        self.store.read(None, n)
     }
 
     /// The oldest `n` entries from `from` on (from the oldest entry if `None`), oldest first:
@@ -430,66 +420,31 @@ impl Outbox {
         &self,
         from: Option<NotificationKey>,
         n: usize,
-    ) -> Result<Vec<(NotificationKey, Notification)>, fjall::Error> {
-        match from.map(NotificationKey::to_bytes).filter(|from| *from > self.floor()) {
-            Some(from) => Ok(self.scan(from, n)?.0),
-            None => self.oldest(n),
-        }
-    }
-
-    /// Up to `n` decodable entries from key `from` on, and the first key the scan met.
-    #[allow(clippy::type_complexity)]
-    fn scan(
-        &self,
-        from: [u8; 12],
-        n: usize,
-    ) -> Result<(Vec<(NotificationKey, Notification)>, Option<[u8; 12]>), fjall::Error> {
-        let mut found = Vec::with_capacity(n.min(1024));
-        let mut first = None;
-        for entry in self.keyspace.range(from..) {
-            if found.len() >= n {
-                break;
-            }
-            let (key, value) = entry.into_inner()?;
-            if first.is_none() {
-                first = <[u8; 12]>::try_from(key.as_ref()).ok();
-            }
-            match (NotificationKey::from_bytes(&key), Notification::decode(&value)) {
-                (Some(key), Some(notification)) => found.push((key, notification)),
-                _ => tracing::warn!("outbox: an undecodable entry is skipped"),
-            }
-        }
-        Ok((found, first))
+    ) -> io::Result<Vec<(NotificationKey, Notification)>> {
+        self.store.read(from, n)
     }
 
     /// The entry at `key`, if it is still waiting (and can be decoded).
-    pub fn get(&self, key: NotificationKey) -> Result<Option<Notification>, fjall::Error> {
-        Ok(self.keyspace.get(key.to_bytes())?.and_then(|value| Notification::decode(&value)))
+    pub fn get(&self, key: NotificationKey) -> io::Result<Option<Notification>> {
+        self.store.get(key)
     }
 
-    /// Removes delivered (or deliberately dropped) entries. Acknowledging one twice, or one that
-    /// is not there, changes nothing. The removal reaches the operating system before this
-    /// returns (not the disk: after a power cut a few may be sent again).
-    pub fn ack(&self, keys: &[NotificationKey]) -> Result<(), fjall::Error> {
-        if keys.is_empty() {
-            return Ok(());
-        }
-        let mut batch = self.db.batch();
-        for key in keys {
-            batch.remove(&self.keyspace, key.to_bytes());
-        }
-        batch.commit()?;
-        self.db.persist(fjall::PersistMode::Buffer)
+    /// Acknowledges delivered (or deliberately dropped) entries: they are not read again.
+    /// Acknowledging one twice, or one that is not there, changes nothing. The acknowledgement
+    /// reaches the operating system before this returns (not the disk: after a power cut a few
+    /// may be sent again).
+    pub fn ack(&self, keys: &[NotificationKey]) -> io::Result<()> {
+        self.store.ack(keys)
     }
 
-    /// Entries waiting (counted by a scan: for tests and metrics, not a hot loop).
-    pub fn len(&self) -> usize {
-        self.keyspace.range(self.floor()..).count()
+    /// Entries waiting (counted by a read of each: for tests and metrics, not a hot loop).
+    pub fn len(&self) -> io::Result<usize> {
+        self.store.waiting()
     }
 
     /// Whether no entry is waiting.
-    pub fn is_empty(&self) -> bool {
-        self.keyspace.range(self.floor()..).next().is_none()
+    pub fn is_empty(&self) -> io::Result<bool> {
+        Ok(self.store.read(None, 1)?.is_empty())
     }
 
     /// Resolves when the views have enqueued entries since this handle last saw them; `false`
@@ -499,15 +454,15 @@ impl Outbox {
     }
 
     /// Blocks until an entry is waiting or `timeout` passes, polling; returns whether one is.
-    pub fn wait(&self, timeout: Duration) -> bool {
+    pub fn wait(&self, timeout: Duration) -> io::Result<bool> {
         let deadline = std::time::Instant::now() + timeout;
-        while self.is_empty() {
+        while self.is_empty()? {
             if std::time::Instant::now() >= deadline {
-                return false;
+                return Ok(false);
             }
             std::thread::sleep(Duration::from_millis(5));
         }
-        true
+        Ok(true)
     }
 }
 
