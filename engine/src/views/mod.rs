@@ -1,21 +1,21 @@
 //! Views derived from the journal: the transfer index by id (fjall), each account's history with
 //! its running posted balance (the history log and its pages, [`history`]; read through
-//! [`crate::statement`]), and the notification outbox ([`crate::outbox`], fjall). Nothing here
-//! holds the only copy of anything but the outbox's acknowledgements: the views restart from a
-//! journal position after a crash, and [`reindex`] rebuilds them from the journal.
+//! [`crate::statement`]), and the notification outbox ([`crate::outbox`], its own files). Nothing
+//! here holds the only copy of anything but the outbox's acknowledgements: the views restart
+//! from a journal position after a crash, and [`reindex`] rebuilds them from the journal.
 //!
 //! One thread tails the journal (reading only what became durable since its last pass, in passes
 //! of at least 256 KiB or 5 ms). A pass holds the write lock of the accounts' running states: it
-//! updates them in place, appends its history lines to the log, writes the transfer index and
-//! the pages to fjall, with the outbox entries (if any), the position and the outbox watermark
-//! in the same atomic fjall batch, and only then lets readers in. Every 30 s, and when the
-//! views stop, the tail saves a snapshot: its position, the log's length, every running state,
-//! the cross-shard transfers in flight and the unresolved holds. After a crash it restarts from
-//! the snapshot: the log is cut back to the snapshot's length and the passes after it are applied
-//! again. That is harmless: transfer and page writes are idempotent inserts of the same values,
-//! and records at or before the watermark enqueue nothing. If fjall lost writes the snapshot relies on (its mark is older than the
-//! snapshot), the log is shorter than the snapshot says, or the snapshot is damaged, the history
-//! is rebuilt from the start of the journal.
+//! updates them in place, appends its history lines to the log and its notifications to the
+//! outbox, writes the transfer index and the pages to fjall in one batch, and only then lets
+//! readers in. Every 30 s, and when the views stop, the tail saves a snapshot: its position, the
+//! log's length, every running state, the cross-shard transfers in flight and the unresolved
+//! holds. After a crash it restarts from the snapshot: the log is cut back to the snapshot's
+//! length and the passes after it are applied again. That is harmless: transfer and page writes
+//! are idempotent inserts of the same values, and records at or before the outbox's watermark
+//! (its newest entry's position) enqueue nothing. If fjall lost writes the snapshot relies on
+//! (its mark is older than the snapshot), the log is shorter than the snapshot says, or the
+//! snapshot is damaged, the history is rebuilt from the start of the journal.
 //!
 //! A history line is keyed by account, booked time and line number. The line number counts the
 //! account's lines in the order the views apply the journal; the booked time is the time of the
