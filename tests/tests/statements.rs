@@ -90,8 +90,17 @@ impl World {
 
     /// Closes the engine and opens the same directory again, with a new domain.
     fn restart(self) -> anyhow::Result<World> {
+        self.restart_after(|_| Ok(()))
+    }
+
+    /// As [`World::restart`], doing `meanwhile` to the data directory while the engine is down.
+    fn restart_after(
+        self,
+        meanwhile: impl FnOnce(&std::path::Path) -> anyhow::Result<()>,
+    ) -> anyhow::Result<World> {
         let (next_op, next_number) = (self.next_op.get(), self.next_number.get());
         let (dir, clock) = self.close();
+        meanwhile(dir.path())?;
         let (engine, domain) = start(dir.path(), &clock)?;
         Ok(World {
             dir,
@@ -655,6 +664,58 @@ fn operations_enqueue_one_notice_per_wallet_and_a_refused_one_nothing() -> anyho
         entries[1].1,
         Notification::Blocked { msisdn, flag: WalletState::STAFF_BLOCKED, .. } if msisdn == c.get()
     ));
+    Ok(())
+}
+
+/// A crash after the views' last snapshot makes them apply the records after it again: with the
+/// outbox as the operating system kept it, nothing is enqueued twice; with the outbox as the
+/// disk kept it after a power cut (its newest segment as of that snapshot), what it lost is
+/// enqueued again, the same entries under the same keys.
+#[test]
+fn after_a_crash_the_views_enqueue_again_exactly_what_the_outbox_lost() -> anyhow::Result<()> {
+    let w = World::open()?;
+    let Workload { a, c, .. } = workload(&w)?;
+    w.caught_up()?;
+    // A clean stop saves a snapshot and fsyncs the outbox: the files as they were then.
+    let saved = std::cell::RefCell::new(Vec::new());
+    let views = |dir: &std::path::Path| dir.join("views");
+    let files = |dir: &std::path::Path| -> Vec<std::path::PathBuf> {
+        vec![views(dir).join("history.snapshot"), views(dir).join("outbox/00000000000000000001.qob")]
+    };
+    let w = w.restart_after(|dir| {
+        for file in files(dir) {
+            saved.borrow_mut().push((file.clone(), std::fs::read(&file)?));
+        }
+        Ok(())
+    })?;
+    w.caught_up()?;
+    let before = waiting(&w.views()?.outbox())?;
+    // Three more P2Ps (two notices each), applied and enqueued after that snapshot.
+    for amount in [101, 102, 103] {
+        w.p2p(a, c, amount)?;
+    }
+    w.caught_up()?;
+    let after = waiting(&w.views()?.outbox())?;
+    assert_eq!(after.len(), before.len() + 6, "{after:?}");
+    assert_eq!(after[..before.len()], before[..]);
+    // The crash: the views restart from the old snapshot; the outbox is as it was left.
+    let w = w.restart_after(|dir| {
+        let (snapshot, bytes) = &saved.borrow()[0];
+        assert_eq!(*snapshot, files(dir)[0]);
+        Ok(std::fs::write(snapshot, bytes)?)
+    })?;
+    w.caught_up()?;
+    assert_eq!(waiting(&w.views()?.outbox())?, after);
+    // The power cut: the outbox lost its frames after that snapshot too.
+    let w = w.restart_after(|dir| {
+        for (file, bytes) in saved.borrow().iter() {
+            std::fs::write(file, bytes)?;
+        }
+        assert!(std::fs::metadata(&files(dir)[1])?.len() > 8);
+        Ok(())
+    })?;
+    w.caught_up()?;
+    assert_eq!(waiting(&w.views()?.outbox())?, after);
     Ok(())
 }
 
