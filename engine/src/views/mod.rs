@@ -261,7 +261,7 @@ struct Trees {
     /// The pending entries sorted for an ingestion, kept allocated from one to the next: a
     /// buffer of 29 MB allocated afresh each time is mapped and zeroed afresh by the kernel
     /// (a tenth of the views thread, profiled).
-    ingest_buffer: Arc<Mutex<Vec<(u128, [u8; 16])>>>,
+    ingest_buffer: Arc<Mutex<TransferWrites>>,
     /// Notifications by [`NotificationKey`], until the sender acknowledges them.
     outbox: Arc<Store>,
     log: Arc<HistoryLog>,
