@@ -967,4 +967,123 @@ mod tests {
         assert_eq!(Store::open(dir.path())?.waiting()?, 0);
         Ok(())
     }
+
+    /// A step of the model test.
+    #[derive(Debug, Clone)]
+    enum Step {
+        /// Entries at the next positions: how many positions to skip before each, and how
+        /// many entries each position has.
+        Append(Vec<(u8, u8)>),
+        /// A watermark this many positions past the newest.
+        Watermark(u8),
+        /// Acknowledge the waiting entries at these indexes (modulo), and a key that is not one.
+        Ack(Vec<u16>, bool),
+        /// Read `n` from the waiting entry at this index (modulo), or from the oldest.
+        Read(Option<u16>, u8),
+        /// Look up the waiting entry at this index (modulo).
+        Get(u16),
+        /// Drop the store and open it again.
+        Reopen,
+    }
+
+    fn step() -> impl proptest::strategy::Strategy<Value = Step> {
+        use proptest::prelude::*;
+        prop_oneof![
+            4 => proptest::collection::vec((0_u8..3, 1_u8..4), 1..12).prop_map(Step::Append),
+            1 => (1_u8..5).prop_map(Step::Watermark),
+            4 => (proptest::collection::vec(any::<u16>(), 0..10), any::<bool>()).prop_map(|(i, b)| Step::Ack(i, b)),
+            2 => (proptest::option::of(any::<u16>()), 0_u8..20).prop_map(|(i, n)| Step::Read(i, n)),
+            1 => any::<u16>().prop_map(Step::Get),
+            1 => Just(Step::Reopen),
+        ]
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(96))]
+
+        /// The store against a map of waiting entries, through appends, watermarks,
+        /// acknowledgements in any order, reads, lookups and reopens, with segments small
+        /// enough to roll every few appends and be removed as acknowledgements pass them.
+        #[test]
+        fn the_store_behaves_as_a_map_of_waiting_entries(steps in proptest::collection::vec(step(), 1..60)) {
+            let dir = tempfile::tempdir().expect("temp dir");
+            let open = || Store::open_with(dir.path(), 400).expect("open");
+            let mut store = open();
+            let mut model = std::collections::BTreeMap::<NotificationKey, Notification>::new();
+            let mut newest = 0_u64;
+            for step in steps {
+                match step {
+                    Step::Append(positions) => {
+                        let mut batch = Frames::default();
+                        for (skip, count) in positions {
+                            newest += 1 + u64::from(skip);
+                            for index in 0..u32::from(count) {
+                                let key = key(newest, index);
+                                let notification = blocked(newest * 10 + u64::from(index));
+                                batch.push(key, &notification);
+                                model.insert(key, notification);
+                            }
+                        }
+                        store.append(&batch).expect("append");
+                        // Appending the same again adds nothing.
+                        store.append(&batch).expect("append again");
+                    }
+                    Step::Watermark(ahead) => {
+                        newest += u64::from(ahead);
+                        store.raise_watermark(newest).expect("watermark");
+                    }
+                    Step::Ack(indexes, bogus) => {
+                        let waiting: Vec<NotificationKey> = model.keys().copied().collect();
+                        let mut keys: Vec<NotificationKey> = if waiting.is_empty() {
+                            Vec::new()
+                        } else {
+                            indexes.iter().map(|i| waiting[usize::from(*i) % waiting.len()]).collect()
+                        };
+                        if bogus {
+                            keys.push(key(newest, 1_000));
+                            keys.push(key(newest + 1, 0));
+                        }
+                        store.ack(&keys).expect("ack");
+                        for key in &keys {
+                            model.remove(key);
+                        }
+                    }
+                    Step::Read(from, n) => {
+                        let waiting: Vec<NotificationKey> = model.keys().copied().collect();
+                        let from = from.filter(|_| !waiting.is_empty()).map(|i| waiting[usize::from(i) % waiting.len()]);
+                        let expected: Vec<_> = model
+                            .range(from.unwrap_or(key(0, 0))..)
+                            .take(usize::from(n))
+                            .map(|(k, v)| (*k, *v))
+                            .collect();
+                        proptest::prop_assert_eq!(store.read(from, usize::from(n)).expect("read"), expected);
+                    }
+                    Step::Get(index) => {
+                        let waiting: Vec<_> = model.iter().map(|(k, v)| (*k, *v)).collect();
+                        if let Some((key, notification)) = waiting.get(usize::from(index) % waiting.len().max(1)) {
+                            proptest::prop_assert_eq!(store.get(*key).expect("get"), Some(*notification));
+                        }
+                        proptest::prop_assert_eq!(store.get(key(newest + 1, 0)).expect("get"), None);
+                    }
+                    Step::Reopen => {
+                        drop(store);
+                        store = open();
+                    }
+                }
+                let all: Vec<_> = model.iter().map(|(k, v)| (*k, *v)).collect();
+                proptest::prop_assert_eq!(store.read(None, usize::MAX).expect("read all"), all);
+                proptest::prop_assert_eq!(store.waiting().expect("waiting"), model.len());
+                proptest::prop_assert_eq!(store.watermark(), newest);
+            }
+            // A reopen removes nothing that is still needed: at most segments wholly behind
+            // the floor (removed at acknowledgements and at open), never the newest.
+            let numbers = store.segment_numbers();
+            drop(store);
+            let store = open();
+            let reopened = store.segment_numbers();
+            proptest::prop_assert!(!reopened.is_empty() && numbers.ends_with(&reopened), "{:?} then {:?}", numbers, reopened);
+            let all: Vec<_> = model.iter().map(|(k, v)| (*k, *v)).collect();
+            proptest::prop_assert_eq!(store.read(None, usize::MAX).expect("read all"), all);
+        }
+    }
 }
