@@ -1,6 +1,8 @@
-//! Where account history lives: an append-only log of fixed-size lines, each naming the
-//! previous line of its account, and a sled tree of pages, one key per [`PAGE_LINES`] lines of
-//! an account. Each account's running state (balance, line count, its last line, how many of its
+//! Where account history lives: an append-only log of 64-byte slots holding lines, each naming
+//! the previous line of its account, and a fjall tree of pages, one key per [`PAGE_LINES`] lines
+//! of an account. A transfer's first line (the debit's) takes two slots; its second line (the
+//! credit's) takes one, right after, and shares the first's body (id, reference, amount, code,
+//! currency, kind, time): a line is addressed by its first slot. Each account's running state (balance, line count, its last line, how many of its
 //! lines are paged) is kept in memory and saved with the tail's position in a snapshot file.
 //!
 //! Why not one sled key per line, as before: sled 0.34 copies a whole leaf on each insert, and
@@ -24,15 +26,28 @@ use super::{Found, HistoryEntry, Tail, decode_history, decode_transfer, encode_h
 use crate::ids::AccountId;
 use crate::journal::frame::{self, FrameRead};
 
-/// Bytes of one line in the log: back link (8), key (24), value (77), padding, CRC32C (4).
-pub(super) const LINE_LEN: u64 = 128;
-/// [`LINE_LEN`] as a buffer length.
-const LINE_BYTES: usize = 128;
-const _: () = assert!(LINE_BYTES as u64 == LINE_LEN);
+/// The log is made of slots of this many bytes; a line's index is the index of its first slot.
+pub(super) const SLOT_LEN: u64 = 64;
+const SLOT_BYTES: usize = 64;
+const _: () = assert!(SLOT_BYTES as u64 == SLOT_LEN);
+/// A whole line, two slots: marker (1), back link (8), key (24), value (77), padding, CRC32C (4).
+const FULL_BYTES: usize = 2 * SLOT_BYTES;
+/// Slots of a whole line.
+pub(super) const FULL_SLOTS: u64 = 2;
+/// The second line of a transfer, one slot: marker (1), back link (8), account (8), booked
+/// time (8), line number (8), balance after (16), padding, CRC32C (4). Its transfer's id,
+/// reference, amount, code, currency, kind and times are those of the whole line in the two
+/// slots before it (the transfer's first line, whose account is this line's other account).
+/// A transfer's two lines thus take 192 bytes instead of 256: the history is the views'
+/// largest write, more than the journal's.
+const SIBLING_BYTES: usize = SLOT_BYTES;
+const FULL: u8 = 0xF1;
+const SIBLING: u8 = 0x5B;
 /// Lines of an account per page. The lines after an account's last page are read through
 /// their back links, so a read walks at most this many lines beyond its window.
 pub(super) const PAGE_LINES: u64 = 64;
-const LINE_CRC_AT: usize = LINE_BYTES - 4;
+const FULL_CRC_AT: usize = FULL_BYTES - 4;
+const SIBLING_CRC_AT: usize = SIBLING_BYTES - 4;
 const SNAPSHOT_VERSION: u8 = 1;
 const SNAPSHOT_FILE: &str = "history.snapshot";
 const LOG_FILE: &str = "history.log";
@@ -91,29 +106,78 @@ pub(super) struct StoredLine {
     pub entry: HistoryEntry,
 }
 
-/// Appends one encoded line to `out`.
+/// Appends one whole line ([`FULL_SLOTS`] slots) to `out`.
 pub(super) fn encode_line(out: &mut Vec<u8>, prev: u64, account: AccountId, entry: &HistoryEntry) {
     let start = out.len();
-    out.resize(start + LINE_BYTES, 0);
+    out.resize(start + FULL_BYTES, 0);
     let line = &mut out[start..];
-    line[..8].copy_from_slice(&prev.to_le_bytes());
-    line[8..32].copy_from_slice(&super::history_key(account, entry.position()));
-    line[32..32 + super::HISTORY_VALUE_LEN].copy_from_slice(&encode_history(entry));
-    let crc = crc32c::crc32c(&line[..LINE_CRC_AT]);
-    line[LINE_CRC_AT..].copy_from_slice(&crc.to_le_bytes());
+    line[0] = FULL;
+    line[1..9].copy_from_slice(&prev.to_le_bytes());
+    line[9..33].copy_from_slice(&super::history_key(account, entry.position()));
+    line[33..33 + super::HISTORY_VALUE_LEN].copy_from_slice(&encode_history(entry));
+    let crc = crc32c::crc32c(&line[..FULL_CRC_AT]);
+    line[FULL_CRC_AT..].copy_from_slice(&crc.to_le_bytes());
 }
 
-/// The line in `bytes`, if its checksum and fields hold.
+/// Appends the second line of a transfer (one slot) to `out`, right after its first line: what
+/// the two share is read from that one.
+pub(super) fn encode_sibling(out: &mut Vec<u8>, prev: u64, account: AccountId, entry: &HistoryEntry) {
+    let start = out.len();
+    out.resize(start + SIBLING_BYTES, 0);
+    let line = &mut out[start..];
+    line[0] = SIBLING;
+    line[1..9].copy_from_slice(&prev.to_le_bytes());
+    line[9..17].copy_from_slice(&account.0.to_le_bytes());
+    line[17..25].copy_from_slice(&entry.booked_at.to_le_bytes());
+    line[25..33].copy_from_slice(&entry.line.to_le_bytes());
+    line[33..49].copy_from_slice(&entry.balance_after.to_le_bytes());
+    let crc = crc32c::crc32c(&line[..SIBLING_CRC_AT]);
+    line[SIBLING_CRC_AT..].copy_from_slice(&crc.to_le_bytes());
+}
+
+/// The whole line at the front of `bytes`, if its marker, checksum and fields hold.
 pub(super) fn decode_line(bytes: &[u8]) -> Option<StoredLine> {
-    let crc = u32::from_le_bytes(bytes.get(LINE_CRC_AT..LINE_BYTES)?.try_into().ok()?);
-    if crc32c::crc32c(bytes.get(..LINE_CRC_AT)?) != crc {
+    if *bytes.first()? != FULL {
         return None;
     }
-    let key = bytes.get(8..32)?;
+    let crc = u32::from_le_bytes(bytes.get(FULL_CRC_AT..FULL_BYTES)?.try_into().ok()?);
+    if crc32c::crc32c(bytes.get(..FULL_CRC_AT)?) != crc {
+        return None;
+    }
+    let key = bytes.get(9..33)?;
     Some(StoredLine {
-        prev: u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?),
+        prev: u64::from_le_bytes(bytes.get(1..9)?.try_into().ok()?),
         account: AccountId(u64::from_be_bytes(key.get(..8)?.try_into().ok()?)),
-        entry: decode_history(key, bytes.get(32..32 + super::HISTORY_VALUE_LEN)?)?,
+        entry: decode_history(key, bytes.get(33..33 + super::HISTORY_VALUE_LEN)?)?,
+    })
+}
+
+/// The sibling line at the front of `bytes`, completed from `first`, the whole line before it,
+/// if its marker and checksum hold and it is the other side of `first`'s transfer.
+pub(super) fn decode_sibling(bytes: &[u8], first: &StoredLine) -> Option<StoredLine> {
+    if *bytes.first()? != SIBLING {
+        return None;
+    }
+    let crc = u32::from_le_bytes(bytes.get(SIBLING_CRC_AT..SIBLING_BYTES)?.try_into().ok()?);
+    if crc32c::crc32c(bytes.get(..SIBLING_CRC_AT)?) != crc {
+        return None;
+    }
+    let u64_at = |i: usize| bytes.get(i..i + 8)?.try_into().ok().map(u64::from_le_bytes);
+    let account = AccountId(u64_at(9)?);
+    if first.entry.other_account != account {
+        return None;
+    }
+    Some(StoredLine {
+        prev: u64_at(1)?,
+        account,
+        entry: HistoryEntry {
+            booked_at: u64_at(17)?,
+            line: u64_at(25)?,
+            balance_after: i128::from_le_bytes(bytes.get(33..49)?.try_into().ok()?),
+            other_account: first.account,
+            debit: !first.entry.debit,
+            ..first.entry
+        },
     })
 }
 
@@ -156,24 +220,24 @@ impl HistoryLog {
         Ok(HistoryLog { file, path })
     }
 
-    /// Whole lines in the file.
+    /// Whole slots in the file.
     pub fn lines(&self) -> io::Result<u64> {
-        Ok(self.file.metadata()?.len() / LINE_LEN)
+        Ok(self.file.metadata()?.len() / SLOT_LEN)
     }
 
-    /// Cuts the log to its first `lines` lines.
-    pub fn truncate(&self, lines: u64) -> io::Result<()> {
-        self.file.set_len(lines.saturating_mul(LINE_LEN))
+    /// Cuts the log to its first `slots` slots.
+    pub fn truncate(&self, slots: u64) -> io::Result<()> {
+        self.file.set_len(slots.saturating_mul(SLOT_LEN))
     }
 
-    /// Writes encoded lines from index `first` on.
+    /// Writes encoded lines from slot `first` on.
     ///
     /// Each time the log grows past a [`WRITEBACK_CHUNK`] boundary, the kernel is asked to
     /// start writing the chunks just completed. Left to itself it lets tens of seconds of lines
     /// pile up in the page cache and writes them in bursts of hundreds of MB, which the
     /// journal's `fdatasync`s then queue behind for up to seconds.
     pub fn write_at(&self, first: u64, bytes: &[u8]) -> io::Result<()> {
-        let start = first.saturating_mul(LINE_LEN);
+        let start = first.saturating_mul(SLOT_LEN);
         self.file.write_all_at(bytes, start)?;
         let end = start.saturating_add(bytes.len() as u64);
         let (from, to) = (start / WRITEBACK_CHUNK * WRITEBACK_CHUNK, end / WRITEBACK_CHUNK * WRITEBACK_CHUNK);
@@ -188,17 +252,31 @@ impl HistoryLog {
         self.file.sync_data()
     }
 
-    /// The line at `index`.
+    /// The line whose first slot is `index`: a whole line, or a sibling completed from the
+    /// whole line in the two slots before it.
     pub fn read(&self, index: u64) -> io::Result<StoredLine> {
-        let mut bytes = [0_u8; LINE_BYTES];
-        self.file.read_exact_at(&mut bytes, index.saturating_mul(LINE_LEN)).map_err(|error| {
-            if error.kind() == io::ErrorKind::UnexpectedEof {
-                damaged(&self.path, index, "is past the end of the file")
-            } else {
-                error
-            }
-        })?;
-        decode_line(&bytes).ok_or_else(|| damaged(&self.path, index, "fails its checksum"))
+        let read = |bytes: &mut [u8], at: u64| {
+            self.file.read_exact_at(bytes, at.saturating_mul(SLOT_LEN)).map_err(|error| {
+                if error.kind() == io::ErrorKind::UnexpectedEof {
+                    damaged(&self.path, index, "is past the end of the file")
+                } else {
+                    error
+                }
+            })
+        };
+        let mut bytes = [0_u8; FULL_BYTES + SIBLING_BYTES];
+        read(&mut bytes[..SIBLING_BYTES], index)?;
+        if bytes[0] != SIBLING {
+            read(&mut bytes[..FULL_BYTES], index)?;
+            return decode_line(&bytes).ok_or_else(|| damaged(&self.path, index, "fails its checksum"));
+        }
+        let Some(first) = index.checked_sub(FULL_SLOTS) else {
+            return Err(damaged(&self.path, index, "is a second line with no first before it"));
+        };
+        read(&mut bytes, first)?;
+        let whole = decode_line(&bytes).ok_or_else(|| damaged(&self.path, first, "fails its checksum"))?;
+        decode_sibling(&bytes[FULL_BYTES..], &whole)
+            .ok_or_else(|| damaged(&self.path, index, "fails its checksum or names another transfer's side"))
     }
 
     /// The `count` lines of `account` that end at log index `last - 1`, oldest first.
@@ -407,38 +485,110 @@ mod tests {
     fn a_line_round_trips_and_a_flipped_bit_is_refused() {
         let mut bytes = Vec::new();
         encode_line(&mut bytes, 42, AccountId(77), &entry(3));
-        assert_eq!(bytes.len() as u64, LINE_LEN);
-        assert_eq!(
-            decode_line(&bytes),
-            Some(StoredLine { prev: 42, account: AccountId(77), entry: entry(3) })
-        );
-        for bit in [0, 8 * 40 + 3, 8 * LINE_CRC_AT + 1] {
+        assert_eq!(bytes.len() as u64, FULL_SLOTS * SLOT_LEN);
+        let first = StoredLine { prev: 42, account: AccountId(77), entry: entry(3) };
+        assert_eq!(decode_line(&bytes), Some(first));
+        for bit in [0, 8 * 40 + 3, 8 * FULL_CRC_AT + 1] {
             let mut bad = bytes.clone();
             bad[bit / 8] ^= 1 << (bit % 8);
             assert_eq!(decode_line(&bad), None, "bit {bit}");
         }
+        // The other side of the same transfer, in one slot after it.
+        let other = HistoryEntry {
+            booked_at: 99,
+            line: 12,
+            balance_after: 1 << 70,
+            other_account: AccountId(77),
+            debit: !entry(3).debit,
+            ..entry(3)
+        };
+        let mut sibling = Vec::new();
+        encode_sibling(&mut sibling, 7, entry(3).other_account, &other);
+        assert_eq!(sibling.len() as u64, SLOT_LEN);
+        let second = StoredLine { prev: 7, account: entry(3).other_account, entry: other };
+        assert_eq!(decode_sibling(&sibling, &first), Some(second));
+        assert_eq!(decode_line(&sibling), None, "a sibling is not a whole line");
+        assert_eq!(decode_sibling(&bytes, &first), None, "a whole line is not a sibling");
+        // A sibling of another transfer's line (its account is not that line's other side).
+        let stranger =
+            StoredLine { entry: HistoryEntry { other_account: AccountId(5), ..entry(3) }, ..first };
+        assert_eq!(decode_sibling(&sibling, &stranger), None);
+        for bit in [0, 8 * 20 + 1, 8 * SIBLING_CRC_AT + 2] {
+            let mut bad = sibling.clone();
+            bad[bit / 8] ^= 1 << (bit % 8);
+            assert_eq!(decode_sibling(&bad, &first), None, "bit {bit}");
+        }
+    }
+
+    #[test]
+    fn siblings_read_back_through_their_first_line() -> io::Result<()> {
+        let dir = tempfile::tempdir()?;
+        let log = HistoryLog::open(dir.path())?;
+        // Three transfers between accounts 1 and 2, as a pass writes them: the debit's whole line,
+        // then the credit's sibling. Account 1 pays in the first two, account 2 in the third.
+        let mut bytes = Vec::new();
+        let mut last = [0_u64; 3];
+        let mut at = 0_u64;
+        let mut expected: [Vec<HistoryEntry>; 3] = Default::default();
+        for n in 0..3_u64 {
+            let (debit, credit) = if n < 2 { (1_usize, 2_usize) } else { (2, 1) };
+            let first = HistoryEntry {
+                other_account: AccountId(credit as u64),
+                debit: true,
+                line: n + 1,
+                ..entry(n)
+            };
+            encode_line(&mut bytes, last[debit], AccountId(debit as u64), &first);
+            last[debit] = at + 1;
+            at += FULL_SLOTS;
+            let second = HistoryEntry {
+                other_account: AccountId(debit as u64),
+                debit: false,
+                booked_at: 1_000 + n,
+                line: n + 1,
+                balance_after: 500 + i128::from(n),
+                ..first
+            };
+            encode_sibling(&mut bytes, last[credit], AccountId(credit as u64), &second);
+            last[credit] = at + 1;
+            at += 1;
+            expected[debit].push(first);
+            expected[credit].push(second);
+        }
+        log.write_at(0, &bytes)?;
+        assert_eq!(log.lines()?, 9);
+        assert_eq!(log.chain(AccountId(1), last[1], 3)?, expected[1]);
+        assert_eq!(log.chain(AccountId(2), last[2], 3)?, expected[2]);
+        // A sibling at the very start has no first line to complete it.
+        let mut lone = Vec::new();
+        encode_sibling(&mut lone, 0, AccountId(2), &expected[2][0]);
+        log.write_at(0, &lone)?;
+        assert!(log.read(0).is_err());
+        Ok(())
     }
 
     #[test]
     fn chains_read_back_oldest_first_and_refuse_a_stranger() -> io::Result<()> {
         let dir = tempfile::tempdir()?;
         let log = HistoryLog::open(dir.path())?;
-        // Two accounts interleaved: 1 at indexes 0, 2, 4; 2 at 1, 3.
+        // Two accounts interleaved: 1 at lines 0, 2, 4; 2 at 1, 3 (two slots each).
         let mut bytes = Vec::new();
         let mut last = [0_u64; 3];
         for index in 0..5_u64 {
             let account = if index % 2 == 0 { 1 } else { 2 };
             encode_line(&mut bytes, last[account], AccountId(account as u64), &entry(index));
-            last[account] = index + 1;
+            last[account] = index * FULL_SLOTS + 1;
         }
         log.write_at(0, &bytes)?;
-        assert_eq!(log.lines()?, 5);
+        assert_eq!(log.lines()?, 10);
         assert_eq!(log.chain(AccountId(1), last[1], 3)?, vec![entry(0), entry(2), entry(4)]);
         assert_eq!(log.chain(AccountId(1), last[1], 2)?, vec![entry(2), entry(4)]);
         assert!(log.chain(AccountId(1), last[1], 4).is_err(), "longer than the chain");
         assert!(log.chain(AccountId(2), last[1], 1).is_err(), "another account's line");
-        log.truncate(3)?;
-        assert!(log.read(4).is_err());
+        log.truncate(7)?;
+        assert!(log.read(6).is_err(), "cut in its second slot");
+        assert!(log.read(8).is_err(), "past the end");
+        assert!(log.read(4).is_ok());
         Ok(())
     }
 

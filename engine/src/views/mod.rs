@@ -63,7 +63,7 @@ const HISTORY_MARK_KEY: &[u8] = b"history_mark";
 /// The fjall keyspace of the transfer index.
 const TRANSFERS: &str = "transfers";
 /// The layout of the trees. Views of another layout are rebuilt from the journal on open.
-const FORMAT: u64 = 3;
+const FORMAT: u64 = 4;
 /// The files of the sled store that held the outbox and the position in earlier builds: what
 /// they hold moves to fjall once on open, then they are removed, `conf` last (its presence is
 /// what says a move is due).
@@ -889,6 +889,7 @@ impl<'a> Pass<'a> {
 
     /// The two lines of a transfer: `amount` as the lines show it, `moved` what was posted.
     fn lines(&mut self, t: &Transfer, kind: LineKind, amount: u64, moved: u64, at: u64, record_at: u64) {
+        // The credit's line follows the debit's in the log and shares its body.
         for (account, debit) in [(t.debit_account_id, true), (t.credit_account_id, false)] {
             let mut entry = HistoryEntry {
                 timestamp: at,
@@ -906,12 +907,14 @@ impl<'a> Pass<'a> {
                 balance_after: 0,
             };
             let change = if debit { -i128::from(moved) } else { i128::from(moved) };
-            self.book(account, &mut entry, change);
+            self.book(account, &mut entry, change, !debit);
         }
     }
 
     /// Numbers, dates and balances a line on `account`, and writes it.
-    fn book(&mut self, account: AccountId, entry: &mut HistoryEntry, change: i128) {
+    /// A `sibling` is written as the second line of the transfer whose first line was booked
+    /// just before it ([`history::encode_sibling`]).
+    fn book(&mut self, account: AccountId, entry: &mut HistoryEntry, change: i128, sibling: bool) {
         let running = self.running.entry(account).or_default();
         running.booked_at = running.booked_at.max(entry.booked_at);
         running.lines = running.lines.saturating_add(1);
@@ -924,8 +927,13 @@ impl<'a> Pass<'a> {
             running.open_from = entry.booked_at;
         }
         let index = self.log_first + self.lines;
-        history::encode_line(&mut self.log, running.last, account, entry);
-        self.lines += 1;
+        if sibling {
+            history::encode_sibling(&mut self.log, running.last, account, entry);
+            self.lines += 1;
+        } else {
+            history::encode_line(&mut self.log, running.last, account, entry);
+            self.lines += history::FULL_SLOTS;
+        }
         running.last = index + 1;
         if running.open_lines() == PAGE_LINES {
             let first = LinePosition { booked_at: running.open_from, line: running.sealed + 1 };
