@@ -152,7 +152,7 @@ async fn ready(State(state): State<Arc<AppState>>) -> Response {
     }
 }
 
-#[utoipa::path(get, path = "/metrics", tag = "operations", description = "Prometheus text format: requests and latency by route and status, shard batches, the journal's durable position.", responses((status = 200, description = "metrics")))]
+#[utoipa::path(get, path = "/metrics", tag = "operations", description = "Prometheus text format: requests and latency by route and status, shard batches, the journal's durable position, how far the views and the notification outbox's sender are behind.", responses((status = 200, description = "metrics")))]
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let Some(handle) = &state.metrics else {
         return ApiError::not_found("metrics recorder").into_response();
@@ -169,6 +169,13 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     }
     let journal = state.engine.journal();
     metrics::gauge!("qepik_journal_durable_bytes").set(journal.durable() as f64);
+    if let Some(views) = state.engine.views() {
+        metrics::gauge!("qepik_views_behind_bytes")
+            .set(journal.durable().saturating_sub(views.applied()) as f64);
+        let (backlog, segments) = views.outbox().backlog();
+        metrics::gauge!("qepik_outbox_backlog_bytes").set(backlog as f64);
+        metrics::gauge!("qepik_outbox_segments").set(segments as f64);
+    }
     let mut text = handle.render();
     // The journal's fdatasync latency, as a Prometheus histogram (cumulative buckets).
     text.push_str("# TYPE qepik_journal_fsync_seconds histogram\n");

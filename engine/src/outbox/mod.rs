@@ -442,6 +442,13 @@ impl Outbox {
         self.store.waiting()
     }
 
+    /// Bytes of entries from the oldest one waiting to the newest (some of them may be
+    /// acknowledged out of order), and the outbox's segment files: how far the sender is
+    /// behind, without reading an entry (for metrics).
+    pub fn backlog(&self) -> (u64, usize) {
+        self.store.backlog()
+    }
+
     /// Whether no entry is waiting.
     pub fn is_empty(&self) -> io::Result<bool> {
         Ok(self.store.read(None, 1)?.is_empty())

@@ -543,6 +543,21 @@ impl Store {
         Ok(count)
     }
 
+    /// Bytes of frames from the oldest one not known to be acknowledged to the end, and the
+    /// segment files: how far the sender is behind, cheaply (no frame is read).
+    pub(crate) fn backlog(&self) -> (u64, usize) {
+        let state = self.state();
+        let (head, offset) = state.head;
+        let bytes = state
+            .segments
+            .iter()
+            .enumerate()
+            .skip(head)
+            .map(|(i, s)| s.len.saturating_sub(if i == head { offset } else { HEADER_LEN }))
+            .sum();
+        (bytes, state.segments.len())
+    }
+
     /// Rewrites the acknowledgement log once it reaches `bytes` (for tests).
     #[cfg(test)]
     fn rewrite_acks_at(&self, bytes: u64) {
@@ -863,8 +878,12 @@ mod tests {
         // Reads and lookups cross segments, and sparse marks inside them.
         assert_eq!(positions(&store.read(Some(key(50, 1)), 3)?), [50, 51, 51]);
         assert_eq!(store.get(key(77, 1))?, Some(blocked(77)));
+        let (all, segments) = store.backlog();
+        assert_eq!(segments, numbers.len());
         let half: Vec<_> = (1..=50).flat_map(|p| [key(p, 0), key(p, 1)]).collect();
         store.ack(&half)?;
+        let (rest, fewer) = store.backlog();
+        assert!(rest * 2 <= all + 200 && rest * 2 + 200 >= all && fewer < segments, "{all} {rest} {fewer}");
         let left = store.segment_numbers();
         assert!(left.len() < numbers.len() && left.last() == numbers.last(), "{left:?}");
         drop(store);
@@ -873,6 +892,7 @@ mod tests {
         assert_eq!(store.waiting()?, 100);
         let rest: Vec<_> = (51..=100).flat_map(|p| [key(p, 0), key(p, 1)]).collect();
         store.ack(&rest)?;
+        assert_eq!(store.backlog(), (0, 1));
         // The newest segment stays: it holds the watermark.
         assert_eq!(store.segment_numbers(), numbers.last().copied().into_iter().collect::<Vec<_>>());
         drop(store);
