@@ -459,22 +459,25 @@ impl Trees {
         if !exists && watermark == 0 {
             return Ok(());
         }
-        let mut frames = Frames::default();
-        if exists {
-            let keyspace = self
-                .index
-                .keyspace(FJALL_OUTBOX, fjall::KeyspaceCreateOptions::default)
-                .map_err(index_err)?;
-            for entry in keyspace.iter() {
-                let (key, value) = entry.into_inner().map_err(index_err)?;
-                if let Some(key) = NotificationKey::from_bytes(&key) {
-                    frames.push_encoded(key, &value);
-                }
-            }
-            self.store_outbox(&frames, watermark)?;
-            self.index.delete_keyspace(keyspace).map_err(index_err)?;
+        let keyspace = if exists {
+            Some(
+                self.index
+                    .keyspace(FJALL_OUTBOX, fjall::KeyspaceCreateOptions::default)
+                    .map_err(index_err)?,
+            )
         } else {
-            self.store_outbox(&frames, watermark)?;
+            None
+        };
+        let mut frames = Frames::default();
+        for entry in keyspace.iter().flat_map(|keyspace| keyspace.iter()) {
+            let (key, value) = entry.into_inner().map_err(index_err)?;
+            if let Some(key) = NotificationKey::from_bytes(&key) {
+                frames.push_encoded(key, &value);
+            }
+        }
+        self.store_outbox(&frames, watermark)?;
+        if let Some(keyspace) = keyspace {
+            self.index.delete_keyspace(keyspace).map_err(index_err)?;
         }
         self.marks.remove(WATERMARK_KEY).map_err(index_err)?;
         self.index.persist(fjall::PersistMode::SyncAll).map_err(index_err)?;
@@ -676,6 +679,7 @@ impl Trees {
         // The notifications: the newest one's position is the watermark, so a crash after this
         // append applies these records again without enqueueing them again.
         self.outbox.append(&written.outbox)?;
+        let enqueued = written.outbox.len();
         let mut batch = self.index.batch();
         for (key, value) in written.pages {
             batch.insert(&self.pages, key, value);
@@ -697,7 +701,7 @@ impl Trees {
         if pending >= INGEST_AT {
             self.ingest()?;
         }
-        Ok(written.enqueued)
+        Ok(enqueued)
     }
 
     /// Where the record that holds transfer `id` lies in the journal (the positions before and
@@ -752,7 +756,6 @@ struct Written {
     /// Encoded history lines, to append at the log's end.
     log: Vec<u8>,
     lines: u64,
-    enqueued: usize,
 }
 
 /// One pass over a run of events: lines, running balances and notifications.
@@ -766,7 +769,6 @@ struct Pass<'a> {
     /// The log index of the pass's first line, and how many it wrote.
     log_first: u64,
     lines: u64,
-    enqueued: usize,
     /// Holds not yet resolved ([`Tail::holds`]).
     holds: &'a mut FxHashMap<u128, Transfer>,
     watermark: u64,
@@ -812,7 +814,6 @@ impl<'a> Pass<'a> {
             log,
             log_first,
             lines: 0,
-            enqueued: 0,
             holds,
             watermark,
             record: 0,
@@ -956,7 +957,6 @@ impl<'a> Pass<'a> {
             let key =
                 NotificationKey { position: self.record, index: u32::try_from(index).unwrap_or(u32::MAX) };
             self.outbox.push(key, &notification);
-            self.enqueued += 1;
         }
     }
 
@@ -969,7 +969,6 @@ impl<'a> Pass<'a> {
             outbox: self.outbox,
             log: self.log,
             lines: self.lines,
-            enqueued: self.enqueued,
         }
     }
 }
