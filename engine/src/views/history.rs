@@ -253,27 +253,35 @@ impl HistoryLog {
     }
 
     /// The line whose first slot is `index`: a whole line, or a sibling completed from the
-    /// whole line in the two slots before it.
+    /// whole line in the two slots before it. One read for a whole line, two for a sibling.
     pub fn read(&self, index: u64) -> io::Result<StoredLine> {
-        let read = |bytes: &mut [u8], at: u64| {
-            self.file.read_exact_at(bytes, at.saturating_mul(SLOT_LEN)).map_err(|error| {
-                if error.kind() == io::ErrorKind::UnexpectedEof {
-                    damaged(&self.path, index, "is past the end of the file")
-                } else {
-                    error
-                }
-            })
-        };
+        let past_end = || damaged(&self.path, index, "is past the end of the file");
         let mut bytes = [0_u8; FULL_BYTES + SIBLING_BYTES];
-        read(&mut bytes[..SIBLING_BYTES], index)?;
+        // Up to a whole line: a sibling at the end of the file has only its one slot.
+        let mut got = 0;
+        while got < FULL_BYTES {
+            match self.file.read_at(&mut bytes[got..FULL_BYTES], index.saturating_mul(SLOT_LEN) + got as u64)
+            {
+                Ok(0) => break,
+                Ok(n) => got += n,
+                Err(error) if error.kind() == io::ErrorKind::Interrupted => {}
+                Err(error) => return Err(error),
+            }
+        }
+        if got < SIBLING_BYTES {
+            return Err(past_end());
+        }
         if bytes[0] != SIBLING {
-            read(&mut bytes[..FULL_BYTES], index)?;
+            if got < FULL_BYTES {
+                return Err(past_end());
+            }
             return decode_line(&bytes).ok_or_else(|| damaged(&self.path, index, "fails its checksum"));
         }
         let Some(first) = index.checked_sub(FULL_SLOTS) else {
             return Err(damaged(&self.path, index, "is a second line with no first before it"));
         };
-        read(&mut bytes, first)?;
+        bytes.copy_within(..SIBLING_BYTES, FULL_BYTES);
+        self.file.read_exact_at(&mut bytes[..FULL_BYTES], first.saturating_mul(SLOT_LEN))?;
         let whole = decode_line(&bytes).ok_or_else(|| damaged(&self.path, first, "fails its checksum"))?;
         decode_sibling(&bytes[FULL_BYTES..], &whole)
             .ok_or_else(|| damaged(&self.path, index, "fails its checksum or names another transfer's side"))
