@@ -25,6 +25,7 @@ use crate::wallet::{
     WalletRefusal, WalletReply, WalletRequest, WalletState, WalletView,
 };
 use parted::Parted;
+use table::{Entry, Table};
 
 const NS_PER_S: u64 = 1_000_000_000;
 
@@ -199,7 +200,7 @@ impl Done {
 /// The only removal is a linked chain's undo, of an entry the same batch added.
 #[derive(Debug, Default)]
 pub(crate) struct DoneTable {
-    map: Parted<Done>,
+    map: Parted,
     /// Id halves and bits, in the order added: a later entry for an id supersedes an earlier.
     added: DoneLog,
 }
@@ -211,7 +212,7 @@ pub type DoneLog = Vec<Vec<[u64; 3]>>;
 const DONE_LOG_CHUNK: usize = 1 << 16;
 
 impl DoneTable {
-    fn get(&self, id: &TransferId) -> Option<&Done> {
+    fn get(&self, id: &TransferId) -> Option<Done> {
         self.map.get(id)
     }
 
@@ -249,7 +250,7 @@ impl DoneTable {
     }
 
     #[cfg(test)]
-    fn iter(&self) -> impl Iterator<Item = (&TransferId, &Done)> {
+    fn iter(&self) -> impl Iterator<Item = (TransferId, Done)> {
         self.map.iter()
     }
 }
@@ -284,11 +285,41 @@ enum Undo {
     Outflow(AccountId, Option<Outflow>),
 }
 
+/// An account in its table slot: one cache line, so that a lookup found in its home slot
+/// costs one line and [`Table::prefetch`] fetches all of it.
+#[derive(Debug, Clone, Copy)]
+#[repr(align(64))]
+struct AccountSlot(Account);
+
+impl Entry for AccountSlot {
+    type Key = AccountId;
+    const FREE: AccountSlot = AccountSlot(Account {
+        id: AccountId(0),
+        currency: Currency::Azn,
+        kind: AccountKind(0),
+        flags: AccountFlags(0),
+        debits_pending: 0,
+        debits_posted: 0,
+        credits_pending: 0,
+        credits_posted: 0,
+        timestamp: 0,
+    });
+    fn key(&self) -> AccountId {
+        self.0.id
+    }
+    fn is_free_key(key: AccountId) -> bool {
+        key.is_zero()
+    }
+    fn hash(key: AccountId) -> u64 {
+        table::fold(key.0 ^ 0x243F_6A88_85A3_08D3, 0x9E37_79B9_7F4A_7C15)
+    }
+}
+
 #[derive(Debug)]
 pub struct Ledger {
     shard: ShardId,
     shard_count: u16,
-    accounts: FxHashMap<AccountId, Account>,
+    accounts: Table<AccountSlot>,
     /// Transfers not yet final: open holds and cross-shard transfers in flight, with their bodies.
     open: FxHashMap<TransferId, StoredTransfer>,
     /// Transfers in a final state, compactly.
@@ -322,7 +353,7 @@ impl Ledger {
         Ledger {
             shard,
             shard_count,
-            accounts: FxHashMap::default(),
+            accounts: Table::default(),
             open: FxHashMap::default(),
             done: DoneTable::default(),
             expiries: BTreeSet::new(),
@@ -362,11 +393,11 @@ impl Ledger {
     }
 
     pub fn account(&self, id: AccountId) -> Option<&Account> {
-        self.accounts.get(&id)
+        self.accounts.get(id).map(|slot| &slot.0)
     }
 
     pub fn accounts(&self) -> impl Iterator<Item = &Account> {
-        self.accounts.values()
+        self.accounts.iter().map(|slot| &slot.0)
     }
 
     pub fn account_count(&self) -> usize {
@@ -425,7 +456,7 @@ impl Ledger {
 
     pub fn totals(&self) -> FxHashMap<Currency, Totals> {
         let mut totals: FxHashMap<Currency, Totals> = FxHashMap::default();
-        for account in self.accounts.values() {
+        for AccountSlot(account) in self.accounts.iter() {
             totals.entry(account.currency).or_default().add(account);
         }
         totals
@@ -434,7 +465,7 @@ impl Ledger {
     /// Sums per currency and account kind: the trial balance's lines.
     pub fn totals_by_kind(&self) -> FxHashMap<(Currency, AccountKind), Totals> {
         let mut totals: FxHashMap<(Currency, AccountKind), Totals> = FxHashMap::default();
-        for account in self.accounts.values() {
+        for AccountSlot(account) in self.accounts.iter() {
             totals.entry((account.currency, account.kind)).or_default().add(account);
         }
         totals
@@ -447,7 +478,7 @@ impl Ledger {
         open: Vec<StoredTransfer>,
         credits: Vec<(TransferId, (TransferResult, u64))>,
     ) {
-        self.accounts = accounts.into_iter().map(|a| (a.id, a)).collect();
+        self.accounts = accounts.into_iter().map(AccountSlot).collect();
         self.expiries = open
             .iter()
             .filter(|t| t.state == TransferState::Pending && t.expires_at != 0)
@@ -481,7 +512,7 @@ impl Ledger {
             })
             .collect();
         let wallet_accounts: Vec<AccountId> =
-            self.accounts.keys().filter(|id| id.wallet_msisdn().is_some()).copied().collect();
+            self.accounts.iter().map(|slot| slot.0.id).filter(|id| id.wallet_msisdn().is_some()).collect();
         for id in wallet_accounts {
             self.make_hot(id);
         }
@@ -540,7 +571,7 @@ impl Ledger {
         {
             return CreateAccountResult::SpreadAccountCannotLimitBalance;
         }
-        if let Some(existing) = self.accounts.get(&account.id) {
+        if let Some(existing) = self.accounts.get(account.id).map(|slot| &slot.0) {
             let same = existing.currency == account.currency
                 && existing.kind == account.kind
                 && existing.flags == account.flags;
@@ -555,7 +586,7 @@ impl Ledger {
         account.credits_pending = 0;
         account.credits_posted = 0;
         account.timestamp = now;
-        self.accounts.insert(account.id, account);
+        self.accounts.insert(AccountSlot(account));
         self.make_hot(account.id);
         log.push(Command::CreateAccount(account));
         CreateAccountResult::Ok
@@ -573,9 +604,11 @@ impl Ledger {
         let mut index = 0;
         let mut touched = 0;
         while index < batch.len() {
-            if index >= touched {
-                touched = (index + TOUCH_AHEAD).min(batch.len());
-                self.touch(&batch[index..touched]);
+            // Keep the next TOUCH_AHEAD transfers' lines on their way.
+            let ahead = (index + TOUCH_AHEAD).min(batch.len());
+            if touched < ahead {
+                self.touch(&batch[touched..ahead]);
+                touched = ahead;
             }
             let transfer = &batch[index];
             if !transfer.flags.contains(TransferFlags::LINKED) {
@@ -603,27 +636,28 @@ impl Ledger {
         }
     }
 
-    /// Looks up the accounts, outflow counters and id slots `transfers` will use, so that their
-    /// cache misses (maps of millions) overlap instead of coming one after another as each
-    /// transfer applies. Changes nothing; the sink keeps the lookups from being optimised out.
+    /// Starts fetching the accounts, outflow counters and id slots `transfers` will use, so that
+    /// their cache misses (tables of millions) overlap instead of coming one after another as
+    /// each transfer applies. Changes nothing.
     fn touch(&self, transfers: &[Transfer]) {
         let mut sink = 0_u64;
         for transfer in transfers {
             sink ^= self.touch_account(transfer.debit_account_id);
             sink ^= self.touch_account(transfer.credit_account_id);
-            sink ^= self.done.get(&transfer.id).map_or(0, |done| done.bits());
+            self.done.map.prefetch(transfer.id);
         }
         std::hint::black_box(sink);
     }
 
-    /// An account and, under the policy, its wallet's outflow counters; returns a value of what
-    /// it read, for the caller's sink.
+    /// Prefetches an account and, under the policy, looks up its wallet's outflow counters (a
+    /// hashbrown map: no address to prefetch); returns a value of what it read, for the
+    /// caller's sink.
     fn touch_account(&self, id: AccountId) -> u64 {
-        let mut sink = self.accounts.get(&id).map_or(0, |account| account.debits_posted);
+        self.accounts.prefetch(id);
         if !self.hot.is_empty() && id.wallet_msisdn().is_some() {
-            sink ^= self.hot.get(&id).map_or(0, |hot| u64::from(hot.tier));
+            return self.hot.get(&id).map_or(0, |hot| u64::from(hot.tier));
         }
-        sink
+        0
     }
 
     /// What [`Ledger::touch`] does for a credit step arriving from another shard. Returns a
@@ -638,8 +672,9 @@ impl Ledger {
         let Some(stored) = self.open.get(&id) else {
             return 0;
         };
-        let account = self.accounts.get(&stored.transfer.debit_account_id);
-        account.map_or(0, |account| account.debits_pending) ^ self.done.get(&id).map_or(0, |done| done.bits())
+        self.accounts.prefetch(stored.transfer.debit_account_id);
+        self.done.map.prefetch(id);
+        stored.timestamp
     }
 
     fn submit_one(&mut self, transfer: &Transfer, now: u64, log: &mut Vec<Command>) -> Outcome {
@@ -831,7 +866,7 @@ impl Ledger {
         for step in undo.drain(..).rev() {
             match step {
                 Undo::Account(account) => {
-                    self.accounts.insert(account.id, account);
+                    self.accounts.insert(AccountSlot(account));
                 }
                 Undo::Open(id, Some(previous)) => {
                     self.open.insert(id, previous);
@@ -878,7 +913,8 @@ impl Ledger {
         }
         let windows = self.windows(now);
         let [debit, credit] =
-            self.accounts.get_disjoint_mut([&transfer.debit_account_id, &transfer.credit_account_id]);
+            self.accounts.get_disjoint_mut([transfer.debit_account_id, transfer.credit_account_id]);
+        let [debit, credit] = [debit.map(|slot| &mut slot.0), credit.map(|slot| &mut slot.0)];
         let Some(debit) = debit else {
             return TransferResult::DebitAccountNotFound;
         };
@@ -1016,8 +1052,8 @@ impl Ledger {
             return TransferResult::ExceedsPendingTransferAmount;
         }
         let (Some(debit), Some(credit)) = (
-            self.accounts.get(&held.debit_account_id).copied(),
-            self.accounts.get(&held.credit_account_id).copied(),
+            self.accounts.get(held.debit_account_id).map(|slot| &slot.0).copied(),
+            self.accounts.get(held.credit_account_id).map(|slot| &slot.0).copied(),
         ) else {
             return TransferResult::DebitAccountNotFound;
         };
@@ -1053,8 +1089,8 @@ impl Ledger {
         } else if amount < held.amount {
             self.release_outflow(&hold, held.amount - amount, false);
         }
-        self.accounts.insert(new_debit.id, new_debit);
-        self.accounts.insert(new_credit.id, new_credit);
+        self.accounts.insert(AccountSlot(new_debit));
+        self.accounts.insert(AccountSlot(new_credit));
         if hold.expires_at != 0 {
             self.expiries.remove(&(hold.expires_at, held.id));
         }
@@ -1068,7 +1104,7 @@ impl Ledger {
     /// The debit step of a cross-shard transfer: the amount becomes a pending debit.
     fn reserve(&mut self, transfer: &Transfer, now: u64, undo: Option<&mut Vec<Undo>>) -> TransferResult {
         let windows = self.windows(now);
-        let Some(debit) = self.accounts.get_mut(&transfer.debit_account_id) else {
+        let Some(debit) = self.accounts.get_mut(transfer.debit_account_id).map(|slot| &mut slot.0) else {
             return TransferResult::DebitAccountNotFound;
         };
         if debit.currency != transfer.currency {
@@ -1124,7 +1160,7 @@ impl Ledger {
     }
 
     fn apply_credit(&mut self, transfer: &Transfer) -> TransferResult {
-        let Some(credit) = self.accounts.get_mut(&transfer.credit_account_id) else {
+        let Some(credit) = self.accounts.get_mut(transfer.credit_account_id).map(|slot| &mut slot.0) else {
             return TransferResult::CreditAccountNotFound;
         };
         if credit.currency != transfer.currency {
@@ -1160,7 +1196,7 @@ impl Ledger {
             return None;
         }
         let amount = stored.transfer.amount;
-        let debit = self.accounts.get_mut(&stored.transfer.debit_account_id)?;
+        let debit = self.accounts.get_mut(stored.transfer.debit_account_id).map(|slot| &mut slot.0)?;
         // The reserve checked that both columns have room; checked again rather than trusted.
         debit.debits_pending = debit.debits_pending.checked_sub(amount)?;
         let hash = body_hash(&stored.transfer);
@@ -1186,7 +1222,7 @@ impl Ledger {
         };
         let t = stored.transfer;
         for (account, debit) in [(t.debit_account_id, true), (t.credit_account_id, false)] {
-            if let Some(account) = self.accounts.get_mut(&account) {
+            if let Some(account) = self.accounts.get_mut(account).map(|slot| &mut slot.0) {
                 let (pending, posted) = if debit {
                     (&mut account.debits_pending, &mut account.debits_posted)
                 } else {
@@ -1243,10 +1279,10 @@ impl Ledger {
         }
         let held = stored.transfer;
         self.release_outflow(&stored, held.amount, true);
-        if let Some(debit) = self.accounts.get_mut(&held.debit_account_id) {
+        if let Some(debit) = self.accounts.get_mut(held.debit_account_id).map(|slot| &mut slot.0) {
             debit.debits_pending -= held.amount;
         }
-        if let Some(credit) = self.accounts.get_mut(&held.credit_account_id) {
+        if let Some(credit) = self.accounts.get_mut(held.credit_account_id).map(|slot| &mut slot.0) {
             credit.credits_pending -= held.amount;
         }
         self.expiries.remove(&(stored.expires_at, id));
@@ -1621,7 +1657,7 @@ impl Ledger {
         let accounts = Currency::ALL
             .iter()
             .filter_map(|currency| {
-                let account = *self.accounts.get(&AccountId::wallet(msisdn, *currency))?;
+                let account = self.accounts.get(AccountId::wallet(msisdn, *currency))?.0;
                 Some(WalletAccountView {
                     account,
                     limits: self.policy.limits(state.tier, *currency),
@@ -1671,7 +1707,7 @@ impl Ledger {
             // Accounts made before their wallet record get their entry now.
             for currency in Currency::ALL {
                 let id = AccountId::wallet(*msisdn, currency);
-                if self.accounts.contains_key(&id) {
+                if self.accounts.contains_key(id) {
                     self.make_hot(id);
                 }
             }
@@ -1746,7 +1782,7 @@ impl Ledger {
                 hot.tier = tier;
                 hot.flags = flags;
             }
-            if let Some(account) = self.accounts.get_mut(&id) {
+            if let Some(account) = self.accounts.get_mut(id).map(|slot| &mut slot.0) {
                 account.flags = if flags & WalletState::STAFF_BLOCKED != 0 {
                     account.flags.union(AccountFlags::BLOCKED)
                 } else {
@@ -2074,5 +2110,6 @@ pub fn resolve_in_flight(ledgers: &mut [Ledger]) -> (Vec<Vec<Command>>, Vec<Vec<
 }
 
 mod parted;
+mod table;
 #[cfg(test)]
 mod tests;

@@ -6,65 +6,99 @@
 //! into [`PARTS`] maps chosen by the id, each doubles on its own, moving a 256th of the
 //! entries; the memory a doubling needs on top of the table shrinks the same way.
 
-use rustc_hash::FxHashMap;
-
+use super::Done;
+use super::table::{Entry, Table, fold};
 use crate::ids::TransferId;
 
 const PART_BITS: u32 = 8;
 pub const PARTS: usize = 1 << PART_BITS;
 
-pub struct Parted<V> {
-    parts: Box<[FxHashMap<TransferId, V>]>,
+/// A final transfer's entry: the id's halves and its [`Done`] bits. An id of zero (never a
+/// transfer's) marks a free slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct DoneSlot {
+    low: u64,
+    high: u64,
+    bits: u64,
 }
 
-/// Which part holds `id`. A multiplicative hash of both halves, independent of the maps' own
-/// hash, whose top bits hashbrown uses as its tags: keys sharing a part share nothing else.
-fn part(id: TransferId) -> usize {
+/// Mixes both halves of an id. The top [`PART_BITS`] choose the part; the bits below them, the
+/// slot within it.
+fn mix(id: TransferId) -> u64 {
     let [low, high] = crate::ids::halves(id.0);
-    let top = (low ^ high).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> (64 - PART_BITS);
-    usize::try_from(top).unwrap_or(0)
+    fold(fold(low ^ 0x243F_6A88_85A3_08D3, 0x9E37_79B9_7F4A_7C15) ^ high, 0xBF58_476D_1CE4_E5B9)
 }
 
-impl<V> std::fmt::Debug for Parted<V> {
+impl Entry for DoneSlot {
+    type Key = TransferId;
+    const FREE: DoneSlot = DoneSlot { low: 0, high: 0, bits: 0 };
+    fn key(&self) -> TransferId {
+        TransferId(crate::ids::from_halves([self.low, self.high]))
+    }
+    fn is_free_key(key: TransferId) -> bool {
+        key.0 == 0
+    }
+    fn hash(key: TransferId) -> u64 {
+        mix(key) << PART_BITS
+    }
+}
+
+pub struct Parted {
+    parts: Box<[Table<DoneSlot>]>,
+}
+
+/// Which part holds `id`.
+fn part(id: TransferId) -> usize {
+    usize::try_from(mix(id) >> (64 - PART_BITS)).unwrap_or(0)
+}
+
+impl std::fmt::Debug for Parted {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Parted").field("len", &self.len()).finish_non_exhaustive()
     }
 }
 
-impl<V> Default for Parted<V> {
+impl Default for Parted {
     fn default() -> Self {
-        Parted { parts: (0..PARTS).map(|_| FxHashMap::default()).collect() }
+        Parted { parts: (0..PARTS).map(|_| Table::default()).collect() }
     }
 }
 
-impl<V> Parted<V> {
-    pub fn get(&self, id: &TransferId) -> Option<&V> {
-        self.parts[part(*id)].get(id)
+impl Parted {
+    pub fn get(&self, id: &TransferId) -> Option<Done> {
+        self.parts[part(*id)].get(*id).map(|slot| Done(slot.bits))
     }
 
-    pub fn insert(&mut self, id: TransferId, value: V) -> Option<V> {
-        self.parts[part(id)].insert(id, value)
+    pub fn insert(&mut self, id: TransferId, done: Done) -> Option<Done> {
+        let [low, high] = crate::ids::halves(id.0);
+        let slot = DoneSlot { low, high, bits: done.0 };
+        self.parts[part(id)].insert(slot).map(|old| Done(old.bits))
     }
 
-    pub fn remove(&mut self, id: &TransferId) -> Option<V> {
-        self.parts[part(*id)].remove(id)
+    pub fn remove(&mut self, id: &TransferId) -> Option<Done> {
+        self.parts[part(*id)].remove(*id).map(|old| Done(old.bits))
+    }
+
+    /// Starts fetching the line where `id`'s entry is (or would go): see [`Table::prefetch`].
+    pub fn prefetch(&self, id: TransferId) {
+        self.parts[part(id)].prefetch(id);
     }
 
     pub fn len(&self) -> usize {
-        self.parts.iter().map(|map| map.len()).sum()
+        self.parts.iter().map(|table| table.len()).sum()
     }
 
     /// Room for `additional` more entries, spread over the parts.
     pub fn reserve(&mut self, additional: usize) {
         let each = additional.div_ceil(PARTS);
-        for map in self.parts.iter_mut() {
-            map.reserve(each);
+        for table in self.parts.iter_mut() {
+            table.reserve(each);
         }
     }
 
     #[cfg(test)]
-    pub fn iter(&self) -> impl Iterator<Item = (&TransferId, &V)> {
-        self.parts.iter().flat_map(|map| map.iter())
+    pub fn iter(&self) -> impl Iterator<Item = (TransferId, Done)> {
+        self.parts.iter().flat_map(|table| table.iter()).map(|slot| (slot.key(), Done(slot.bits)))
     }
 }
 
@@ -76,23 +110,24 @@ mod tests {
     fn behaves_as_one_map() {
         let mut parted = Parted::default();
         let mut model = std::collections::HashMap::new();
+        let done = |n: usize| Done(n as u64 * 8 + 1);
         // Ids in a run, ids differing only in their high half, and scattered ones.
         let ids: Vec<u128> = (1..2_000_u128)
             .chain((1..500_u128).map(|n| n << 64))
             .chain((1..500_u128).map(|n| n.wrapping_mul(0x0123_4567_89ab_cdef_0fed_cba9_8765_4321)))
             .collect();
         for (n, id) in ids.iter().enumerate() {
-            assert_eq!(parted.insert(TransferId(*id), n), model.insert(*id, n));
+            assert_eq!(parted.insert(TransferId(*id), done(n)), model.insert(*id, done(n)));
         }
         for id in ids.iter().step_by(3) {
             assert_eq!(parted.remove(&TransferId(*id)), model.remove(id));
         }
         assert_eq!(parted.len(), model.len());
         for id in &ids {
-            assert_eq!(parted.get(&TransferId(*id)), model.get(id));
+            assert_eq!(parted.get(&TransferId(*id)), model.get(id).copied());
         }
-        let mut listed: Vec<_> = parted.iter().map(|(id, n)| (id.0, *n)).collect();
-        let mut expected: Vec<_> = model.iter().map(|(id, n)| (*id, *n)).collect();
+        let mut listed: Vec<_> = parted.iter().map(|(id, n)| (id.0, n.0)).collect();
+        let mut expected: Vec<_> = model.iter().map(|(id, n)| (*id, n.0)).collect();
         listed.sort_unstable();
         expected.sort_unstable();
         assert_eq!(listed, expected);

@@ -247,11 +247,11 @@ impl CloneForTest for Vec<Ledger> {
             .map(|l| {
                 let mut copy = Ledger::new(l.shard, l.shard_count);
                 copy.restore(
-                    l.accounts.values().copied().collect(),
+                    l.accounts.iter().map(|slot| slot.0).collect(),
                     l.open.values().copied().collect(),
                     l.credits.iter().map(|(k, v)| (*k, *v)).collect(),
                 );
-                copy.restore_done(l.done.iter().map(|(k, v)| Ok::<_, ()>((*k, *v)))).expect("infallible");
+                copy.restore_done(l.done.iter().map(Ok::<_, ()>)).expect("infallible");
                 copy
             })
             .collect()
