@@ -14,13 +14,14 @@ use std::path::{Path, PathBuf};
 
 use crate::journal::frame::{self, FrameRead};
 use crate::journal::record::{
-    self, CHECKPOINT_VERSION, CHECKPOINT_VERSION_V4, FORMAT_VERSION_V3, WalCheckpoint, WalDoneSegment,
+    self, CHECKPOINT_VERSION, CHECKPOINT_VERSION_V4, CHECKPOINT_VERSION_V5, FORMAT_VERSION_V3, WalCheckpoint,
+    WalDoneSegment,
 };
 
 /// Checkpoints written before they had a layout version of their own carry the journal's
 /// version 3; the journal has moved on since, so the number is fixed here. Version 4 held the
 /// final transfers inline. Recovery passes over both and replays the journal.
-const OLDER_CHECKPOINT_VERSIONS: [u8; 2] = [FORMAT_VERSION_V3, CHECKPOINT_VERSION_V4];
+const OLDER_CHECKPOINT_VERSIONS: [u8; 3] = [FORMAT_VERSION_V3, CHECKPOINT_VERSION_V4, CHECKPOINT_VERSION_V5];
 
 const PREFIX: &str = "checkpoint-";
 const SUFFIX: &str = ".qcp";
@@ -333,8 +334,12 @@ mod tests {
         fs::write(file(dir.path(), 2), &bytes)?;
         assert!(load_latest(dir.path())?.is_none());
         let mut bytes = Vec::new();
-        frame::write_frame(&mut bytes, CHECKPOINT_VERSION + 1, b"from a newer build");
+        frame::write_frame(&mut bytes, CHECKPOINT_VERSION_V5, b"a checkpoint holding CRC body hashes");
         fs::write(file(dir.path(), 3), &bytes)?;
+        assert!(load_latest(dir.path())?.is_none());
+        let mut bytes = Vec::new();
+        frame::write_frame(&mut bytes, CHECKPOINT_VERSION + 1, b"from a newer build");
+        fs::write(file(dir.path(), 4), &bytes)?;
         assert!(matches!(load_latest(dir.path()), Err(CheckpointError::Corrupt { .. })));
         Ok(())
     }

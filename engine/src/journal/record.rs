@@ -22,8 +22,11 @@ pub const FORMAT_VERSION_V3: u8 = 3;
 /// Version 3 (the journal's, which checkpoints shared until the done list became plain `u64`s)
 /// is an older layout: recovery passes over such a checkpoint and replays the journal.
 /// Version 4 held the final transfers inline, before done segments; also passed over.
-pub const CHECKPOINT_VERSION: u8 = 5;
+/// Version 5 stored body hashes of two CRC32C passes (32 bits of information: see
+/// `ledger::body_hash`); passed over, so that every stored hash is recomputed from the journal.
+pub const CHECKPOINT_VERSION: u8 = 6;
 pub const CHECKPOINT_VERSION_V4: u8 = 4;
+pub const CHECKPOINT_VERSION_V5: u8 = 5;
 
 #[derive(Debug, Clone, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct WalTransfer {

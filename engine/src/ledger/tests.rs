@@ -383,7 +383,7 @@ fn a_chain_crossing_shards_posts_or_voids_as_one_and_replays() {
 }
 
 #[test]
-fn the_body_hash_is_the_crc32c_pair_of_the_fixed_layout_and_stays_stable() {
+fn the_body_hash_is_xxh3_of_the_fixed_layout_and_stays_stable() {
     let t = Transfer {
         id: TransferId((7_u128 << 64) | 9),
         debit_account_id: AccountId(11),
@@ -409,15 +409,49 @@ fn the_body_hash_is_the_crc32c_pair_of_the_fixed_layout_and_stays_stable() {
     bytes[76..78].copy_from_slice(&t.code.to_le_bytes());
     bytes[78..80].copy_from_slice(&t.flags.0.to_le_bytes());
     bytes[80] = t.currency as u8;
-    let expected =
-        (u64::from(crc32c::crc32c_append(0x9E37_79B9, bytes)) << 32) | u64::from(crc32c::crc32c(bytes));
-    assert_eq!(body_hash(&t), expected);
+    assert_eq!(body_hash(&t), xxhash_rust::xxh3::xxh3_64(bytes));
     // Checkpoints store it: the value must not change between releases.
     assert_eq!(body_hash(&t), PINNED, "{:#x}", body_hash(&t));
+    // Every field counts: a body differing in any one byte hashes differently.
+    let mut seen = std::collections::HashSet::from([body_hash(&t)]);
+    for other in [
+        Transfer { amount: 1_235, ..t },
+        Transfer { user_data: 0xABCE, ..t },
+        Transfer { code: 101, ..t },
+        Transfer { currency: Currency::Usd, ..t },
+        Transfer { timeout_s: 61, ..t },
+    ] {
+        assert!(seen.insert(body_hash(&other)), "{other:?}");
+    }
 }
 
-/// `body_hash` of the transfer above, as the releases before this test computed it.
-const PINNED: u64 = 0x7b5e_d63f_7bb2_1352;
+/// `body_hash` of the transfer above, since checkpoint layout 6 (xxh3).
+const PINNED: u64 = 0x5d1e_5ab6_a9f1_7fd5;
+
+/// A journal written by a build whose body hashes were CRC pairs holds forget records with
+/// such hashes; replay recomputes the credit records' hashes with xxh3, and must still drop
+/// them (a forget is journaled only when it matched).
+#[test]
+fn replay_drops_a_credit_record_whatever_hash_its_forget_carries() {
+    let shards = 2;
+    let (debit_id, credit_id) =
+        (1_u64, (2..100).find(|id| home_of(*id, shards) != home_of(1, shards)).expect("id"));
+    let credit_shard = home_of(credit_id, shards);
+    let mut ledger = Ledger::new(ShardId(credit_shard), shards);
+    let transfer = Transfer::new(7, AccountId(debit_id), AccountId(credit_id), 60);
+    let commands = [
+        Command::CreateAccount(wallet(credit_id)),
+        Command::Credit(transfer),
+        Command::Forget { id: transfer.id, body_hash: body_hash(&transfer) ^ 0x5A5A },
+    ];
+    ledger.replay(&commands, NOW).expect("replay");
+    assert_eq!(ledger.credit_steps().count(), 0);
+    assert_eq!(ledger.account(AccountId(credit_id)).map(Account::balance_posted), Some(60));
+}
+
+fn home_of(id: u64, shards: u16) -> u16 {
+    crate::ids::home_shard(AccountId(id), shards).0
+}
 
 #[test]
 fn the_done_log_keeps_the_order_added_and_undoes_across_a_chunk_boundary() {
