@@ -198,6 +198,10 @@ fn encode_framed<T>(
 /// Removes all checkpoints but the newest [`KEEP`]. On an error neither counts as written:
 /// the caller keeps the segment's entries for the next attempt, which writes them under the
 /// same sequence number.
+///
+/// The checkpoint's shard states are dropped (`checkpoint.shards` left empty) once encoded,
+/// before the paced writes: with 10M accounts they are ~600 MB, held beside their encoding for
+/// the tens of seconds the files take to write.
 pub fn write(
     dir: &Path,
     checkpoint: &mut WalCheckpoint,
@@ -210,15 +214,17 @@ pub fn write(
     let temp = dir.join(format!("{PREFIX}{sequence:020}{SUFFIX}.tmp"));
     let segment_file = segment_path(dir, sequence);
     segment.sequence = sequence;
-    let (header, payload) = encode_framed(&segment_file, &*segment, record::encode_done_segment)?;
-    let segment_temp = segment_file.with_extension("qds.tmp");
-    write_atomically(&segment_temp, &segment_file, &[&header, &payload], pace).map_err(io(&segment_file))?;
-    drop(payload);
     checkpoint.segments.push(sequence);
-    let written =
-        encode_framed(&path, &*checkpoint, record::encode_checkpoint).and_then(|(header, payload)| {
-            write_atomically(&temp, &path, &[&header, &payload], pace).map_err(io(&path))
-        });
+    let encoded = encode_framed(&path, &*checkpoint, record::encode_checkpoint);
+    checkpoint.shards = Vec::new();
+    let written = encoded.and_then(|(checkpoint_header, checkpoint_payload)| {
+        let (header, payload) = encode_framed(&segment_file, &*segment, record::encode_done_segment)?;
+        let segment_temp = segment_file.with_extension("qds.tmp");
+        write_atomically(&segment_temp, &segment_file, &[&header, &payload], pace)
+            .map_err(io(&segment_file))?;
+        drop(payload);
+        write_atomically(&temp, &path, &[&checkpoint_header, &checkpoint_payload], pace).map_err(io(&path))
+    });
     if let Err(error) = written {
         checkpoint.segments.pop();
         return Err(error);
@@ -286,6 +292,7 @@ mod tests {
         assert_eq!(segment.shards[0].iter().map(Vec::len).sum::<usize>(), first.len());
         write(dir.path(), &mut checkpoint, &mut segment, None)?;
         assert_eq!(checkpoint.segments, [1]);
+        assert!(checkpoint.shards.is_empty(), "the shard states are dropped once encoded");
         // The second checkpoint hands over only what came after the first, and lists both.
         ledger.submit(&transfers(&second), 2, &mut outcomes, &mut log);
         let (mut checkpoint, mut segment) = take(&mut ledger, checkpoint.segments);
