@@ -428,6 +428,17 @@ fn write_group(segment: &mut SegmentFile, buffer: &[u8], state: &JournalState) -
 /// by `to` is left for the next call. Returns each record with the position after it, and the
 /// position reached (after the last whole record, or a segment's opening meta record).
 pub fn read_range(dir: &Path, from: u64, to: u64) -> Result<(Vec<(u64, WalRecord)>, u64), JournalError> {
+    read_range_with(dir, from, to, &mut Vec::new())
+}
+
+/// [`read_range`] reading through `bytes`, a buffer kept by the caller between calls: a tail
+/// that reads megabytes a pass would otherwise have the kernel zero fresh pages for each one.
+pub fn read_range_with(
+    dir: &Path,
+    from: u64,
+    to: u64,
+    bytes: &mut Vec<u8>,
+) -> Result<(Vec<(u64, WalRecord)>, u64), JournalError> {
     use std::io::{Read, Seek, SeekFrom};
     let mut records = Vec::new();
     let mut position = from;
@@ -455,8 +466,9 @@ pub fn read_range(dir: &Path, from: u64, to: u64) -> Result<(Vec<(u64, WalRecord
         let read_to = to.min(segment_end);
         let want = (read_to - start).saturating_sub(offset_in_file);
         file.seek(SeekFrom::Start(offset_in_file)).map_err(io_error(path))?;
-        let mut bytes = vec![0_u8; usize::try_from(want).unwrap_or(0)];
-        file.read_exact(&mut bytes).map_err(io_error(path))?;
+        bytes.clear();
+        bytes.resize(usize::try_from(want).unwrap_or(0), 0);
+        file.read_exact(bytes).map_err(io_error(path))?;
         let mut offset = 0;
         while offset < bytes.len() {
             let corrupt = |reason: String| JournalError::Corrupt {

@@ -599,19 +599,37 @@ pub fn encode_batch(
 }
 
 /// Validates and deserialises a record of layout `version` from bytes (copied to an aligned
-/// buffer first).
+/// buffer first: one per thread, kept between records, so that a tail decoding megabytes a
+/// pass does not take fresh memory for each record).
 pub fn decode_record(version: u8, bytes: &[u8]) -> Result<WalRecord, RecordError> {
-    let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(bytes.len());
-    aligned.extend_from_slice(bytes);
+    /// A buffer this large is let go after use rather than kept for the thread.
+    const KEEP_AT_MOST: usize = 64 << 20;
+    thread_local! {
+        static ALIGNED: std::cell::RefCell<rkyv::util::AlignedVec<16>> =
+            std::cell::RefCell::new(rkyv::util::AlignedVec::new());
+    }
+    ALIGNED.with(|cell| {
+        let mut aligned = cell.borrow_mut();
+        aligned.clear();
+        aligned.extend_from_slice(bytes);
+        let decoded = decode_aligned(version, &aligned);
+        if aligned.capacity() > KEEP_AT_MOST {
+            *aligned = rkyv::util::AlignedVec::new();
+        }
+        decoded
+    })
+}
+
+fn decode_aligned(version: u8, aligned: &rkyv::util::AlignedVec<16>) -> Result<WalRecord, RecordError> {
     match version {
-        FORMAT_VERSION => Ok(match rkyv::from_bytes::<WireRecord, rancor::Error>(&aligned)? {
+        FORMAT_VERSION => Ok(match rkyv::from_bytes::<WireRecord, rancor::Error>(aligned)? {
             WireRecord::Meta { shard_count } => WalRecord::Meta { shard_count },
             WireRecord::Batch(batch) => {
                 let (shard, timestamp) = (batch.shard, batch.timestamp);
                 WalRecord::Batch { shard, timestamp, commands: batch.into_commands()? }
             }
         }),
-        FORMAT_VERSION_V4 => Ok(match rkyv::from_bytes::<WireRecordV4, rancor::Error>(&aligned)? {
+        FORMAT_VERSION_V4 => Ok(match rkyv::from_bytes::<WireRecordV4, rancor::Error>(aligned)? {
             WireRecordV4::Meta { shard_count } => WalRecord::Meta { shard_count },
             WireRecordV4::Batch(batch) => {
                 // Siblings came with version 5: a version 4 record naming one is damaged.
@@ -622,7 +640,7 @@ pub fn decode_record(version: u8, bytes: &[u8]) -> Result<WalRecord, RecordError
                 WalRecord::Batch { shard, timestamp, commands: WireBatch::from(batch).into_commands()? }
             }
         }),
-        FORMAT_VERSION_V3 => Ok(rkyv::from_bytes::<WalRecord, rancor::Error>(&aligned)?),
+        FORMAT_VERSION_V3 => Ok(rkyv::from_bytes::<WalRecord, rancor::Error>(aligned)?),
         other => Err(RecordError::Version(other)),
     }
 }

@@ -326,6 +326,8 @@ struct Scratch {
     transfers: TransferWrites,
     outbox: Frames,
     notices: RecordNotices,
+    /// The journal bytes a pass reads.
+    journal: Vec<u8>,
 }
 
 /// What a pass found in the journal, in journal order.
@@ -610,6 +612,7 @@ impl Trees {
     ) -> Result<usize, fjall::Error> {
         // (record end, record time, event)
         let mut scratch = std::mem::take(&mut tail.scratch);
+        let journal = std::mem::take(&mut scratch.journal);
         let mut events = std::mem::take(&mut scratch.events);
         events.clear();
         let mut record_start = tail.applied;
@@ -697,6 +700,7 @@ impl Trees {
             transfers: written.transfers,
             outbox: written.outbox,
             notices: written.notices,
+            journal,
         };
         if pending >= INGEST_AT {
             self.ingest()?;
@@ -1446,11 +1450,13 @@ fn tail(
 fn catch_up_step(trees: &Trees, journal_dir: &Path, durable: u64, tail: &mut Tail) -> Result<usize, String> {
     let from = tail.applied;
     let window_end = durable.min(from.saturating_add(PASS_LEN_MAX));
+    let buffer = &mut tail.scratch.journal;
     let (mut records, mut reached) =
-        journal::read_range(journal_dir, from, window_end).map_err(|e| e.to_string())?;
+        journal::read_range_with(journal_dir, from, window_end, buffer).map_err(|e| e.to_string())?;
     if reached == from {
         // One record larger than the window: read up to the durable end instead.
-        (records, reached) = journal::read_range(journal_dir, from, durable).map_err(|e| e.to_string())?;
+        (records, reached) =
+            journal::read_range_with(journal_dir, from, durable, buffer).map_err(|e| e.to_string())?;
     }
     trees.apply(&records, reached, tail).map_err(|e| e.to_string())
 }
