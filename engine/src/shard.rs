@@ -165,6 +165,7 @@ impl Shard {
         // members of its linked chain (`true`), who hear `Ok` or `LinkedEventFailed`.
         let mut in_flight: FxHashMap<TransferId, Vec<(Waiter, bool)>> = FxHashMap::default();
         let mut frames = Vec::new();
+        let mut encoder = record::BatchEncoder::default();
         let mut running = true;
         while running {
             let first = match self.ledger.next_expiry() {
@@ -351,7 +352,7 @@ impl Shard {
             }
             frames.clear();
             if !log.is_empty() {
-                encode_batch(shard, now, &log, &mut frames);
+                encode_batch_with(&mut encoder, shard, now, &log, &mut frames);
                 log.clear();
             }
             // A checkpoint captures the state after this batch; the position it covers is known
@@ -403,6 +404,26 @@ fn touch_steps(ledger: &Ledger, messages: &[ShardMessage]) {
         };
     }
     std::hint::black_box(sink);
+}
+
+/// [`encode_batch`] through `encoder`'s buffers; `out` grows once, to the frame's size.
+fn encode_batch_with(
+    encoder: &mut record::BatchEncoder,
+    shard: ShardId,
+    timestamp: u64,
+    commands: &[Command],
+    out: &mut Vec<u8>,
+) {
+    match encoder.encode(shard.0, timestamp, commands) {
+        Ok(bytes) => {
+            out.reserve(frame::HEADER_LEN + 1 + bytes.len());
+            frame::write_frame(out, FORMAT_VERSION, bytes);
+        }
+        Err(error) => {
+            // Only allocation failure gets here; losing the batch silently would be worse.
+            panic!("cannot encode a journal record: {error}");
+        }
+    }
 }
 
 /// Encodes one shard batch as one journal frame appended to `out`.
