@@ -318,8 +318,8 @@ impl Entry for AccountSlot {
     fn is_free_key(key: AccountId) -> bool {
         key.is_zero()
     }
-    fn hash(key: AccountId) -> u64 {
-        table::fold(key.0 ^ 0x243F_6A88_85A3_08D3, 0x9E37_79B9_7F4A_7C15)
+    fn hash(key: AccountId, [a, b]: [u64; 2]) -> u64 {
+        table::fold(key.0 ^ a, b)
     }
 }
 

@@ -18,8 +18,8 @@ pub(crate) trait Entry: Copy {
     fn key(&self) -> Self::Key;
     /// Whether `key` is the key of [`Entry::FREE`]: an entry with it is kept beside the slots.
     fn is_free_key(key: Self::Key) -> bool;
-    /// A well-mixed hash: its top bits choose the slot.
-    fn hash(key: Self::Key) -> u64;
+    /// A well-mixed hash under the table's `seed`: its top bits choose the slot.
+    fn hash(key: Self::Key, seed: [u64; 2]) -> u64;
 }
 
 pub(crate) struct Table<E> {
@@ -31,6 +31,8 @@ pub(crate) struct Table<E> {
     len: usize,
     /// The entry whose key is the free slot's, if one was inserted.
     aside: Option<E>,
+    /// Mixed into every key's hash ([`seed`]).
+    seed: [u64; 2],
 }
 
 impl<E: Entry> std::fmt::Debug for Table<E> {
@@ -41,7 +43,7 @@ impl<E: Entry> std::fmt::Debug for Table<E> {
 
 impl<E: Entry> Default for Table<E> {
     fn default() -> Self {
-        Table { slots: Vec::new(), shift: 64, len: 0, aside: None }
+        Table { slots: Vec::new(), shift: 64, len: 0, aside: None, seed: seed() }
     }
 }
 
@@ -59,7 +61,7 @@ impl<E: Entry> Table<E> {
 
     fn home(&self, key: E::Key) -> usize {
         // `shift` is below 64 whenever there are slots; the cast keeps the top bits, a slot.
-        usize::try_from(E::hash(key) >> self.shift).unwrap_or(0)
+        usize::try_from(E::hash(key, self.seed) >> self.shift).unwrap_or(0)
     }
 
     fn is_free(entry: &E) -> bool {
@@ -245,6 +247,14 @@ fn prefetch<T>(at: &T) {
     let _ = at;
 }
 
+/// Two random words drawn once per process, which every table keeps and mixes into its keys'
+/// hashes: a caller choosing keys (transfer ids are the caller's) cannot aim them at one run
+/// of slots and make every insert probe it. Nothing stored depends on them.
+pub(crate) fn seed() -> [u64; 2] {
+    static SEED: std::sync::OnceLock<[u64; 2]> = std::sync::OnceLock::new();
+    *SEED.get_or_init(|| [rand::random::<u64>(), rand::random::<u64>() | 1])
+}
+
 /// Multiplies and folds the 128-bit product: a fast mix whose every output bit depends on
 /// every input bit (the folded multiply of wyhash and foldhash).
 pub(crate) fn fold(a: u64, b: u64) -> u64 {
@@ -273,9 +283,9 @@ mod tests {
         fn is_free_key(key: u64) -> bool {
             key == 0
         }
-        fn hash(key: u64) -> u64 {
+        fn hash(key: u64, [a, b]: [u64; 2]) -> u64 {
             // Few distinct homes, so that runs form, wrap around the end and get shifted.
-            fold((key % 13) ^ 0x243F_6A88_85A3_08D3, 0x9E37_79B9_7F4A_7C15)
+            fold((key % 13) ^ a, b)
         }
     }
 
