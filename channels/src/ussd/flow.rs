@@ -270,14 +270,18 @@ impl Flow {
         u128::from_be_bytes(id)
     }
 
-    /// Keeps the outcome for "last operation", off the session's thread (a sled write).
-    fn remember(&self, last: LastOperation) {
+    /// Keeps the outcome for "last operation" (a store write, on a blocking thread), before the
+    /// screen that reports the outcome is answered: a subscriber who dials "last operation"
+    /// right after must see this one. (It was written after the answer, and under load the
+    /// next session could still read the operation before.)
+    async fn remember(&self, last: LastOperation) {
         let (app, msisdn) = (self.app.clone(), self.msisdn.get());
-        tokio::task::spawn_blocking(move || {
-            if let Err(error) = app.store.put_ussd_last(msisdn, &last) {
-                tracing::warn!(%error, "ussd: keeping the last operation");
-            }
-        });
+        let written = tokio::task::spawn_blocking(move || app.store.put_ussd_last(msisdn, &last)).await;
+        match written {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::warn!(%error, "ussd: keeping the last operation"),
+            Err(error) => tracing::warn!(%error, "ussd: keeping the last operation"),
+        }
     }
 
     /// The subscriber's answer to the current screen.
@@ -417,7 +421,7 @@ impl Flow {
                         self.explain(&error).await
                     }
                 };
-                self.remember(last);
+                self.remember(last).await;
                 self.end(text)
             }
             Step::CashAmount => match parse_amount(input) {
@@ -458,7 +462,7 @@ impl Flow {
                         self.explain(&error).await
                     }
                 };
-                self.remember(last);
+                self.remember(last).await;
                 self.end(text)
             }
             Step::StatementPin => {
