@@ -323,6 +323,16 @@ impl Entry for AccountSlot {
     }
 }
 
+impl Table<AccountSlot> {
+    fn account(&self, id: AccountId) -> Option<&Account> {
+        self.get(id).map(|slot| &slot.0)
+    }
+
+    fn account_mut(&mut self, id: AccountId) -> Option<&mut Account> {
+        self.get_mut(id).map(|slot| &mut slot.0)
+    }
+}
+
 #[derive(Debug)]
 pub struct Ledger {
     shard: ShardId,
@@ -401,7 +411,7 @@ impl Ledger {
     }
 
     pub fn account(&self, id: AccountId) -> Option<&Account> {
-        self.accounts.get(id).map(|slot| &slot.0)
+        self.accounts.account(id)
     }
 
     pub fn accounts(&self) -> impl Iterator<Item = &Account> {
@@ -579,7 +589,7 @@ impl Ledger {
         {
             return CreateAccountResult::SpreadAccountCannotLimitBalance;
         }
-        if let Some(existing) = self.accounts.get(account.id).map(|slot| &slot.0) {
+        if let Some(existing) = self.accounts.account(account.id) {
             let same = existing.currency == account.currency
                 && existing.kind == account.kind
                 && existing.flags == account.flags;
@@ -1060,8 +1070,8 @@ impl Ledger {
             return TransferResult::ExceedsPendingTransferAmount;
         }
         let (Some(debit), Some(credit)) = (
-            self.accounts.get(held.debit_account_id).map(|slot| &slot.0).copied(),
-            self.accounts.get(held.credit_account_id).map(|slot| &slot.0).copied(),
+            self.accounts.account(held.debit_account_id).copied(),
+            self.accounts.account(held.credit_account_id).copied(),
         ) else {
             return TransferResult::DebitAccountNotFound;
         };
@@ -1112,7 +1122,7 @@ impl Ledger {
     /// The debit step of a cross-shard transfer: the amount becomes a pending debit.
     fn reserve(&mut self, transfer: &Transfer, now: u64, undo: Option<&mut Vec<Undo>>) -> TransferResult {
         let windows = self.windows(now);
-        let Some(debit) = self.accounts.get_mut(transfer.debit_account_id).map(|slot| &mut slot.0) else {
+        let Some(debit) = self.accounts.account_mut(transfer.debit_account_id) else {
             return TransferResult::DebitAccountNotFound;
         };
         if debit.currency != transfer.currency {
@@ -1168,7 +1178,7 @@ impl Ledger {
     }
 
     fn apply_credit(&mut self, transfer: &Transfer) -> TransferResult {
-        let Some(credit) = self.accounts.get_mut(transfer.credit_account_id).map(|slot| &mut slot.0) else {
+        let Some(credit) = self.accounts.account_mut(transfer.credit_account_id) else {
             return TransferResult::CreditAccountNotFound;
         };
         if credit.currency != transfer.currency {
@@ -1204,7 +1214,7 @@ impl Ledger {
             return None;
         }
         let amount = stored.transfer.amount;
-        let debit = self.accounts.get_mut(stored.transfer.debit_account_id).map(|slot| &mut slot.0)?;
+        let debit = self.accounts.account_mut(stored.transfer.debit_account_id)?;
         // The reserve checked that both columns have room; checked again rather than trusted.
         debit.debits_pending = debit.debits_pending.checked_sub(amount)?;
         let hash = body_hash(&stored.transfer);
@@ -1230,7 +1240,7 @@ impl Ledger {
         };
         let t = stored.transfer;
         for (account, debit) in [(t.debit_account_id, true), (t.credit_account_id, false)] {
-            if let Some(account) = self.accounts.get_mut(account).map(|slot| &mut slot.0) {
+            if let Some(account) = self.accounts.account_mut(account) {
                 let (pending, posted) = if debit {
                     (&mut account.debits_pending, &mut account.debits_posted)
                 } else {
@@ -1287,10 +1297,10 @@ impl Ledger {
         }
         let held = stored.transfer;
         self.release_outflow(&stored, held.amount, true);
-        if let Some(debit) = self.accounts.get_mut(held.debit_account_id).map(|slot| &mut slot.0) {
+        if let Some(debit) = self.accounts.account_mut(held.debit_account_id) {
             debit.debits_pending -= held.amount;
         }
-        if let Some(credit) = self.accounts.get_mut(held.credit_account_id).map(|slot| &mut slot.0) {
+        if let Some(credit) = self.accounts.account_mut(held.credit_account_id) {
             credit.credits_pending -= held.amount;
         }
         self.expiries.remove(&(stored.expires_at, id));
@@ -1665,7 +1675,7 @@ impl Ledger {
         let accounts = Currency::ALL
             .iter()
             .filter_map(|currency| {
-                let account = self.accounts.get(AccountId::wallet(msisdn, *currency))?.0;
+                let account = *self.accounts.account(AccountId::wallet(msisdn, *currency))?;
                 Some(WalletAccountView {
                     account,
                     limits: self.policy.limits(state.tier, *currency),
@@ -1790,7 +1800,7 @@ impl Ledger {
                 hot.tier = tier;
                 hot.flags = flags;
             }
-            if let Some(account) = self.accounts.get_mut(id).map(|slot| &mut slot.0) {
+            if let Some(account) = self.accounts.account_mut(id) {
                 account.flags = if flags & WalletState::STAFF_BLOCKED != 0 {
                     account.flags.union(AccountFlags::BLOCKED)
                 } else {
