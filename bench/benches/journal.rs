@@ -33,10 +33,11 @@ fn append(c: &mut Criterion) {
             .map(|i| Command::Transfer(Transfer::new(i as u128 + 1, AccountId(1), AccountId(2), 100)))
             .collect();
         group.throughput(Throughput::Elements(batch_len as u64));
+        let mut encoder = engine::journal::record::BatchEncoder::default();
         group.bench_function(format!("batch_{batch_len}"), |b| {
             b.iter(|| {
                 let mut frames = Vec::new();
-                encode_batch(ShardId(0), 1, &commands, &mut frames);
+                encode_batch(&mut encoder, ShardId(0), 1, &commands, &mut frames);
                 let (done_tx, done_rx) = bounded(1);
                 tx.send(JournalBatch { frames, completion: done_tx, credits_due: 0 }).expect("send");
                 done_rx.recv().expect("durable");

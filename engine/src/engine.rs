@@ -183,12 +183,13 @@ impl Engine {
         for phase in [finalizes, forgets] {
             let (signal_tx, signal_rx) = bounded(phase.len());
             let mut waiting = 0;
+            let mut encoder = crate::journal::record::BatchEncoder::default();
             for (shard, log) in phase.iter().enumerate() {
                 if log.is_empty() {
                     continue;
                 }
                 let mut frames = Vec::new();
-                encode_batch(shard_id(shard), last_now[shard], log, &mut frames);
+                encode_batch(&mut encoder, shard_id(shard), last_now[shard], log, &mut frames);
                 journal_tx
                     .send(JournalBatch {
                         frames,

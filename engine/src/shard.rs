@@ -352,7 +352,7 @@ impl Shard {
             }
             frames.clear();
             if !log.is_empty() {
-                encode_batch_with(&mut encoder, shard, now, &log, &mut frames);
+                encode_batch(&mut encoder, shard, now, &log, &mut frames);
                 log.clear();
             }
             // A checkpoint captures the state after this batch; the position it covers is known
@@ -406,8 +406,9 @@ fn touch_steps(ledger: &Ledger, messages: &[ShardMessage]) {
     std::hint::black_box(sink);
 }
 
-/// [`encode_batch`] through `encoder`'s buffers; `out` grows once, to the frame's size.
-fn encode_batch_with(
+/// Encodes one shard batch as one journal frame appended to `out`, through `encoder`'s
+/// buffers (kept by a shard between its batches); `out` grows once, to the frame's size.
+pub fn encode_batch(
     encoder: &mut record::BatchEncoder,
     shard: ShardId,
     timestamp: u64,
@@ -419,17 +420,6 @@ fn encode_batch_with(
             out.reserve(frame::HEADER_LEN + 1 + bytes.len());
             frame::write_frame(out, FORMAT_VERSION, bytes);
         }
-        Err(error) => {
-            // Only allocation failure gets here; losing the batch silently would be worse.
-            panic!("cannot encode a journal record: {error}");
-        }
-    }
-}
-
-/// Encodes one shard batch as one journal frame appended to `out`.
-pub fn encode_batch(shard: ShardId, timestamp: u64, commands: &[Command], out: &mut Vec<u8>) {
-    match record::encode_batch(shard.0, timestamp, commands) {
-        Ok(bytes) => frame::write_frame(out, FORMAT_VERSION, &bytes),
         Err(error) => {
             // Only allocation failure gets here; losing the batch silently would be worse.
             panic!("cannot encode a journal record: {error}");
