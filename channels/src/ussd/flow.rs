@@ -276,11 +276,13 @@ impl Flow {
     /// next session could still read the operation before.)
     async fn remember(&self, last: LastOperation) {
         let (app, msisdn) = (self.app.clone(), self.msisdn.get());
-        let written = tokio::task::spawn_blocking(move || app.store.put_ussd_last(msisdn, &last)).await;
-        match written {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => tracing::warn!(%error, "ussd: keeping the last operation"),
-            Err(error) => tracing::warn!(%error, "ussd: keeping the last operation"),
+        let written = tokio::task::spawn_blocking(move || {
+            app.store.put_ussd_last(msisdn, &last).map_err(|e| e.to_string())
+        })
+        .await
+        .unwrap_or_else(|joined| Err(joined.to_string()));
+        if let Err(error) = written {
+            tracing::warn!(%error, "ussd: keeping the last operation");
         }
     }
 

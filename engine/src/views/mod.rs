@@ -315,6 +315,8 @@ struct Tail {
     holds: FxHashMap<u128, Transfer>,
     /// The buffers of the last pass, for the next.
     scratch: Scratch,
+    /// The journal bytes a pass reads, kept for the next.
+    journal_bytes: Vec<u8>,
 }
 
 /// Buffers a pass fills and hands back emptied: the next pass reuses them instead of growing
@@ -326,8 +328,6 @@ struct Scratch {
     transfers: TransferWrites,
     outbox: Frames,
     notices: RecordNotices,
-    /// The journal bytes a pass reads.
-    journal: Vec<u8>,
 }
 
 /// What a pass found in the journal, in journal order.
@@ -612,7 +612,6 @@ impl Trees {
     ) -> Result<usize, fjall::Error> {
         // (record end, record time, event)
         let mut scratch = std::mem::take(&mut tail.scratch);
-        let journal = std::mem::take(&mut scratch.journal);
         let mut events = std::mem::take(&mut scratch.events);
         events.clear();
         let mut record_start = tail.applied;
@@ -700,7 +699,6 @@ impl Trees {
             transfers: written.transfers,
             outbox: written.outbox,
             notices: written.notices,
-            journal,
         };
         if pending >= INGEST_AT {
             self.ingest()?;
@@ -1450,7 +1448,7 @@ fn tail(
 fn catch_up_step(trees: &Trees, journal_dir: &Path, durable: u64, tail: &mut Tail) -> Result<usize, String> {
     let from = tail.applied;
     let window_end = durable.min(from.saturating_add(PASS_LEN_MAX));
-    let buffer = &mut tail.scratch.journal;
+    let buffer = &mut tail.journal_bytes;
     let (mut records, mut reached) =
         journal::read_range_with(journal_dir, from, window_end, buffer).map_err(|e| e.to_string())?;
     if reached == from {
