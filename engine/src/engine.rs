@@ -876,26 +876,24 @@ fn recover(
             }
             .into());
         }
-        for (index, state) in checkpoint.shards.iter().enumerate() {
-            state.restore_into(&mut ledgers[index]).map_err(|error| EngineError::InvalidRecord {
-                position: state.position,
-                reason: error.to_string(),
+        let WalCheckpoint { shards, segments: listed, .. } = checkpoint;
+        for (index, state) in shards.into_iter().enumerate() {
+            let (position, timestamp) = (state.head.position, state.head.timestamp);
+            state
+                .restore_into(&mut ledgers[index])
+                .map_err(|error| EngineError::InvalidRecord { position, reason: error.to_string() })?;
+            positions[index] = position;
+            last_now[index] = timestamp;
+        }
+        for &sequence in &listed {
+            checkpoint::load_segment(checkpoint_dir, sequence, n, |shard, chunk| {
+                let ledger = ledgers.get_mut(shard).ok_or_else(|| format!("shard {shard} out of range"))?;
+                ledger
+                    .restore_done(record::done_entries(chunk))
+                    .map_err(|error| format!("done segment {sequence}: {error}"))
             })?;
-            positions[index] = state.position;
-            last_now[index] = state.timestamp;
         }
-        for &sequence in &checkpoint.segments {
-            let segment = checkpoint::load_segment(checkpoint_dir, sequence, n)?;
-            for (ledger, entries) in ledgers.iter_mut().zip(&segment.shards) {
-                ledger.restore_done(record::done_entries(entries)).map_err(|error| {
-                    CheckpointError::Corrupt {
-                        path: checkpoint_dir.to_path_buf(),
-                        reason: format!("done segment {sequence}: {error}"),
-                    }
-                })?;
-            }
-        }
-        segments = checkpoint.segments;
+        segments = listed;
         report.checkpoint_loaded = true;
     }
     let from = positions.iter().copied().min().unwrap_or(0);

@@ -492,11 +492,17 @@ impl Ledger {
     /// Restores state from a checkpoint. The caller hands over whole tables.
     pub fn restore(
         &mut self,
-        accounts: Vec<Account>,
+        account_count: usize,
+        accounts: impl IntoIterator<Item = Account>,
         open: Vec<StoredTransfer>,
         credits: Vec<(TransferId, (TransferResult, u64))>,
     ) {
-        self.accounts = accounts.into_iter().map(AccountSlot).collect();
+        let mut table = Table::default();
+        table.reserve(account_count);
+        for account in accounts {
+            table.insert(AccountSlot(account));
+        }
+        self.accounts = table;
         self.expiries = open
             .iter()
             .filter(|t| t.state == TransferState::Pending && t.expires_at != 0)

@@ -112,7 +112,7 @@ impl Completion {
                 let _gone = reply.send(found);
             }
             Completion::Checkpoint(reply, shard, mut state, done) => {
-                state.position = position;
+                state.head.position = position;
                 let _gone = reply.send((shard, *state, done));
             }
             Completion::Totals(reply, totals) => {

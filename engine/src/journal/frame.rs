@@ -88,6 +88,50 @@ pub fn read_frame_max(bytes: &[u8], len_max: usize) -> FrameRead<'_> {
     FrameRead::Frame { version: body[0], payload: &body[1..], len: HEADER_LEN + len }
 }
 
+/// Reads the next frame from `reader` into `buffer` (its version byte, then its payload), for
+/// files read a frame at a time (checkpoints) rather than whole. `len_max` bounds what a damaged
+/// length may make it allocate: the bytes left in the file, say. Clean and torn ends are both
+/// [`FrameRead::Truncated`]: a reader that knows how many frames to expect tells them apart.
+pub fn read_frame_from<'b>(
+    reader: &mut impl std::io::Read,
+    buffer: &'b mut Vec<u8>,
+    len_max: usize,
+) -> std::io::Result<FrameRead<'b>> {
+    let mut header = [0_u8; HEADER_LEN];
+    if !read_full(reader, &mut header)? {
+        return Ok(FrameRead::Truncated);
+    }
+    if header[0..4] != MAGIC {
+        return Ok(FrameRead::Corrupt("bad magic"));
+    }
+    let len = u32::from_le_bytes([header[4], header[5], header[6], header[7]]) as usize;
+    let crc = u32::from_le_bytes([header[8], header[9], header[10], header[11]]);
+    if len == 0 {
+        return Ok(FrameRead::Corrupt("bad length"));
+    }
+    if len > len_max {
+        return Ok(FrameRead::Truncated);
+    }
+    buffer.clear();
+    buffer.resize(len, 0);
+    if !read_full(reader, buffer)? {
+        return Ok(FrameRead::Truncated);
+    }
+    if crc32c::crc32c(buffer) != crc {
+        return Ok(FrameRead::Corrupt("checksum mismatch"));
+    }
+    Ok(FrameRead::Frame { version: buffer[0], payload: &buffer[1..], len: HEADER_LEN + len })
+}
+
+/// Fills `out`; `false` if the reader ended first.
+fn read_full(reader: &mut impl std::io::Read, out: &mut [u8]) -> std::io::Result<bool> {
+    match reader.read_exact(out) {
+        Ok(()) => Ok(true),
+        Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(error) => Err(error),
+    }
+}
+
 /// Whether any valid frame starts anywhere in `bytes`: if one does after a bad frame, the bad
 /// frame is corruption in the middle of the log, not a torn tail.
 pub fn any_valid_frame(bytes: &[u8]) -> bool {
@@ -122,7 +166,21 @@ mod tests {
         }
         for cut in 0..out.len() {
             assert_eq!(read_frame(&out[..cut]), FrameRead::Truncated, "cut at {cut}");
+            let mut buffer = Vec::new();
+            let read = read_frame_from(&mut &out[..cut], &mut buffer, usize::MAX).map_err(|e| e.to_string());
+            assert_eq!(read, Ok(FrameRead::Truncated), "streamed, cut at {cut}");
         }
+        let mut buffer = Vec::new();
+        let mut reader = &out[..];
+        assert!(matches!(
+            read_frame_from(&mut reader, &mut buffer, usize::MAX),
+            Ok(FrameRead::Frame { version: 1, payload: b"hello", .. })
+        ));
+        let mut buffer = Vec::new();
+        assert!(
+            matches!(read_frame_from(&mut &out[..], &mut buffer, 3), Ok(FrameRead::Truncated)),
+            "a length past what is left is not allocated"
+        );
         for byte in 0..out.len() {
             for bit in 0..8 {
                 let mut damaged = out.clone();
@@ -130,6 +188,14 @@ mod tests {
                 assert!(
                     !matches!(read_frame(&damaged), FrameRead::Frame { .. }),
                     "flip {byte}:{bit} went unseen"
+                );
+                let mut buffer = Vec::new();
+                assert!(
+                    !matches!(
+                        read_frame_from(&mut &damaged[..], &mut buffer, usize::MAX),
+                        Ok(FrameRead::Frame { .. })
+                    ),
+                    "flip {byte}:{bit} went unseen, streamed"
                 );
             }
         }

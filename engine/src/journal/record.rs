@@ -18,15 +18,21 @@ pub const FORMAT_VERSION: u8 = 5;
 pub const FORMAT_VERSION_V4: u8 = 4;
 /// The layout before per-kind lists, still read.
 pub const FORMAT_VERSION_V3: u8 = 3;
-/// The layout of checkpoints ([`WalCheckpoint`]), versioned apart from the journal's records.
+/// The layout of checkpoints ([`WalCheckpointHead`] and the frames after it), versioned apart
+/// from the journal's records.
 /// Version 3 (the journal's, which checkpoints shared until the done list became plain `u64`s)
 /// is an older layout: recovery passes over such a checkpoint and replays the journal.
 /// Version 4 held the final transfers inline, before done segments; also passed over.
 /// Version 5 stored body hashes of two CRC32C passes (32 bits of information: see
 /// `ledger::body_hash`); passed over, so that every stored hash is recomputed from the journal.
-pub const CHECKPOINT_VERSION: u8 = 6;
+/// Version 6 held each shard's accounts as one rkyv vector inside a single frame
+/// ([`WalCheckpointV6`]): still read. Version 7 writes a head frame and then the accounts in
+/// frames of [`AccountChunks`], and done segments as a head and frames of raw entries, so that
+/// neither is ever whole in memory twice.
+pub const CHECKPOINT_VERSION: u8 = 7;
 pub const CHECKPOINT_VERSION_V4: u8 = 4;
 pub const CHECKPOINT_VERSION_V5: u8 = 5;
+pub const CHECKPOINT_VERSION_V6: u8 = 6;
 
 #[derive(Debug, Clone, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct WalTransfer {
@@ -372,14 +378,16 @@ pub struct WalStoredTransfer {
     parent: u128,
 }
 
-/// One shard's whole state in a checkpoint.
+/// One shard's state in a checkpoint of layout 7, but for its accounts: they follow the head
+/// of the checkpoint in `account_chunks` frames of their own ([`AccountChunks`]).
 #[derive(Debug, Clone, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
-pub struct WalShardState {
+pub struct WalShardHead {
     /// The journal position after the last record of this shard that the state includes.
     pub position: u64,
     /// The time of the last batch applied (ns), so the shard's clock never runs backwards.
     pub timestamp: u64,
-    pub accounts: Vec<WalAccount>,
+    pub account_count: u64,
+    pub account_chunks: u32,
     /// Open holds and cross-shard transfers in flight, whole.
     pub transfers: Vec<WalStoredTransfer>,
     pub credits: Vec<(u128, u8, u64)>,
@@ -388,13 +396,221 @@ pub struct WalShardState {
     pub outflow: Vec<(u64, crate::wallet::Outflow)>,
 }
 
+/// The first frame of a checkpoint file (layout 7).
 #[derive(Debug, Clone, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
-pub struct WalCheckpoint {
+pub struct WalCheckpointHead {
     pub shard_count: u16,
-    pub shards: Vec<WalShardState>,
+    pub shards: Vec<WalShardHead>,
     /// The done segments (their sequence numbers, oldest first) that together hold the final
     /// transfers of this state; recovery reads them in this order.
     pub segments: Vec<u64>,
+}
+
+/// One shard's whole state: as captured, and as a checkpoint is read back.
+#[derive(Debug, Clone)]
+pub struct WalShardState {
+    pub head: WalShardHead,
+    pub accounts: AccountChunks,
+}
+
+/// A checkpoint in memory: what [`crate::checkpoint::write`] writes and `load_latest` reads.
+#[derive(Debug, Clone)]
+pub struct WalCheckpoint {
+    pub shard_count: u16,
+    pub shards: Vec<WalShardState>,
+    pub segments: Vec<u64>,
+}
+
+/// A shard's accounts in a compact encoding: per account, LEB128 varints of its id, kind,
+/// flags, currency, four balances and its age at the capture (`timestamp` of the capture minus
+/// the account's), back to back, in chunks of at most [`AccountChunks::CHUNK_LEN`] bytes.
+///
+/// Why not rkyv: an archived account takes 64 bytes, and a checkpoint of 10M accounts held both
+/// a copy of every account and its encoding (1.2 GB beside the 1 GiB table). Balances in minor
+/// units and ids are mostly small numbers: an account takes ~20 bytes here, captured straight
+/// from the ledger's table, and each chunk is one frame of the checkpoint file.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AccountChunks {
+    chunks: Vec<Vec<u8>>,
+    count: u64,
+}
+
+/// The most bytes one account takes: nine varints of at most ten bytes.
+const ACCOUNT_ENCODED_LEN_MAX: usize = 90;
+
+impl AccountChunks {
+    /// A chunk's size: one frame of a checkpoint file, and one allocation while capturing.
+    pub const CHUNK_LEN: usize = 1 << 20;
+
+    /// Appends `account`, whose age is counted back from `now` (the capture's timestamp).
+    pub fn push(&mut self, account: &Account, now: u64) {
+        use integer_encoding::VarInt;
+        let needs_chunk =
+            self.chunks.last().is_none_or(|chunk| chunk.len() + ACCOUNT_ENCODED_LEN_MAX > Self::CHUNK_LEN);
+        if needs_chunk {
+            self.chunks.push(Vec::with_capacity(Self::CHUNK_LEN));
+        }
+        let mut scratch = [0_u8; ACCOUNT_ENCODED_LEN_MAX];
+        let mut len = 0;
+        for value in [
+            account.id.0,
+            u64::from(account.kind.0),
+            u64::from(account.flags.0),
+            u64::from(account.currency as u8),
+            account.debits_pending,
+            account.debits_posted,
+            account.credits_pending,
+            account.credits_posted,
+            // Wrapping, so that an account stamped after `now` (a clock set back) still
+            // round-trips exactly.
+            now.wrapping_sub(account.timestamp),
+        ] {
+            len += value.encode_var(&mut scratch[len..]);
+        }
+        if let Some(chunk) = self.chunks.last_mut() {
+            chunk.extend_from_slice(&scratch[..len]);
+        }
+        self.count += 1;
+    }
+
+    /// Accounts encoded so far.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    pub fn chunks(&self) -> &[Vec<u8>] {
+        &self.chunks
+    }
+
+    /// The most accounts the chunks can hold (each takes at least nine bytes): a bound on
+    /// what a recorded count may reserve, should the count be wrong.
+    pub fn count_max(&self) -> u64 {
+        let bytes: usize = self.chunks.iter().map(Vec::len).sum();
+        u64::try_from(bytes / 9).unwrap_or(u64::MAX)
+    }
+
+    /// Moves the chunks out (to write them, each dropped once written).
+    pub fn take_chunks(&mut self) -> Vec<Vec<u8>> {
+        std::mem::take(&mut self.chunks)
+    }
+
+    /// Chunks read back from a checkpoint file, holding `count` accounts between them (checked
+    /// as they are decoded).
+    pub fn from_chunks(chunks: Vec<Vec<u8>>, count: u64) -> AccountChunks {
+        AccountChunks { chunks, count }
+    }
+
+    /// Decodes the accounts, consuming the chunks one by one; `now` is the capture's
+    /// timestamp. Every malformed byte is an error, never a panic; so is a count that differs
+    /// from the one recorded.
+    pub fn into_accounts(self, now: u64) -> impl Iterator<Item = Result<Account, DecodeRecordError>> {
+        let expected = self.count;
+        let mut decoded = 0_u64;
+        let mut done = false;
+        let mut chunks = self.chunks.into_iter();
+        let mut current: Vec<u8> = Vec::new();
+        let mut at = 0_usize;
+        std::iter::from_fn(move || {
+            if done {
+                return None;
+            }
+            while at >= current.len() {
+                match chunks.next() {
+                    Some(next) => {
+                        current = next;
+                        at = 0;
+                    }
+                    None => {
+                        done = true;
+                        return (decoded != expected).then_some(Err(DecodeRecordError("account count")));
+                    }
+                }
+            }
+            let result = decode_account(&current, &mut at, now);
+            match &result {
+                Ok(_) => decoded += 1,
+                Err(_) => done = true,
+            }
+            Some(result)
+        })
+    }
+}
+
+fn decode_account(bytes: &[u8], at: &mut usize, now: u64) -> Result<Account, DecodeRecordError> {
+    use integer_encoding::VarInt;
+    let mut next = |what: &'static str| -> Result<u64, DecodeRecordError> {
+        let rest = bytes.get(*at..).ok_or(DecodeRecordError(what))?;
+        let (value, len) = u64::decode_var(rest).ok_or(DecodeRecordError(what))?;
+        *at += len;
+        Ok(value)
+    };
+    let id = next("account id")?;
+    let kind = u16::try_from(next("account kind")?).map_err(|_| DecodeRecordError("account kind"))?;
+    let flags = u16::try_from(next("account flags")?).map_err(|_| DecodeRecordError("account flags"))?;
+    let currency = u8::try_from(next("currency")?)
+        .ok()
+        .and_then(Currency::from_u8)
+        .ok_or(DecodeRecordError("currency"))?;
+    Ok(Account {
+        id: AccountId(id),
+        currency,
+        kind: AccountKind(kind),
+        flags: AccountFlags(flags),
+        debits_pending: next("balance")?,
+        debits_posted: next("balance")?,
+        credits_pending: next("balance")?,
+        credits_posted: next("balance")?,
+        timestamp: now.wrapping_sub(next("account timestamp")?),
+    })
+}
+
+/// Version 6's shard state, read only (a checkpoint of one rkyv frame). Frozen, field for
+/// field, as version 6 builds wrote it: never edit.
+#[derive(Debug, Clone, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct WalShardStateV6 {
+    pub position: u64,
+    pub timestamp: u64,
+    pub accounts: Vec<WalAccount>,
+    pub transfers: Vec<WalStoredTransfer>,
+    pub credits: Vec<(u128, u8, u64)>,
+    pub policy: crate::wallet::Policy,
+    pub wallets: Vec<crate::wallet::WalletState>,
+    pub outflow: Vec<(u64, crate::wallet::Outflow)>,
+}
+
+/// Version 6's checkpoint, read only.
+#[derive(Debug, Clone, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct WalCheckpointV6 {
+    pub shard_count: u16,
+    pub shards: Vec<WalShardStateV6>,
+    pub segments: Vec<u64>,
+}
+
+impl WalCheckpointV6 {
+    /// The same state in the current in-memory form.
+    pub fn upgrade(self) -> Result<WalCheckpoint, DecodeRecordError> {
+        let mut shards = Vec::with_capacity(self.shards.len());
+        for old in self.shards {
+            let mut accounts = AccountChunks::default();
+            for account in &old.accounts {
+                accounts.push(&Account::try_from(account)?, old.timestamp);
+            }
+            let head = WalShardHead {
+                position: old.position,
+                timestamp: old.timestamp,
+                account_count: accounts.count(),
+                account_chunks: u32::try_from(accounts.chunks().len())
+                    .map_err(|_| DecodeRecordError("account chunks"))?,
+                transfers: old.transfers,
+                credits: old.credits,
+                policy: old.policy,
+                wallets: old.wallets,
+                outflow: old.outflow,
+            };
+            shards.push(WalShardState { head, accounts });
+        }
+        Ok(WalCheckpoint { shard_count: self.shard_count, shards, segments: self.segments })
+    }
 }
 
 /// One checkpoint's share of the final transfers: those each shard added since the checkpoint
@@ -407,6 +623,45 @@ pub struct WalDoneSegment {
     /// hash and state), in the order added. Plain `u64`s, without the padding of a `(u128,
     /// u64)`, so that rkyv copies the millions of them a chunk at a time, not one by one.
     pub shards: Vec<crate::ledger::DoneLog>,
+}
+
+/// The first frame of a done segment file (layout 7): then, for each shard in order, as many
+/// frames as `chunks` says, each holding entries of the done log as 24 little-endian bytes
+/// (id low half, id high half, `Done` bits), in the order added.
+#[derive(Debug, Clone, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct WalDoneSegmentHead {
+    pub sequence: u64,
+    pub chunks: Vec<u32>,
+}
+
+/// One done entry's size in a done segment's chunk frame.
+pub const DONE_ENTRY_LEN: usize = 24;
+
+/// Appends `entries` to `out` as a done segment's chunk frame payload.
+pub fn encode_done_chunk(entries: &[[u64; 3]], out: &mut Vec<u8>) {
+    out.reserve(entries.len() * DONE_ENTRY_LEN);
+    for entry in entries {
+        for half in entry {
+            out.extend_from_slice(&half.to_le_bytes());
+        }
+    }
+}
+
+/// The entries of a done segment's chunk frame payload, or an error if its length is not a
+/// whole number of entries.
+pub fn decode_done_chunk(payload: &[u8]) -> Result<Vec<[u64; 3]>, DecodeRecordError> {
+    if !payload.len().is_multiple_of(DONE_ENTRY_LEN) {
+        return Err(DecodeRecordError("done chunk length"));
+    }
+    let word = |bytes: &[u8]| {
+        let mut le = [0_u8; 8];
+        le.copy_from_slice(bytes);
+        u64::from_le_bytes(le)
+    };
+    Ok(payload
+        .chunks_exact(DONE_ENTRY_LEN)
+        .map(|entry| [word(&entry[0..8]), word(&entry[8..16]), word(&entry[16..24])])
+        .collect())
 }
 
 /// A record that decoded but holds a value this version does not know.
@@ -563,24 +818,15 @@ where
     rkyv::to_bytes::<rancor::Error>(value)
 }
 
-/// Serialises a checkpoint into a buffer sized for it up front: grown by doubling, a buffer of
-/// hundreds of megabytes is copied and page-faulted again at every step.
-pub fn encode_checkpoint(checkpoint: &WalCheckpoint) -> Result<rkyv::util::AlignedVec, rancor::Error> {
-    use std::mem::size_of;
-    let len: usize = checkpoint
-        .shards
-        .iter()
-        .map(|state| {
-            state.accounts.len() * size_of::<ArchivedWalAccount>()
-                + state.transfers.len() * size_of::<ArchivedWalStoredTransfer>()
-                + state.credits.len() * size_of::<rkyv::Archived<(u128, u8, u64)>>()
-                + state.wallets.len() * size_of::<rkyv::Archived<crate::wallet::WalletState>>()
-                + state.outflow.len() * size_of::<rkyv::Archived<(u64, crate::wallet::Outflow)>>()
-        })
-        .sum();
-    // Room for the policy, the headers and what the estimate misses.
-    let buffer = rkyv::util::AlignedVec::with_capacity(len + len / 64 + 1024 * 1024);
-    rkyv::api::high::to_bytes_in::<_, rancor::Error>(checkpoint, buffer)
+/// Serialises a checkpoint's head frame.
+pub fn encode_checkpoint_head(head: &WalCheckpointHead) -> Result<rkyv::util::AlignedVec, rancor::Error> {
+    rkyv::to_bytes::<rancor::Error>(head)
+}
+
+pub fn decode_checkpoint_head(bytes: &[u8]) -> Result<WalCheckpointHead, rancor::Error> {
+    let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(bytes.len());
+    aligned.extend_from_slice(bytes);
+    rkyv::from_bytes::<WalCheckpointHead, rancor::Error>(&aligned)
 }
 
 /// Why a journal record's bytes (whose frame checked out) do not make a record.
@@ -693,31 +939,46 @@ fn decode_aligned(version: u8, aligned: &rkyv::util::AlignedVec<16>) -> Result<W
     }
 }
 
-pub fn decode_checkpoint(bytes: &[u8]) -> Result<WalCheckpoint, rancor::Error> {
+/// Decodes a checkpoint of layout 6 (one rkyv frame).
+pub fn decode_checkpoint_v6(bytes: &[u8]) -> Result<WalCheckpointV6, rancor::Error> {
     let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(bytes.len());
     aligned.extend_from_slice(bytes);
-    rkyv::from_bytes::<WalCheckpoint, rancor::Error>(&aligned)
+    rkyv::from_bytes::<WalCheckpointV6, rancor::Error>(&aligned)
 }
 
-pub fn encode_done_segment(segment: &WalDoneSegment) -> Result<rkyv::util::AlignedVec, rancor::Error> {
-    let entries: usize = segment.shards.iter().flatten().map(Vec::len).sum();
-    let chunks: usize = segment.shards.iter().map(Vec::len).sum();
-    let len = entries * std::mem::size_of::<rkyv::Archived<[u64; 3]>>() + chunks * 16;
-    let buffer = rkyv::util::AlignedVec::with_capacity(len + 4096);
-    rkyv::api::high::to_bytes_in::<_, rancor::Error>(segment, buffer)
+pub fn encode_done_segment_head(head: &WalDoneSegmentHead) -> Result<rkyv::util::AlignedVec, rancor::Error> {
+    rkyv::to_bytes::<rancor::Error>(head)
 }
 
+pub fn decode_done_segment_head(bytes: &[u8]) -> Result<WalDoneSegmentHead, rancor::Error> {
+    let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(bytes.len());
+    aligned.extend_from_slice(bytes);
+    rkyv::from_bytes::<WalDoneSegmentHead, rancor::Error>(&aligned)
+}
+
+/// Serialises a done segment in layout 6 (one rkyv frame): only tests write it now, to check
+/// that such segments are still read.
+pub fn encode_done_segment_v6(segment: &WalDoneSegment) -> Result<rkyv::util::AlignedVec, rancor::Error> {
+    rkyv::to_bytes::<rancor::Error>(segment)
+}
+
+/// Serialises a checkpoint in layout 6 (one rkyv frame), for the same tests.
+pub fn encode_checkpoint_v6(checkpoint: &WalCheckpointV6) -> Result<rkyv::util::AlignedVec, rancor::Error> {
+    rkyv::to_bytes::<rancor::Error>(checkpoint)
+}
+
+/// Decodes a done segment of layout 6 (one rkyv frame).
 pub fn decode_done_segment(bytes: &[u8]) -> Result<WalDoneSegment, rancor::Error> {
     let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(bytes.len());
     aligned.extend_from_slice(bytes);
     rkyv::from_bytes::<WalDoneSegment, rancor::Error>(&aligned)
 }
 
-/// Final transfers of a done segment's shard, checked.
+/// Final transfers of one chunk of a done segment's shard, checked.
 pub fn done_entries(
-    chunks: &[Vec<[u64; 3]>],
+    chunk: &[[u64; 3]],
 ) -> impl Iterator<Item = Result<(TransferId, crate::ledger::Done), DecodeRecordError>> + '_ {
-    chunks.iter().flatten().map(|[low, high, bits]| {
+    chunk.iter().map(|[low, high, bits]| {
         crate::ledger::Done::from_bits(*bits)
             .map(|done| (TransferId(crate::ids::from_halves([*low, *high])), done))
             .ok_or(DecodeRecordError("state"))
@@ -726,29 +987,37 @@ pub fn done_entries(
 
 impl WalShardState {
     /// The shard's state, and the final transfers added since the last capture (which it
-    /// moves out of the ledger, so the next capture starts a new segment).
+    /// moves out of the ledger, so the next capture starts a new segment). The accounts are
+    /// encoded straight from the ledger's table ([`AccountChunks`]), never copied whole.
     pub fn capture(
         ledger: &mut crate::ledger::Ledger,
         timestamp: u64,
     ) -> (WalShardState, crate::ledger::DoneLog) {
         let done = ledger.take_added_done();
-        let state = WalShardState {
+        let mut accounts = AccountChunks::default();
+        for account in ledger.accounts() {
+            accounts.push(account, timestamp);
+        }
+        let head = WalShardHead {
             position: 0,
             timestamp,
-            accounts: ledger.accounts().map(WalAccount::from).collect(),
+            account_count: accounts.count(),
+            account_chunks: u32::try_from(accounts.chunks().len()).unwrap_or(u32::MAX),
             transfers: ledger.open_transfers().map(WalStoredTransfer::from).collect(),
             credits: ledger.credit_steps().map(|(id, (result, hash))| (id.0, *result as u8, *hash)).collect(),
             policy: ledger.policy().clone(),
             wallets: ledger.wallets().cloned().collect(),
             outflow: ledger.outflows().map(|(id, outflow)| (id.0, *outflow)).collect(),
         };
-        (state, done)
+        (WalShardState { head, accounts }, done)
     }
 
-    pub fn restore_into(&self, ledger: &mut crate::ledger::Ledger) -> Result<(), DecodeRecordError> {
-        let accounts = self.accounts.iter().map(Account::try_from).collect::<Result<Vec<_>, _>>()?;
-        let transfers = self.transfers.iter().map(StoredTransfer::try_from).collect::<Result<Vec<_>, _>>()?;
-        let credits = self
+    /// Restores this state into `ledger`, decoding the accounts chunk by chunk (each chunk
+    /// freed once decoded).
+    pub fn restore_into(self, ledger: &mut crate::ledger::Ledger) -> Result<(), DecodeRecordError> {
+        let WalShardState { head, accounts } = self;
+        let transfers = head.transfers.iter().map(StoredTransfer::try_from).collect::<Result<Vec<_>, _>>()?;
+        let credits = head
             .credits
             .iter()
             .map(|(id, result, hash)| {
@@ -757,9 +1026,22 @@ impl WalShardState {
                     .ok_or(DecodeRecordError("result"))
             })
             .collect::<Result<Vec<_>, _>>()?;
-        ledger.restore(accounts, transfers, credits);
-        let outflow = self.outflow.iter().map(|(id, outflow)| (AccountId(*id), *outflow)).collect();
-        ledger.restore_wallets(self.policy.clone(), self.wallets.clone(), outflow);
+        let mut failure = None;
+        let count = usize::try_from(head.account_count.min(accounts.count_max()))
+            .map_err(|_| DecodeRecordError("account count"))?;
+        let decoded = accounts.into_accounts(head.timestamp).map_while(|account| match account {
+            Ok(account) => Some(account),
+            Err(error) => {
+                failure = Some(error);
+                None
+            }
+        });
+        ledger.restore(count, decoded, transfers, credits);
+        if let Some(error) = failure {
+            return Err(error);
+        }
+        let outflow = head.outflow.iter().map(|(id, outflow)| (AccountId(*id), *outflow)).collect();
+        ledger.restore_wallets(head.policy, head.wallets, outflow);
         Ok(())
     }
 }
@@ -951,6 +1233,91 @@ mod tests {
         // Per transfer, without the record's fixed part.
         let (old_each, new_each) = ((old(101) - old(1)) / 100, (new(101) - new(1)) / 100);
         assert!(new_each * 5 < old_each * 3, "{new_each} bytes a transfer against {old_each}");
+    }
+
+    fn any_account() -> impl proptest::strategy::Strategy<Value = Account> {
+        use proptest::prelude::*;
+        (
+            any::<u64>(),
+            any::<u16>(),
+            any::<u16>(),
+            0_usize..Currency::ALL.len(),
+            any::<[u64; 4]>(),
+            any::<u64>(),
+        )
+            .prop_map(|(id, kind, flags, currency, [dp, dq, cp, cq], timestamp)| Account {
+                id: AccountId(id),
+                currency: Currency::ALL[currency],
+                kind: AccountKind(kind),
+                flags: AccountFlags(flags),
+                debits_pending: dp,
+                debits_posted: dq,
+                credits_pending: cp,
+                credits_posted: cq,
+                timestamp,
+            })
+    }
+
+    proptest::proptest! {
+        /// Any accounts, encoded compactly at any capture time, decode to themselves.
+        #[test]
+        fn account_chunks_round_trip(
+            accounts in proptest::collection::vec(any_account(), 0..200),
+            now in proptest::prelude::any::<u64>(),
+        ) {
+            let mut chunks = AccountChunks::default();
+            for account in &accounts {
+                chunks.push(account, now);
+            }
+            proptest::prop_assert_eq!(chunks.count(), accounts.len() as u64);
+            let decoded: Result<Vec<Account>, _> = chunks.into_accounts(now).collect();
+            proptest::prop_assert_eq!(decoded, Ok(accounts));
+        }
+
+        /// Changed bytes in a chunk give accounts or an error, never a panic; a chunk cut short
+        /// is an error (the count no longer matches).
+        #[test]
+        fn changed_account_chunks_never_panic(
+            accounts in proptest::collection::vec(any_account(), 1..20),
+            flips in proptest::collection::vec((0_usize..4096, 1_u8..=255), 0..8),
+            cut in 1_usize..64,
+        ) {
+            let mut chunks = AccountChunks::default();
+            for account in &accounts {
+                chunks.push(account, 7);
+            }
+            let mut bytes = chunks.chunks()[0].clone();
+            for (at, mask) in flips {
+                let len = bytes.len();
+                bytes[at % len] ^= mask;
+            }
+            let _any: Vec<_> = AccountChunks::from_chunks(vec![bytes.clone()], chunks.count()).into_accounts(7).collect();
+            bytes.truncate(bytes.len().saturating_sub(cut));
+            let shorter: Result<Vec<Account>, _> =
+                AccountChunks::from_chunks(vec![bytes], chunks.count()).into_accounts(7).collect();
+            proptest::prop_assert!(shorter.is_err());
+        }
+    }
+
+    /// Ten million accounts take ~20 bytes each, not 64; chunks stay under their size.
+    #[test]
+    fn accounts_take_a_few_bytes_and_fill_chunks() {
+        let mut chunks = AccountChunks::default();
+        let now = 1_765_000_000_000_000_000;
+        for id in 1..=100_000_u64 {
+            let mut account =
+                Account::new(AccountId(id * 97), Currency::Azn, AccountKind::WALLET, AccountFlags::empty());
+            account.credits_posted = 1_000_000 + id;
+            account.debits_posted = id * 13;
+            account.timestamp = now - 30_000_000_000 + id * 1000;
+            chunks.push(&account, now);
+        }
+        let bytes: usize = chunks.chunks().iter().map(Vec::len).sum();
+        assert!(bytes < 100_000 * 24, "{bytes} bytes for 100k accounts");
+        assert!(chunks.chunks().len() > 1, "100k accounts fill more than one chunk");
+        assert!(chunks.chunks().iter().all(|chunk| chunk.len() <= AccountChunks::CHUNK_LEN));
+        let decoded = chunks.into_accounts(now).filter(Result::is_ok).count();
+        assert_eq!(decoded, 100_000);
     }
 
     proptest::proptest! {

@@ -195,7 +195,7 @@ fn cross_shard_transfer_reserves_credits_and_finalizes() {
     let mut log = Vec::new();
     let mut fund = wallet(debit_id);
     fund.credits_posted = 100;
-    ledgers[home(debit_id)].restore(vec![fund], vec![], vec![]);
+    ledgers[home(debit_id)].restore(1, vec![fund], vec![], vec![]);
     ledgers[home(credit_id)].create_account(wallet(credit_id), NOW, &mut log);
     // Balance the funding with a spread issuance account so totals stay exact.
     let transfer = Transfer::new(7, AccountId(debit_id), AccountId(credit_id), 60);
@@ -247,7 +247,8 @@ impl CloneForTest for Vec<Ledger> {
             .map(|l| {
                 let mut copy = Ledger::new(l.shard, l.shard_count);
                 copy.restore(
-                    l.accounts.iter().map(|slot| slot.0).collect(),
+                    l.accounts.len(),
+                    l.accounts.iter().map(|slot| slot.0),
                     l.open.values().copied().collect(),
                     l.credits.iter().map(|(k, v)| (*k, *v)).collect(),
                 );
@@ -314,7 +315,7 @@ fn a_chain_crossing_shards_posts_or_voids_as_one_and_replays() {
     let mut log = Vec::new();
     let mut funded = wallet(a);
     funded.credits_posted = 100;
-    ledgers[da].restore(vec![funded], vec![], vec![]);
+    ledgers[da].restore(1, vec![funded], vec![], vec![]);
     ledgers[db].create_account(wallet(b), NOW, &mut log);
     for ledger in &mut ledgers {
         ledger.create_account(issuance(fee.0), NOW, &mut log);
@@ -373,7 +374,7 @@ fn a_chain_crossing_shards_posts_or_voids_as_one_and_replays() {
 
     // Replaying the debit shard's commands from its starting state reaches the same state.
     let mut replayed = Ledger::new(ShardId(u16::try_from(da).expect("shard")), shards);
-    replayed.restore(vec![funded], vec![], vec![]);
+    replayed.restore(1, vec![funded], vec![], vec![]);
     replayed.create_account(issuance(fee.0), NOW, &mut Vec::new());
     replayed.replay(&chain_log, NOW).expect("chain replays");
     replayed.replay(&finalize_log, NOW).expect("finalize replays");
