@@ -25,7 +25,7 @@ use crate::wallet::{
     WalletRefusal, WalletReply, WalletRequest, WalletState, WalletView,
 };
 use parted::Parted;
-use table::{Entry, Table};
+use table::Entry;
 
 const NS_PER_S: u64 = 1_000_000_000;
 
@@ -200,7 +200,7 @@ impl Done {
 /// The only removal is a linked chain's undo, of an entry the same batch added.
 #[derive(Debug, Default)]
 pub(crate) struct DoneTable {
-    map: Parted,
+    map: Parted<parted::DoneSlot>,
     /// Id halves and bits, in the order added: a later entry for an id supersedes an earlier.
     added: DoneLog,
 }
@@ -213,11 +213,11 @@ const DONE_LOG_CHUNK: usize = 1 << 16;
 
 impl DoneTable {
     fn get(&self, id: &TransferId) -> Option<Done> {
-        self.map.get(id)
+        self.map.get_done(id)
     }
 
     fn insert(&mut self, id: TransferId, done: Done) {
-        self.map.insert(id, done);
+        self.map.insert_done(id, done);
         let [low, high] = crate::ids::halves(id.0);
         match self.added.last_mut() {
             Some(chunk) if chunk.len() < DONE_LOG_CHUNK => chunk.push([low, high, done.bits()]),
@@ -231,7 +231,7 @@ impl DoneTable {
 
     /// Undoes an insert of the running batch: it is among the last added.
     fn remove(&mut self, id: &TransferId) {
-        self.map.remove(id);
+        self.map.remove_done(id);
         let halves = crate::ids::halves(id.0);
         for chunk in self.added.iter_mut().rev() {
             if let Some(at) = chunk.iter().rposition(|entry| entry[..2] == halves) {
@@ -251,7 +251,7 @@ impl DoneTable {
 
     #[cfg(test)]
     fn iter(&self) -> impl Iterator<Item = (TransferId, Done)> {
-        self.map.iter()
+        self.map.iter_done()
     }
 }
 
@@ -323,7 +323,7 @@ impl Entry for AccountSlot {
     }
 }
 
-impl Table<AccountSlot> {
+impl Parted<AccountSlot> {
     fn account(&self, id: AccountId) -> Option<&Account> {
         self.get(id).map(|slot| &slot.0)
     }
@@ -337,7 +337,7 @@ impl Table<AccountSlot> {
 pub struct Ledger {
     shard: ShardId,
     shard_count: u16,
-    accounts: Table<AccountSlot>,
+    accounts: Parted<AccountSlot>,
     /// Transfers not yet final: open holds and cross-shard transfers in flight, with their bodies.
     open: FxHashMap<TransferId, StoredTransfer>,
     /// Transfers in a final state, compactly.
@@ -371,7 +371,7 @@ impl Ledger {
         Ledger {
             shard,
             shard_count,
-            accounts: Table::default(),
+            accounts: Parted::default(),
             open: FxHashMap::default(),
             done: DoneTable::default(),
             expiries: BTreeSet::new(),
@@ -459,7 +459,7 @@ impl Ledger {
     ) -> Result<(), E> {
         for entry in entries {
             let (id, done) = entry?;
-            self.done.map.insert(id, done);
+            self.done.map.insert_done(id, done);
         }
         Ok(())
     }
@@ -497,7 +497,7 @@ impl Ledger {
         open: Vec<StoredTransfer>,
         credits: Vec<(TransferId, (TransferResult, u64))>,
     ) {
-        let mut table = Table::default();
+        let mut table = Parted::default();
         table.reserve(account_count);
         for account in accounts {
             table.insert(AccountSlot(account));

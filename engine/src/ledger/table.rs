@@ -8,7 +8,9 @@
 //! for the line without waiting), and an entry found in its home slot costs one line.
 //!
 //! Linear probing, at most three quarters full, with backward-shift removal (no tombstones).
-//! The slot index is the top bits of the entry's hash.
+//! The slot index is the hash scaled to the slot count (the high half of `hash × slots`), so a
+//! table may have any number of slots: the parts of a [`super::parted::Parted`] map double at
+//! staggered sizes, and never all at once.
 
 /// What a [`Table`] stores: a fixed-size entry that carries its own key.
 pub(crate) trait Entry: Copy {
@@ -23,10 +25,13 @@ pub(crate) trait Entry: Copy {
 }
 
 pub(crate) struct Table<E> {
-    /// A power of two in length (or empty).
+    /// `MIN_SLOTS × (512 + stagger) / 512 × (3/2)^k` slots for some k (or none).
     slots: Vec<E>,
-    /// 64 minus log2 of the slot count: `hash >> shift` is a slot.
-    shift: u32,
+    /// Top bits of the hash that choose a part, not a slot: dropped before the hash is scaled.
+    hash_shift: u32,
+    /// Where within a growth step this table's sizes lie (0 to 255): the parts of one map take
+    /// different ones, so that they do not all grow at the same entry count.
+    stagger: usize,
     /// Entries in `slots`, not counting `aside`.
     len: usize,
     /// The entry whose key is the free slot's, if one was inserted.
@@ -43,7 +48,7 @@ impl<E: Entry> std::fmt::Debug for Table<E> {
 
 impl<E: Entry> Default for Table<E> {
     fn default() -> Self {
-        Table { slots: Vec::new(), shift: 64, len: 0, aside: None, seed: seed() }
+        Table::in_part(0, 0)
     }
 }
 
@@ -51,17 +56,32 @@ impl<E: Entry> Default for Table<E> {
 const MIN_SLOTS: usize = 8;
 
 impl<E: Entry> Table<E> {
+    /// A table for one part of a map: the top `hash_shift` bits of a hash chose the part, and
+    /// `stagger` (0 to 255) where its sizes lie within a growth step.
+    pub fn in_part(hash_shift: u32, stagger: usize) -> Self {
+        Table { slots: Vec::new(), hash_shift, stagger: stagger % 256, len: 0, aside: None, seed: seed() }
+    }
+
     pub fn len(&self) -> usize {
         self.len + usize::from(self.aside.is_some())
     }
 
-    fn mask(&self) -> usize {
-        self.slots.len() - 1
+    /// Slots allocated, free or not.
+    #[cfg(test)]
+    pub fn capacity(&self) -> usize {
+        self.slots.len()
     }
 
+    /// The slot after `at`, wrapping at the end.
+    fn next(&self, at: usize) -> usize {
+        if at + 1 == self.slots.len() { 0 } else { at + 1 }
+    }
+
+    /// `key`'s home slot: its hash (less the part's bits) scaled to the slot count.
     fn home(&self, key: E::Key) -> usize {
-        // `shift` is below 64 whenever there are slots; the cast keeps the top bits, a slot.
-        usize::try_from(E::hash(key, self.seed) >> self.shift).unwrap_or(0)
+        let hash = E::hash(key, self.seed) << self.hash_shift;
+        let scaled = u128::from(hash) * self.slots.len() as u128;
+        usize::try_from(crate::ids::halves(scaled)[1]).unwrap_or(0)
     }
 
     fn is_free(entry: &E) -> bool {
@@ -73,7 +93,6 @@ impl<E: Entry> Table<E> {
         if self.slots.is_empty() {
             return None;
         }
-        let mask = self.mask();
         let mut at = self.home(key);
         loop {
             let entry = &self.slots[at];
@@ -83,7 +102,7 @@ impl<E: Entry> Table<E> {
             if entry.key() == key {
                 return Some(at);
             }
-            at = (at + 1) & mask;
+            at = self.next(at);
         }
     }
 
@@ -99,10 +118,6 @@ impl<E: Entry> Table<E> {
             return self.aside.as_mut();
         }
         self.find(key).map(|at| &mut self.slots[at])
-    }
-
-    pub fn contains_key(&self, key: E::Key) -> bool {
-        self.get(key).is_some()
     }
 
     /// Two distinct entries at once. For equal keys the second is `None`.
@@ -141,7 +156,8 @@ impl<E: Entry> Table<E> {
         prefetch(&self.slots[at]);
         // Linear probing goes on into the next slots: their line, when the entry is smaller.
         if size_of::<E>() < 64 {
-            prefetch(&self.slots[(at + 64 / size_of::<E>().max(1)) & self.mask()]);
+            let ahead = at + 64 / size_of::<E>().max(1);
+            prefetch(&self.slots[ahead % self.slots.len()]);
         }
     }
 
@@ -152,7 +168,6 @@ impl<E: Entry> Table<E> {
             return self.aside.replace(entry);
         }
         self.reserve(1);
-        let mask = self.mask();
         let mut at = self.home(key);
         loop {
             let slot = &mut self.slots[at];
@@ -164,7 +179,7 @@ impl<E: Entry> Table<E> {
             if slot.key() == key {
                 return Some(std::mem::replace(slot, entry));
             }
-            at = (at + 1) & mask;
+            at = self.next(at);
         }
     }
 
@@ -177,10 +192,9 @@ impl<E: Entry> Table<E> {
         self.len -= 1;
         // Backward shift: move up every later entry of the run that may sit in the hole (its
         // home is not cyclically within (hole, at]), so that no lookup stops at the hole early.
-        let mask = self.mask();
         let mut at = hole;
         loop {
-            at = (at + 1) & mask;
+            at = self.next(at);
             if Self::is_free(&self.slots[at]) {
                 return Some(removed);
             }
@@ -201,9 +215,14 @@ impl<E: Entry> Table<E> {
         if needed.saturating_mul(4) <= self.slots.len().saturating_mul(3) {
             return;
         }
-        let slots = needed.saturating_mul(4).div_ceil(3).next_power_of_two().max(MIN_SLOTS);
+        // Grown by half each time, from a first size set by the stagger: a table's sizes are
+        // `MIN_SLOTS × (512 + stagger) / 512 × (3/2)^k`, rounded down at each step.
+        let mut slots =
+            if self.slots.is_empty() { MIN_SLOTS * (512 + self.stagger) / 512 } else { self.slots.len() };
+        while slots.saturating_mul(3) < needed.saturating_mul(4) {
+            slots = slots.saturating_add(slots / 2);
+        }
         let old = std::mem::replace(&mut self.slots, vec![E::FREE; slots]);
-        self.shift = 64 - slots.trailing_zeros();
         self.len = 0;
         for entry in old.into_iter().filter(|entry| !Self::is_free(entry)) {
             self.place(entry);
@@ -212,10 +231,9 @@ impl<E: Entry> Table<E> {
 
     /// Puts an entry whose key is not in the table into its slot (room is there).
     fn place(&mut self, entry: E) {
-        let mask = self.mask();
         let mut at = self.home(entry.key());
         while !Self::is_free(&self.slots[at]) {
-            at = (at + 1) & mask;
+            at = self.next(at);
         }
         self.slots[at] = entry;
         self.len += 1;
@@ -309,8 +327,13 @@ mod tests {
 
     proptest! {
         #[test]
-        fn behaves_as_a_map(steps in proptest::collection::vec(step(), 1..300)) {
-            let mut table: Table<Pair> = Table::default();
+        fn behaves_as_a_map(
+            steps in proptest::collection::vec(step(), 1..300),
+            // Sizes between powers of two, and a part's bits dropped from the hash.
+            stagger in 0_usize..256,
+            hash_shift in 0_u32..9,
+        ) {
+            let mut table: Table<Pair> = Table::in_part(hash_shift, stagger);
             let mut model: HashMap<u64, u64> = HashMap::new();
             for step in steps {
                 match step {
@@ -359,7 +382,16 @@ mod tests {
             assert!(table.len() * 4 <= table.slots.len() * 3, "{} in {}", table.len(), table.slots.len());
         }
         table.reserve(3000);
-        assert_eq!(table.slots.len(), 8192);
+        // 1000 + 3000 entries at three quarters need 5334 slots; grown by half at a time from 8
+        // (12, 18, … 3444, 5166), that is 7749.
+        assert_eq!(table.slots.len(), 7749);
         assert_eq!(table.len(), 1000);
+        // A staggered table starts a quarter of a step up: 12 × 3/2 … past 1334 for 1000.
+        let mut table: Table<Pair> = Table::in_part(8, 128);
+        for k in 1..=1000 {
+            table.insert(Pair(k, k));
+            assert!(table.len() * 4 <= table.slots.len() * 3, "{} in {}", table.len(), table.slots.len());
+        }
+        assert!((1334..2001).contains(&table.slots.len()), "{}", table.slots.len());
     }
 }
