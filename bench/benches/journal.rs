@@ -11,6 +11,8 @@ use engine::shard::encode_batch;
 use engine::{AccountId, ShardId, Transfer};
 
 fn append(c: &mut Criterion) {
+    // As `qepik` does (engine::memory): the figures are the server's.
+    let _ = engine::memory::disable_transparent_huge_pages();
     let mut group = c.benchmark_group("journal_append_fdatasync");
     group.sample_size(20);
     for batch_len in [1_usize, 100, 1_000, 8_000] {

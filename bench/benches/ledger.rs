@@ -92,6 +92,8 @@ fn batches(ledger: &Ledger, cross: bool, count: usize) -> Vec<Vec<Transfer>> {
 }
 
 fn apply(c: &mut Criterion) {
+    // As `qepik` does (engine::memory): the figures are the server's.
+    let _ = engine::memory::disable_transparent_huge_pages();
     let mut group = c.benchmark_group("ledger_apply");
     group.throughput(Throughput::Elements(BATCH as u64));
     group.sample_size(20);
@@ -141,6 +143,7 @@ fn apply(c: &mut Criterion) {
 /// What a checkpoint stops a shard for: copying its state (half of a million accounts, two
 /// million final transfers) into the checkpoint's record, on the shard's own thread.
 fn capture(c: &mut Criterion) {
+    let _ = engine::memory::disable_transparent_huge_pages();
     let mut group = c.benchmark_group("checkpoint_capture");
     group.sample_size(10);
     // Grown as the engine grows it (no table reserved up front), so that the copy walks tables

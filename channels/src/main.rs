@@ -100,6 +100,9 @@ fn main() -> std::process::ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    if let Err(error) = engine::memory::disable_transparent_huge_pages() {
+        tracing::warn!(%error, "could not turn transparent huge pages off; running with them");
+    }
     match run(Cli::parse()) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {

@@ -18,6 +18,7 @@ pub mod ids;
 pub mod journal;
 pub mod ledger;
 pub mod limits;
+pub mod memory;
 pub mod money;
 pub mod msisdn;
 pub mod outbox;

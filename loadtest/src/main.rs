@@ -55,6 +55,10 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    // As `qepik` does (engine::memory): the figures are the server's.
+    if let Err(error) = engine::memory::disable_transparent_huge_pages() {
+        eprintln!("loadtest: could not turn transparent huge pages off: {error}");
+    }
     let cli = Cli::parse();
     match cli.scenario {
         Scenario::Engine(args) => engine_scenario::run(args),
