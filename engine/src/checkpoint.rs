@@ -86,6 +86,7 @@ pub fn load_latest(dir: &Path) -> Result<Option<WalCheckpoint>, CheckpointError>
         }
         (CHECKPOINT_VERSION_V6, payload) => {
             let old = record::decode_checkpoint_v6(payload).map_err(|error| corrupt(error.to_string()))?;
+            reader.end()?;
             return old.upgrade().map(Some).map_err(|error| corrupt(error.to_string()));
         }
         (version, _) if OLDER_CHECKPOINT_VERSIONS.contains(&version) => {
@@ -235,8 +236,15 @@ impl<'a> AtomicFile<'a> {
         Ok(())
     }
 
-    /// One frame: its header, then `payload` from where it is.
+    /// One frame: its header, then `payload` from where it is. A payload the frame's 32-bit
+    /// length cannot state is an error here, not a file that cannot be read back.
     pub(crate) fn frame(&mut self, version: u8, payload: &[u8]) -> std::io::Result<()> {
+        if payload.len() >= u32::MAX as usize {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("a frame of {} bytes does not fit a 32-bit length", payload.len()),
+            ));
+        }
         self.write(&frame::header(version, payload))?;
         self.write(payload)
     }

@@ -25,13 +25,17 @@ pub(crate) trait Entry: Copy {
 }
 
 pub(crate) struct Table<E> {
-    /// `MIN_SLOTS × (512 + stagger) / 512 × (3/2)^k` slots for some k (or none).
+    /// `base × (512 + stagger) / 512` slots (or none).
     slots: Vec<E>,
     /// Top bits of the hash that choose a part, not a slot: dropped before the hash is scaled.
     hash_shift: u32,
     /// Where within a growth step this table's sizes lie (0 to 255): the parts of one map take
     /// different ones, so that they do not all grow at the same entry count.
     stagger: usize,
+    /// The step of the growth series the size was taken from (`MIN_SLOTS × (3/2)^k`, rounded
+    /// down at each step; 0 while empty): the stagger scales it, so that it keeps its full
+    /// resolution at every size rather than rounding away at the small first ones.
+    base: usize,
     /// Entries in `slots`, not counting `aside`.
     len: usize,
     /// The entry whose key is the free slot's, if one was inserted.
@@ -59,7 +63,15 @@ impl<E: Entry> Table<E> {
     /// A table for one part of a map: the top `hash_shift` bits of a hash chose the part, and
     /// `stagger` (0 to 255) where its sizes lie within a growth step.
     pub fn in_part(hash_shift: u32, stagger: usize) -> Self {
-        Table { slots: Vec::new(), hash_shift, stagger: stagger % 256, len: 0, aside: None, seed: seed() }
+        Table {
+            slots: Vec::new(),
+            hash_shift,
+            stagger: stagger % 256,
+            base: 0,
+            len: 0,
+            aside: None,
+            seed: seed(),
+        }
     }
 
     pub fn len(&self) -> usize {
@@ -215,13 +227,15 @@ impl<E: Entry> Table<E> {
         if needed.saturating_mul(4) <= self.slots.len().saturating_mul(3) {
             return;
         }
-        // Grown by half each time, from a first size set by the stagger: a table's sizes are
-        // `MIN_SLOTS × (512 + stagger) / 512 × (3/2)^k`, rounded down at each step.
-        let mut slots =
-            if self.slots.is_empty() { MIN_SLOTS * (512 + self.stagger) / 512 } else { self.slots.len() };
-        while slots.saturating_mul(3) < needed.saturating_mul(4) {
-            slots = slots.saturating_add(slots / 2);
+        // Grown by half each time: a table's sizes are `base × (512 + stagger) / 512` for the
+        // steps `base` of `MIN_SLOTS × (3/2)^k`.
+        let size = |base: usize| base.saturating_mul(512 + self.stagger) / 512;
+        let mut base = self.base.max(MIN_SLOTS);
+        while size(base).saturating_mul(3) < needed.saturating_mul(4) {
+            base = base.saturating_add(base / 2);
         }
+        self.base = base;
+        let slots = size(base);
         let old = std::mem::replace(&mut self.slots, vec![E::FREE; slots]);
         self.len = 0;
         for entry in old.into_iter().filter(|entry| !Self::is_free(entry)) {
