@@ -1286,12 +1286,15 @@ mod tests {
             for account in &accounts {
                 chunks.push(account, 7);
             }
-            let mut bytes = chunks.chunks()[0].clone();
+            let whole = chunks.chunks()[0].clone();
+            let mut bytes = whole.clone();
             for (at, mask) in flips {
                 let len = bytes.len();
                 bytes[at % len] ^= mask;
             }
-            let _any: Vec<_> = AccountChunks::from_chunks(vec![bytes.clone()], chunks.count()).into_accounts(7).collect();
+            let _any: Vec<_> = AccountChunks::from_chunks(vec![bytes], chunks.count()).into_accounts(7).collect();
+            // The undamaged chunk cut short: a field cut in two, or whole accounts missing.
+            let mut bytes = whole;
             bytes.truncate(bytes.len().saturating_sub(cut));
             let shorter: Result<Vec<Account>, _> =
                 AccountChunks::from_chunks(vec![bytes], chunks.count()).into_accounts(7).collect();
