@@ -97,17 +97,20 @@ pub fn load_latest(dir: &Path) -> Result<Option<WalCheckpoint>, CheckpointError>
         }
         (version, _) => return Err(corrupt(format!("unknown version {version}"))),
     };
-    let WalCheckpointHead { shard_count, shards: heads, segments } = head;
+    let WalCheckpointHead { shard_count, shards: heads, accounts, segments } = head;
+    if accounts.len() != heads.len() {
+        return Err(corrupt(format!("{} account counts for {} shards", accounts.len(), heads.len())));
+    }
     let mut shards = Vec::with_capacity(heads.len());
-    for head in heads {
+    for (head, (account_count, chunk_count)) in heads.into_iter().zip(accounts) {
         let mut chunks = Vec::new();
-        for _ in 0..head.account_chunks {
+        for _ in 0..chunk_count {
             match reader.next(&mut buffer)? {
                 (CHECKPOINT_VERSION, payload) => chunks.push(payload.to_vec()),
                 (version, _) => return Err(corrupt(format!("account chunk of version {version}"))),
             }
         }
-        let accounts = AccountChunks::from_chunks(chunks, head.account_count);
+        let accounts = AccountChunks::from_chunks(chunks, account_count);
         shards.push(WalShardState { head, accounts });
     }
     reader.end()?;
@@ -411,20 +414,22 @@ fn write_checkpoint(
     pace: Option<Pace<'_>>,
 ) -> Result<(), CheckpointError> {
     let mut heads = Vec::with_capacity(shards.len());
+    let mut counts = Vec::with_capacity(shards.len());
     let mut accounts = Vec::with_capacity(shards.len());
-    for WalShardState { mut head, accounts: mut chunks } in shards {
-        head.account_count = chunks.count();
+    for WalShardState { head, accounts: mut chunks } in shards {
         let taken = chunks.take_chunks();
-        head.account_chunks = u32::try_from(taken.len()).map_err(|error| CheckpointError::Corrupt {
+        let chunk_count = u32::try_from(taken.len()).map_err(|error| CheckpointError::Corrupt {
             path: path.to_path_buf(),
             reason: error.to_string(),
         })?;
+        counts.push((chunks.count(), chunk_count));
         heads.push(head);
         accounts.push(taken);
     }
     let head = WalCheckpointHead {
         shard_count: checkpoint.shard_count,
         shards: heads,
+        accounts: counts,
         segments: checkpoint.segments.clone(),
     };
     let head = encoded(path, record::encode_checkpoint_head(&head))?;

@@ -379,15 +379,14 @@ pub struct WalStoredTransfer {
 }
 
 /// One shard's state in a checkpoint of layout 7, but for its accounts: they follow the head
-/// of the checkpoint in `account_chunks` frames of their own ([`AccountChunks`]).
+/// of the checkpoint in frames of their own ([`AccountChunks`], counted in
+/// [`WalCheckpointHead::accounts`]).
 #[derive(Debug, Clone, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct WalShardHead {
     /// The journal position after the last record of this shard that the state includes.
     pub position: u64,
     /// The time of the last batch applied (ns), so the shard's clock never runs backwards.
     pub timestamp: u64,
-    pub account_count: u64,
-    pub account_chunks: u32,
     /// Open holds and cross-shard transfers in flight, whole.
     pub transfers: Vec<WalStoredTransfer>,
     pub credits: Vec<(u128, u8, u64)>,
@@ -401,6 +400,9 @@ pub struct WalShardHead {
 pub struct WalCheckpointHead {
     pub shard_count: u16,
     pub shards: Vec<WalShardHead>,
+    /// Per shard, in order: how many accounts follow the head, in how many chunk frames. Set
+    /// by the writer from the chunks it writes, the only place they are counted.
+    pub accounts: Vec<(u64, u32)>,
     /// The done segments (their sequence numbers, oldest first) that together hold the final
     /// transfers of this state; recovery reads them in this order.
     pub segments: Vec<u64>,
@@ -598,9 +600,6 @@ impl WalCheckpointV6 {
             let head = WalShardHead {
                 position: old.position,
                 timestamp: old.timestamp,
-                account_count: accounts.count(),
-                account_chunks: u32::try_from(accounts.chunks().len())
-                    .map_err(|_| DecodeRecordError("account chunks"))?,
                 transfers: old.transfers,
                 credits: old.credits,
                 policy: old.policy,
@@ -1001,8 +1000,6 @@ impl WalShardState {
         let head = WalShardHead {
             position: 0,
             timestamp,
-            account_count: accounts.count(),
-            account_chunks: u32::try_from(accounts.chunks().len()).unwrap_or(u32::MAX),
             transfers: ledger.open_transfers().map(WalStoredTransfer::from).collect(),
             credits: ledger.credit_steps().map(|(id, (result, hash))| (id.0, *result as u8, *hash)).collect(),
             policy: ledger.policy().clone(),
@@ -1027,7 +1024,7 @@ impl WalShardState {
             })
             .collect::<Result<Vec<_>, _>>()?;
         let mut failure = None;
-        let count = usize::try_from(head.account_count.min(accounts.count_max()))
+        let count = usize::try_from(accounts.count().min(accounts.count_max()))
             .map_err(|_| DecodeRecordError("account count"))?;
         let decoded = accounts.into_accounts(head.timestamp).map_while(|account| match account {
             Ok(account) => Some(account),
