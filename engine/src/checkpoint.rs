@@ -286,8 +286,8 @@ pub fn load_segment(
     mut restore: impl FnMut(usize, &[[u64; 3]]) -> Result<(), String>,
 ) -> Result<(), CheckpointError> {
     let path = segment_path(dir, sequence);
-    if let Err(error) = fs::metadata(&path) {
-        if error.kind() == std::io::ErrorKind::NotFound {
+    let mut reader = match FrameFile::open(&path) {
+        Err(CheckpointError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
             return Err(CheckpointError::Corrupt {
                 path,
                 reason: "missing: the newest checkpoint lists this done segment; without it, remove the \
@@ -295,9 +295,8 @@ pub fn load_segment(
                     .into(),
             });
         }
-        return Err(io(&path)(error));
-    }
-    let mut reader = FrameFile::open(&path)?;
+        opened => opened?,
+    };
     let corrupt = |reason: String| CheckpointError::Corrupt { path: path.clone(), reason };
     let mismatch = |found: u64, shards: usize| {
         corrupt(format!(
