@@ -9,8 +9,8 @@
 //!
 //! Linear probing, at most three quarters full, with backward-shift removal (no tombstones).
 //! The slot index is the hash scaled to the slot count (the high half of `hash × slots`), so a
-//! table may have any number of slots: the parts of a [`super::parted::Parted`] map double at
-//! staggered sizes, and never all at once.
+//! table may have any number of slots: the parts of a [`super::parted::Parted`] map grow by
+//! half at staggered sizes, and never all at once.
 
 /// What a [`Table`] stores: a fixed-size entry that carries its own key.
 pub(crate) trait Entry: Copy {
@@ -168,8 +168,13 @@ impl<E: Entry> Table<E> {
         prefetch(&self.slots[at]);
         // Linear probing goes on into the next slots: their line, when the entry is smaller.
         if size_of::<E>() < 64 {
+            // One wrap at most, and no division on this hot path (a table has at least eight
+            // slots; an entry so small that it reaches past them is simply not fetched ahead).
             let ahead = at + 64 / size_of::<E>().max(1);
-            prefetch(&self.slots[ahead % self.slots.len()]);
+            let ahead = ahead.checked_sub(self.slots.len()).unwrap_or(ahead);
+            if let Some(slot) = self.slots.get(ahead) {
+                prefetch(slot);
+            }
         }
     }
 
