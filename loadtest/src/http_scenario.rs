@@ -19,6 +19,8 @@ use rand::Rng;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
+use crate::wire;
+
 #[derive(Debug, clap::Args)]
 pub struct Args {
     /// The server, HOST:PORT.
@@ -99,77 +101,6 @@ fn signature(credential: &(String, Vec<u8>), method: &str, path: &str, body: &st
     let body_hash = hex::encode(Sha256::digest(body.as_bytes()));
     mac.update(format!("{method}\n{path}\n{timestamp}\n{body_hash}").as_bytes());
     (timestamp, hex::encode(mac.finalize().into_bytes()))
-}
-
-type Body = http_body_util::Full<bytes::Bytes>;
-
-/// One keep-alive HTTP/1.1 connection of the measured run, on hyper's client connection: no
-/// pool, URL parsing or redirect policy per request (through reqwest the tool spent ~60 µs of
-/// CPU a request, as much as half the server's). Reconnects after an error.
-struct Connection {
-    target: String,
-    sender: Option<hyper::client::conn::http1::SendRequest<Body>>,
-}
-
-impl Connection {
-    fn new(target: &str) -> Connection {
-        Connection { target: target.to_owned(), sender: None }
-    }
-
-    /// A POST to `path` with `body` and `headers`.
-    fn request(
-        &self,
-        path: &str,
-        body: String,
-        headers: &[(&str, &str)],
-    ) -> anyhow::Result<hyper::Request<Body>> {
-        let mut request = hyper::Request::post(path)
-            .header("host", self.target.as_str())
-            .header("content-type", "application/json");
-        for (name, value) in headers {
-            request = request.header(*name, *value);
-        }
-        Ok(request.body(Body::new(body.into()))?)
-    }
-
-    /// Sends `request` and reads the whole answer: its status, the `Retry-After` seconds if
-    /// any, and its body.
-    async fn send(
-        &mut self,
-        request: hyper::Request<Body>,
-    ) -> anyhow::Result<(u16, Option<u64>, bytes::Bytes)> {
-        use http_body_util::BodyExt;
-        let sender = match self.sender.as_mut() {
-            Some(sender) if !sender.is_closed() => sender,
-            _ => {
-                let stream = tokio::net::TcpStream::connect(&self.target).await?;
-                stream.set_nodelay(true)?;
-                let (sender, connection) =
-                    hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
-                tokio::spawn(connection);
-                self.sender.insert(sender)
-            }
-        };
-        let answer = async {
-            sender.ready().await?;
-            let response = sender.send_request(request).await?;
-            let status = response.status().as_u16();
-            let retry_after = response
-                .headers()
-                .get("retry-after")
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<u64>().ok());
-            let body = response.into_body().collect().await?.to_bytes();
-            Ok::<_, hyper::Error>((status, retry_after, body))
-        };
-        match answer.await {
-            Ok(answer) => Ok(answer),
-            Err(error) => {
-                self.sender = None;
-                Err(error.into())
-            }
-        }
-    }
 }
 
 pub(crate) async fn json_of(request: reqwest::RequestBuilder) -> anyhow::Result<(u16, Value)> {
@@ -409,7 +340,7 @@ async fn drive(args: Args, credentials: Value) -> anyhow::Result<Summary> {
     for connection in 0..args.connections {
         let (wallets, counts, agent) = (wallets.clone(), counts.clone(), agent.clone());
         let (p2p_percent, honour_retry_after) = (args.p2p_percent, args.honour_retry_after);
-        let mut link = Connection::new(&args.target);
+        let mut link = wire::Link::new(&args.target);
         tasks.push(tokio::spawn(async move {
             let new = || Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("valid bounds");
             // Accepted, from the intended send time; accepted and refused, from the actual one.
@@ -432,38 +363,35 @@ async fn drive(args: Args, credentials: Value) -> anyhow::Result<Summary> {
                 n += 1;
                 let key = format!("lt-{run_id:x}-{connection}-{n}");
                 let cash_in = rng.random_range(0..100) >= p2p_percent;
-                let request = if cash_in {
+                if cash_in {
                     let to = &wallets[rng.random_range(0..wallets.len())];
                     let body = format!(r#"{{"msisdn":"{}","amount":"0.10"}}"#, to.msisdn);
                     let path = "/v1/agent/cash-in";
                     let (timestamp, signature) = signature(&agent, "POST", path, &body);
                     let timestamp = timestamp.to_string();
-                    link.request(
+                    link.post(
                         path,
-                        body,
                         &[
                             ("x-qepik-key", &agent.0),
                             ("x-qepik-timestamp", &timestamp),
                             ("x-qepik-signature", &signature),
                             ("idempotency-key", &key),
                         ],
-                    )
+                        body.as_bytes(),
+                    );
                 } else {
                     let from = rng.random_range(0..wallets.len());
                     let to = (from + 1 + rng.random_range(0..wallets.len() - 1)) % wallets.len();
                     let body = format!(r#"{{"to":"{}","amount":"0.01","pin":"{PIN}"}}"#, wallets[to].msisdn);
                     let bearer = format!("Bearer {}", wallets[from].token);
-                    link.request(
+                    link.post(
                         "/v1/customer/transfers",
-                        body,
                         &[("authorization", &bearer), ("idempotency-key", &key)],
-                    )
-                };
+                        body.as_bytes(),
+                    );
+                }
                 let sent = Instant::now();
-                let (status, retry_after, body) = match request {
-                    Ok(request) => link.send(request).await.unwrap_or_default(),
-                    Err(_) => Default::default(),
-                };
+                let wire::Answer { status, retry_after, body } = link.send().await.unwrap_or_default();
                 let micros = u64::try_from(intended.elapsed().as_micros()).unwrap_or(u64::MAX).max(1);
                 let from_send = u64::try_from(sent.elapsed().as_micros()).unwrap_or(u64::MAX).max(1);
                 match status {

@@ -17,6 +17,7 @@
 mod engine_scenario;
 mod http_scenario;
 mod ussd_scenario;
+mod wire;
 
 use clap::{Parser, Subcommand};
 
