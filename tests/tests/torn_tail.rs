@@ -48,7 +48,8 @@ impl Journal {
             let bytes = fs::read(&path)?;
             let mut frames = Vec::new();
             let mut offset = 0;
-            while offset < bytes.len() {
+            // The last segment may end in zeros the writer wrote ahead of its next group.
+            while offset < bytes.len() && bytes[offset..].iter().any(|byte| *byte != 0) {
                 let FrameRead::Frame { version, payload, len } = read_frame(&bytes[offset..]) else {
                     anyhow::bail!("{} is damaged at {offset}", path.display());
                 };
