@@ -15,9 +15,13 @@ use std::path::{Path, PathBuf};
 use crate::journal::frame::{self, FrameRead};
 use crate::journal::record::{
     self, AccountChunks, CHECKPOINT_VERSION, CHECKPOINT_VERSION_V4, CHECKPOINT_VERSION_V5,
-    CHECKPOINT_VERSION_V6, FORMAT_VERSION_V3, WalCheckpoint, WalCheckpointHead, WalDoneSegment,
-    WalDoneSegmentHead, WalShardState,
+    CHECKPOINT_VERSION_V6, CHECKPOINT_VERSION_V7, FORMAT_VERSION_V3, WalCheckpoint, WalCheckpointHead,
+    WalDoneSegment, WalDoneSegmentHead, WalShardState, WalletChunks,
 };
+
+/// Done segments keep layout 7's frames: their format did not change with layout 8 (which
+/// moved the wallets out of the checkpoint's head).
+const DONE_SEGMENT_VERSION: u8 = CHECKPOINT_VERSION_V7;
 
 /// Checkpoints written before they had a layout version of their own carry the journal's
 /// version 3; the journal has moved on since, so the number is fixed here. Version 4 held the
@@ -80,10 +84,15 @@ pub fn load_latest(dir: &Path) -> Result<Option<WalCheckpoint>, CheckpointError>
     let mut reader = FrameFile::open(&path)?;
     let corrupt = |reason: String| CheckpointError::Corrupt { path: path.clone(), reason };
     let mut buffer = Vec::new();
-    let head = match reader.next(&mut buffer)? {
-        (CHECKPOINT_VERSION, payload) => {
-            record::decode_checkpoint_head(payload).map_err(|error| corrupt(error.to_string()))?
-        }
+    let (version, head) = match reader.next(&mut buffer)? {
+        (CHECKPOINT_VERSION, payload) => (
+            CHECKPOINT_VERSION,
+            record::decode_checkpoint_head(payload).map_err(|error| corrupt(error.to_string()))?,
+        ),
+        (CHECKPOINT_VERSION_V7, payload) => (
+            CHECKPOINT_VERSION_V7,
+            record::decode_checkpoint_head_v7(payload).map_err(|error| corrupt(error.to_string()))?.upgrade(),
+        ),
         (CHECKPOINT_VERSION_V6, payload) => {
             let old = record::decode_checkpoint_v6(payload).map_err(|error| corrupt(error.to_string()))?;
             reader.end()?;
@@ -97,21 +106,34 @@ pub fn load_latest(dir: &Path) -> Result<Option<WalCheckpoint>, CheckpointError>
         }
         (version, _) => return Err(corrupt(format!("unknown version {version}"))),
     };
-    let WalCheckpointHead { shard_count, shards: heads, accounts, segments } = head;
-    if accounts.len() != heads.len() {
-        return Err(corrupt(format!("{} account counts for {} shards", accounts.len(), heads.len())));
+    let WalCheckpointHead { shard_count, shards: heads, accounts, wallets, segments } = head;
+    if accounts.len() != heads.len() || wallets.len() != heads.len() {
+        return Err(corrupt(format!(
+            "{} account and {} wallet counts for {} shards",
+            accounts.len(),
+            wallets.len(),
+            heads.len()
+        )));
     }
-    let mut shards = Vec::with_capacity(heads.len());
-    for (head, (account_count, chunk_count)) in heads.into_iter().zip(accounts) {
+    // Each shard's account chunks, shard after shard, then each shard's wallet chunks.
+    let mut chunks_of = |count: u32, what: &str| -> Result<Vec<Vec<u8>>, CheckpointError> {
         let mut chunks = Vec::new();
-        for _ in 0..chunk_count {
+        for _ in 0..count {
             match reader.next(&mut buffer)? {
-                (CHECKPOINT_VERSION, payload) => chunks.push(payload.to_vec()),
-                (version, _) => return Err(corrupt(format!("account chunk of version {version}"))),
+                (found, payload) if found == version => chunks.push(payload.to_vec()),
+                (found, _) => return Err(corrupt(format!("{what} chunk of version {found}"))),
             }
         }
-        let accounts = AccountChunks::from_chunks(chunks, account_count);
-        shards.push(WalShardState { head, accounts });
+        Ok(chunks)
+    };
+    let mut account_chunks = Vec::with_capacity(heads.len());
+    for (count, chunk_count) in accounts {
+        account_chunks.push(AccountChunks::from_chunks(chunks_of(chunk_count, "account")?, count));
+    }
+    let mut shards = Vec::with_capacity(heads.len());
+    for ((head, accounts), (count, chunk_count)) in heads.into_iter().zip(account_chunks).zip(wallets) {
+        let wallets = WalletChunks::from_chunks(chunks_of(chunk_count, "wallet")?, count);
+        shards.push(WalShardState { head, accounts, wallets });
     }
     reader.end()?;
     Ok(Some(WalCheckpoint { shard_count, shards, segments }))
@@ -305,7 +327,7 @@ pub fn load_segment(
     };
     let mut buffer = Vec::new();
     let head = match reader.next(&mut buffer)? {
-        (CHECKPOINT_VERSION, payload) => {
+        (DONE_SEGMENT_VERSION, payload) => {
             record::decode_done_segment_head(payload).map_err(|error| corrupt(error.to_string()))?
         }
         (CHECKPOINT_VERSION_V6, payload) => {
@@ -328,7 +350,7 @@ pub fn load_segment(
     for (shard, &chunks) in head.chunks.iter().enumerate() {
         for _ in 0..chunks {
             let entries = match reader.next(&mut buffer)? {
-                (CHECKPOINT_VERSION, payload) => {
+                (DONE_SEGMENT_VERSION, payload) => {
                     record::decode_done_chunk(payload).map_err(|error| corrupt(error.to_string()))?
                 }
                 (version, _) => return Err(corrupt(format!("done chunk of version {version}"))),
@@ -395,12 +417,12 @@ fn write_segment(
         record::encode_done_segment_head(&WalDoneSegmentHead { sequence: segment.sequence, chunks }),
     )?;
     let mut file = AtomicFile::create(&temp, path, pace).map_err(io(path))?;
-    file.frame(CHECKPOINT_VERSION, &head).map_err(io(path))?;
+    file.frame(DONE_SEGMENT_VERSION, &head).map_err(io(path))?;
     let mut payload = Vec::new();
     for chunk in segment.shards.iter().flatten() {
         payload.clear();
         record::encode_done_chunk(chunk, &mut payload);
-        file.frame(CHECKPOINT_VERSION, &payload).map_err(io(path))?;
+        file.frame(DONE_SEGMENT_VERSION, &payload).map_err(io(path))?;
     }
     file.commit().map_err(io(path))
 }
@@ -413,29 +435,40 @@ fn write_checkpoint(
     pace: Option<Pace<'_>>,
 ) -> Result<(), CheckpointError> {
     let mut heads = Vec::with_capacity(shards.len());
-    let mut counts = Vec::with_capacity(shards.len());
-    let mut accounts = Vec::with_capacity(shards.len());
-    for WalShardState { head, accounts: mut chunks } in shards {
-        let taken = chunks.take_chunks();
-        let chunk_count = u32::try_from(taken.len()).map_err(|error| CheckpointError::Corrupt {
-            path: path.to_path_buf(),
-            reason: error.to_string(),
-        })?;
-        counts.push((chunks.count(), chunk_count));
-        heads.push(head);
+    let (mut account_counts, mut wallet_counts) = (Vec::new(), Vec::new());
+    let (mut accounts, mut wallets) = (Vec::new(), Vec::new());
+    let chunk_count = |chunks: &[Vec<u8>]| {
+        u32::try_from(chunks.len())
+            .map_err(|error| CheckpointError::Corrupt { path: path.to_path_buf(), reason: error.to_string() })
+    };
+    for WalShardState { mut head, accounts: mut account_chunks, wallets: mut wallet_chunks } in shards {
+        // A state upgraded from an older layout holds its wallets whole: chunk them too.
+        if !head.wallets.is_empty() {
+            let mut scratch = Vec::new();
+            for wallet in std::mem::take(&mut head.wallets) {
+                wallet_chunks.push(&wallet, &mut scratch);
+            }
+        }
+        let taken = account_chunks.take_chunks();
+        account_counts.push((account_chunks.count(), chunk_count(&taken)?));
         accounts.push(taken);
+        let taken = wallet_chunks.take_chunks();
+        wallet_counts.push((wallet_chunks.count(), chunk_count(&taken)?));
+        wallets.push(taken);
+        heads.push(head);
     }
     let head = WalCheckpointHead {
         shard_count: checkpoint.shard_count,
         shards: heads,
-        accounts: counts,
+        accounts: account_counts,
+        wallets: wallet_counts,
         segments: checkpoint.segments.clone(),
     };
     let head = encoded(path, record::encode_checkpoint_head(&head))?;
     let mut file = AtomicFile::create(temp, path, pace).map_err(io(path))?;
     file.frame(CHECKPOINT_VERSION, &head).map_err(io(path))?;
     drop(head);
-    for chunk in accounts.into_iter().flatten() {
+    for chunk in accounts.into_iter().flatten().chain(wallets.into_iter().flatten()) {
         // Each chunk is freed once written: the checkpoint's memory shrinks as its file grows.
         file.frame(CHECKPOINT_VERSION, &chunk).map_err(io(path))?;
     }
@@ -583,7 +616,38 @@ mod tests {
             })
             .collect();
         ledger.submit(&transfers, 5_000, &mut outcomes, &mut log);
+        // Wallets, one in five with a PIN and one in seven sent an OTP.
+        for n in 0..2_000_u64 {
+            let msisdn = 994_500_000_000 + n * 7_919;
+            let pin = (n % 5 == 0).then_some(crate::wallet::Tag([n.to_le_bytes()[0]; 32]));
+            let register = crate::wallet::WalletRequest::Register {
+                msisdn,
+                currencies: vec![Currency::Azn],
+                tier: 0,
+                pin,
+                language: (n % 3) as u8,
+                actor: crate::wallet::Actor::system(),
+            };
+            let reply = ledger.wallet_request(register, 6_000 + n, &mut log);
+            assert!(matches!(reply, crate::wallet::WalletReply::Done), "{reply:?}");
+            if n % 7 == 0 {
+                let issue = crate::wallet::WalletRequest::IssueOtp {
+                    msisdn,
+                    nonce: u128::from(n),
+                    tag: crate::wallet::Tag([9; 32]),
+                    ttl_s: 300,
+                };
+                let reply = ledger.wallet_request(issue, 7_000 + n, &mut log);
+                assert!(matches!(reply, crate::wallet::WalletReply::Done), "{reply:?}");
+            }
+        }
         ledger
+    }
+
+    fn sorted_wallets(ledger: &Ledger) -> Vec<crate::wallet::WalletState> {
+        let mut wallets: Vec<_> = ledger.wallets().collect();
+        wallets.sort_by_key(|wallet| wallet.msisdn);
+        wallets
     }
 
     #[test]
@@ -600,7 +664,10 @@ mod tests {
             accounts
         };
         assert_eq!(sorted(&restored), sorted(&ledger));
-        assert_eq!(sorted(&ledger).len(), 300);
+        assert_eq!(sorted(&ledger).len(), 300 + 2_000);
+        assert_eq!(sorted_wallets(&restored), sorted_wallets(&ledger));
+        assert_eq!(sorted_wallets(&ledger).len(), 2_000);
+        assert!(sorted_wallets(&ledger).iter().any(|wallet| wallet.otp.is_some()));
         let whole = fs::read(&path)?;
         // Every cut and a flipped bit in every frame: an error, never a smaller ledger.
         for cut in (0..whole.len()).step_by(7) {
@@ -657,7 +724,7 @@ mod tests {
                 transfers: head.transfers,
                 credits: head.credits,
                 policy: head.policy,
-                wallets: head.wallets,
+                wallets: ledger.wallets().collect(),
                 outflow: head.outflow,
             }],
             segments: vec![1],
@@ -674,11 +741,53 @@ mod tests {
             assert_eq!(restored.account(account.id), Some(account));
         }
         assert_eq!(restored.account_count(), ledger.account_count());
+        assert_eq!(sorted_wallets(&restored), sorted_wallets(&ledger));
         for id in 1..=299_u128 {
             let id = TransferId(id << 70 | 1);
             assert!(ledger.transfer_state(id).is_some());
             assert_eq!(restored.transfer_state(id), ledger.transfer_state(id));
         }
+        Ok(())
+    }
+
+    /// Checkpoints of layout 7 (the wallets whole in the head frame) are still read, and the
+    /// next checkpoint written from what they restore is layout 8.
+    #[test]
+    fn a_checkpoint_of_layout_7_is_read() -> Result<(), Box<dyn std::error::Error>> {
+        use crate::journal::record::WalCheckpointHeadV7;
+        let dir = tempfile::tempdir()?;
+        let mut ledger = busy_ledger();
+        let (mut state, done) = WalShardState::capture(&mut ledger, 9_000);
+        let mut head = state.head.clone();
+        head.wallets = ledger.wallets().collect();
+        let chunks = state.accounts.take_chunks();
+        let old = WalCheckpointHeadV7 {
+            shard_count: 1,
+            shards: vec![head],
+            accounts: vec![(state.accounts.count(), u32::try_from(chunks.len())?)],
+            segments: vec![1],
+        };
+        let mut bytes = Vec::new();
+        frame::write_frame(&mut bytes, CHECKPOINT_VERSION_V7, &record::encode_checkpoint_head_v7(&old)?);
+        for chunk in &chunks {
+            frame::write_frame(&mut bytes, CHECKPOINT_VERSION_V7, chunk);
+        }
+        fs::write(file(dir.path(), 1), &bytes)?;
+        let mut segment = WalDoneSegment { sequence: 1, shards: vec![done] };
+        write_segment(&segment_path(dir.path(), 1), &segment, None)?;
+        let mut restored = restore(dir.path())?;
+        assert_eq!(restored.account_count(), ledger.account_count());
+        assert_eq!(sorted_wallets(&restored), sorted_wallets(&ledger));
+        // Written again: layout 8, the same wallets.
+        let (mut checkpoint, _) = take(&mut restored, vec![1]);
+        segment.shards = vec![Vec::new()];
+        write(dir.path(), &mut checkpoint, &mut segment, None)?;
+        let newest = fs::read(file(dir.path(), 2))?;
+        assert!(matches!(
+            frame::read_frame_max(&newest, usize::MAX),
+            FrameRead::Frame { version: CHECKPOINT_VERSION, .. }
+        ));
+        assert_eq!(sorted_wallets(&restore(dir.path())?), sorted_wallets(&ledger));
         Ok(())
     }
 }

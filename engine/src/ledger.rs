@@ -21,8 +21,8 @@ use crate::ids::{AccountId, Route, ShardId, TransferId, route};
 use crate::money::Currency;
 use crate::transfer::{Transfer, TransferFlags, TransferResult};
 use crate::wallet::{
-    self, Authorization, Evidence, LimitHit, Outflow, Policy, Tag, WalletAccountView, WalletCommand,
-    WalletRefusal, WalletReply, WalletRequest, WalletState, WalletView,
+    self, Authorization, Evidence, LimitHit, OtpSide, Outflow, Policy, Tag, WalletAccountView, WalletCommand,
+    WalletCore, WalletRefusal, WalletReply, WalletRequest, WalletState, WalletView,
 };
 use parted::Parted;
 use table::Entry;
@@ -350,7 +350,9 @@ pub struct Ledger {
     /// Cross-shard transfers of linked chains in flight, with their chain's other members.
     linked: FxHashMap<TransferId, Vec<TransferId>>,
     /// Wallet records of the MSISDNs whose accounts live here.
-    wallets: FxHashMap<u64, WalletState>,
+    wallets: FxHashMap<u64, WalletCore>,
+    /// The OTP state of the wallets that were ever sent an OTP (see [`WalletCore`]).
+    otps: FxHashMap<u64, OtpSide>,
     /// What a transfer needs of a wallet account, in one small entry: the tier and flags of its
     /// wallet (mirrored from the record) and its outflow counters. Made at the account's first
     /// debit under the policy.
@@ -378,6 +380,7 @@ impl Ledger {
             credits: FxHashMap::default(),
             linked: FxHashMap::default(),
             wallets: FxHashMap::default(),
+            otps: FxHashMap::default(),
             hot: FxHashMap::default(),
             policy: Policy::default(),
             min_max_balance: min_max_balance(&Policy::default()),
@@ -517,17 +520,28 @@ impl Ledger {
         self.credits = credits.into_iter().collect();
     }
 
-    /// Restores the wallet tables of a checkpoint.
+    /// Restores the wallet tables of a checkpoint: `count` wallets are expected (a room hint).
     pub fn restore_wallets(
         &mut self,
         policy: Policy,
-        wallets: Vec<WalletState>,
+        count: usize,
+        wallets: impl IntoIterator<Item = WalletState>,
         outflow: Vec<(AccountId, Outflow)>,
     ) {
         self.min_max_balance = min_max_balance(&policy);
         self.policy = policy;
         self.windows.0 = u64::MAX;
-        self.wallets = wallets.into_iter().map(|w| (w.msisdn, w)).collect();
+        self.wallets = FxHashMap::default();
+        self.otps = FxHashMap::default();
+        self.wallets.reserve(count);
+        for wallet in wallets {
+            let msisdn = wallet.msisdn;
+            let (core, side) = WalletCore::split(wallet);
+            self.wallets.insert(msisdn, core);
+            if let Some(side) = side {
+                self.otps.insert(msisdn, side);
+            }
+        }
         self.hot = outflow
             .into_iter()
             .filter_map(|(id, outflow)| {
@@ -556,12 +570,13 @@ impl Ledger {
         &self.policy
     }
 
-    pub fn wallet(&self, msisdn: u64) -> Option<&WalletState> {
-        self.wallets.get(&msisdn)
+    pub fn wallet(&self, msisdn: u64) -> Option<WalletState> {
+        self.wallets.get(&msisdn).map(|core| core.state(msisdn, self.otps.get(&msisdn)))
     }
 
-    pub fn wallets(&self) -> impl Iterator<Item = &WalletState> {
-        self.wallets.values()
+    /// Every wallet, whole (each put together from its core and OTP side).
+    pub fn wallets(&self) -> impl Iterator<Item = WalletState> + '_ {
+        self.wallets.iter().map(|(msisdn, core)| core.state(*msisdn, self.otps.get(msisdn)))
     }
 
     /// The outflow counters that have counted something (an untouched wallet's are implied).
@@ -1403,8 +1418,10 @@ impl Ledger {
         now: u64,
         log: &mut Vec<Command>,
     ) -> Result<(), WalletRefusal> {
-        let wallet = self.wallets.get(&msisdn).ok_or(WalletRefusal::NotFound)?;
-        let live = wallet.otp.ok_or(WalletRefusal::OtpNotIssued)?;
+        if !self.wallets.contains_key(&msisdn) {
+            return Err(WalletRefusal::NotFound);
+        }
+        let live = self.otps.get(&msisdn).and_then(|side| side.otp).ok_or(WalletRefusal::OtpNotIssued)?;
         if now >= live.expires_at {
             return Err(WalletRefusal::OtpExpired);
         }
@@ -1506,8 +1523,8 @@ impl Ledger {
             }
             WalletRequest::IssueOtp { nonce, tag, ttl_s, .. } => {
                 let window = u64::from(self.policy.otp_send_window_s) * NS_PER_S;
-                let recent: Vec<u64> =
-                    wallet.otp_sent.iter().copied().filter(|at| at + window > now).collect();
+                let sent = self.otps.get(&msisdn).map_or(&[][..], |side| &side.sent[..]);
+                let recent: Vec<u64> = sent.iter().copied().filter(|at| at + window > now).collect();
                 if recent.len() >= usize::from(self.policy.otp_sends_max) {
                     let oldest = recent.first().copied().unwrap_or(now);
                     let wait_ns = (oldest + window).saturating_sub(now);
@@ -1676,7 +1693,7 @@ impl Ledger {
 
     /// A wallet with its accounts, limits and current counters.
     pub fn wallet_view(&self, msisdn: u64, now: u64) -> Result<WalletView, WalletRefusal> {
-        let state = self.wallets.get(&msisdn).ok_or(WalletRefusal::NotFound)?.clone();
+        let state = self.wallet(msisdn).ok_or(WalletRefusal::NotFound)?;
         let windows = self.policy.windows(now);
         let accounts = Currency::ALL
             .iter()
@@ -1715,19 +1732,17 @@ impl Ledger {
         if let WalletCommand::Register { msisdn, tier, pin, language, .. } = command {
             self.wallets.insert(
                 *msisdn,
-                WalletState {
-                    msisdn: *msisdn,
+                WalletCore {
+                    pin: *pin,
+                    created_at: now,
                     tier: *tier,
                     flags: 0,
                     language: *language,
-                    pin: *pin,
                     pin_failures: 0,
-                    created_at: now,
-                    otp: None,
-                    otp_sent: Vec::new(),
                     code_failures: 0,
                 },
             );
+            self.otps.remove(msisdn);
             // Accounts made before their wallet record get their entry now.
             for currency in Currency::ALL {
                 let id = AccountId::wallet(*msisdn, currency);
@@ -1737,7 +1752,10 @@ impl Ledger {
             }
             return;
         }
-        let Some(wallet) = command.msisdn().and_then(|msisdn| self.wallets.get_mut(&msisdn)) else {
+        let Some(msisdn) = command.msisdn() else {
+            return;
+        };
+        let Some(wallet) = self.wallets.get_mut(&msisdn) else {
             return;
         };
         match command {
@@ -1760,23 +1778,30 @@ impl Ledger {
             }
             WalletCommand::SetLanguage { language, .. } => wallet.language = *language,
             WalletCommand::OtpIssued { tag, expires_at, .. } => {
-                wallet.otp = Some(wallet::OtpState { tag: *tag, expires_at: *expires_at, attempts: 0 });
-                wallet.otp_sent.push(now);
+                let side = self.otps.entry(msisdn).or_default();
+                side.otp = Some(wallet::OtpState { tag: *tag, expires_at: *expires_at, attempts: 0 });
+                side.sent.push(now);
                 let keep = usize::from(self.policy.otp_sends_max.max(1));
-                if wallet.otp_sent.len() > keep {
-                    let excess = wallet.otp_sent.len() - keep;
-                    wallet.otp_sent.drain(..excess);
+                if side.sent.len() > keep {
+                    let excess = side.sent.len() - keep;
+                    side.sent.drain(..excess);
                 }
             }
             WalletCommand::OtpFailed { .. } => {
-                if let Some(otp) = &mut wallet.otp {
+                if let Some(side) = self.otps.get_mut(&msisdn)
+                    && let Some(otp) = &mut side.otp
+                {
                     otp.attempts = otp.attempts.saturating_add(1);
                     if otp.attempts >= self.policy.otp_attempts_max {
-                        wallet.otp = None;
+                        side.otp = None;
                     }
                 }
             }
-            WalletCommand::OtpUsed { .. } => wallet.otp = None,
+            WalletCommand::OtpUsed { .. } => {
+                if let Some(side) = self.otps.get_mut(&msisdn) {
+                    side.otp = None;
+                }
+            }
             WalletCommand::CodeFailed { .. } => wallet.code_failures = wallet.code_failures.saturating_add(1),
             WalletCommand::CodesCancelled { .. } => wallet.code_failures = 0,
             WalletCommand::Profile { .. }
@@ -1785,7 +1810,7 @@ impl Ledger {
             | WalletCommand::Register { .. }
             | WalletCommand::SetPolicy(_) => {}
         }
-        let (msisdn, tier, flags) = (wallet.msisdn, wallet.tier, wallet.flags);
+        let (tier, flags) = (wallet.tier, wallet.flags);
         if matches!(
             command,
             WalletCommand::SetTier { .. }
@@ -1983,7 +2008,7 @@ fn check_credit(credit: &Account, amount: u64, pending: bool) -> Result<(), Tran
 /// refusal. `None`: not a wallet, or a leg exempt from limits.
 fn wallet_debit(
     policy: &Policy,
-    wallets: &FxHashMap<u64, WalletState>,
+    wallets: &FxHashMap<u64, WalletCore>,
     hot: &mut FxHashMap<AccountId, Hot>,
     debit: &Account,
     transfer: &Transfer,
@@ -2022,7 +2047,7 @@ fn wallet_debit(
 fn wallet_credit(
     policy: &Policy,
     min_max_balance: &[(Currency, u64)],
-    wallets: &FxHashMap<u64, WalletState>,
+    wallets: &FxHashMap<u64, WalletCore>,
     hot: &FxHashMap<AccountId, Hot>,
     credit: &Account,
     transfer: &Transfer,

@@ -388,7 +388,9 @@ pub struct OtpState {
     pub attempts: u8,
 }
 
-/// What a shard keeps per wallet (MSISDN).
+/// A wallet (MSISDN) as checkpoints hold it and lookups answer it. In memory a shard keeps it
+/// split: a [`WalletCore`] per wallet, and an [`OtpSide`] only for the wallets that were ever
+/// sent an OTP.
 #[derive(Debug, Clone, PartialEq, Eq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct WalletState {
     pub msisdn: u64,
@@ -403,6 +405,69 @@ pub struct WalletState {
     pub otp_sent: Vec<u64>,
     /// Wrong cash-by-code redemptions since the wallet's codes were last cancelled for them.
     pub code_failures: u8,
+}
+
+/// What a shard keeps in memory for every wallet: [`WalletState`] without its key and its OTP
+/// state. 48 bytes instead of 136: a wallet that never asked for an OTP (most of those on
+/// USSD, which confirms with the PIN) carries no room for one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WalletCore {
+    pub pin: Option<Tag>,
+    pub created_at: u64,
+    pub tier: u8,
+    pub flags: u8,
+    pub language: u8,
+    pub pin_failures: u8,
+    pub code_failures: u8,
+}
+
+/// A wallet's OTP state, kept beside its [`WalletCore`] once it was first sent an OTP.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OtpSide {
+    pub otp: Option<OtpState>,
+    /// When the last OTPs were sent (ns), oldest first, at most `otp_sends_max`.
+    pub sent: Vec<u64>,
+}
+
+impl WalletCore {
+    /// The core of `state`, and its OTP side if it has any OTP state.
+    pub fn split(state: WalletState) -> (WalletCore, Option<OtpSide>) {
+        let WalletState {
+            msisdn: _,
+            tier,
+            flags,
+            language,
+            pin,
+            pin_failures,
+            created_at,
+            otp,
+            otp_sent,
+            code_failures,
+        } = state;
+        let core = WalletCore { pin, created_at, tier, flags, language, pin_failures, code_failures };
+        let side = (otp.is_some() || !otp_sent.is_empty()).then_some(OtpSide { otp, sent: otp_sent });
+        (core, side)
+    }
+
+    /// The whole state of wallet `msisdn` from its core and OTP side.
+    pub fn state(&self, msisdn: u64, side: Option<&OtpSide>) -> WalletState {
+        WalletState {
+            msisdn,
+            tier: self.tier,
+            flags: self.flags,
+            language: self.language,
+            pin: self.pin,
+            pin_failures: self.pin_failures,
+            created_at: self.created_at,
+            otp: side.and_then(|side| side.otp),
+            otp_sent: side.map(|side| side.sent.clone()).unwrap_or_default(),
+            code_failures: self.code_failures,
+        }
+    }
+
+    pub fn blocked(&self) -> bool {
+        self.flags & (WalletState::PIN_BLOCKED | WalletState::STAFF_BLOCKED) != 0
+    }
 }
 
 impl WalletState {
@@ -758,6 +823,34 @@ pub const CODE_CANCEL_LEG: u8 = 9;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_wallet_splits_into_core_and_otp_side_and_back() {
+        assert!(std::mem::size_of::<WalletCore>() <= 48, "{}", std::mem::size_of::<WalletCore>());
+        let plain = WalletState {
+            msisdn: 994_501_234_567,
+            tier: 2,
+            flags: WalletState::PIN_BLOCKED,
+            language: 1,
+            pin: Some(Tag([7; 32])),
+            pin_failures: 3,
+            created_at: 1_700_000_000_000_000_000,
+            otp: None,
+            otp_sent: Vec::new(),
+            code_failures: 1,
+        };
+        let (core, side) = WalletCore::split(plain.clone());
+        assert!(side.is_none(), "a wallet never sent an OTP keeps no side");
+        assert!(core.blocked());
+        assert_eq!(core.state(plain.msisdn, None), plain);
+        let otp = OtpState { tag: Tag([9; 32]), expires_at: 5, attempts: 2 };
+        for (otp, sent) in [(Some(otp), vec![1, 2]), (None, vec![3]), (Some(otp), Vec::new())] {
+            let whole = WalletState { otp, otp_sent: sent, ..plain.clone() };
+            let (core, side) = WalletCore::split(whole.clone());
+            let side = side.expect("an OTP state has a side");
+            assert_eq!(core.state(whole.msisdn, Some(&side)), whole);
+        }
+    }
 
     const NS: u64 = 1_000_000_000;
 

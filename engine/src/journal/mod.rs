@@ -846,7 +846,10 @@ mod tests {
             assert_eq!(pair[0].0 + len, pair[1].0, "{} keeps bytes past its end", pair[0].1.display());
         }
         let (end, records) = count_records(dir.path());
-        assert_eq!((end.position, end.torn_bytes, records), (durable, 0, 300_000));
+        assert_eq!((end.torn_bytes, records), (0, 300_000));
+        // A last group that filled its segment leaves a new one holding only its meta record.
+        let last_start = all.last().map_or(0, |(start, _)| *start);
+        assert!(end.position == durable || (durable == last_start && end.position > durable), "{end:?}");
     }
 
     #[test]

@@ -29,7 +29,9 @@ pub const FORMAT_VERSION_V3: u8 = 3;
 /// ([`WalCheckpointV6`]): still read. Version 7 writes a head frame and then the accounts in
 /// frames of [`AccountChunks`], and done segments as a head and frames of raw entries, so that
 /// neither is ever whole in memory twice.
-pub const CHECKPOINT_VERSION: u8 = 7;
+pub const CHECKPOINT_VERSION: u8 = 8;
+/// Layout 7: the wallets whole in the head frame (read, and upgraded on load).
+pub const CHECKPOINT_VERSION_V7: u8 = 7;
 pub const CHECKPOINT_VERSION_V4: u8 = 4;
 pub const CHECKPOINT_VERSION_V5: u8 = 5;
 pub const CHECKPOINT_VERSION_V6: u8 = 6;
@@ -395,7 +397,8 @@ pub struct WalShardHead {
     pub outflow: Vec<(u64, crate::wallet::Outflow)>,
 }
 
-/// The first frame of a checkpoint file (layout 7).
+/// The first frame of a checkpoint file (layout 8). Each shard's accounts follow it in chunk
+/// frames, shard after shard, and then each shard's wallets (its head's `wallets` is empty).
 #[derive(Debug, Clone, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub struct WalCheckpointHead {
     pub shard_count: u16,
@@ -403,9 +406,30 @@ pub struct WalCheckpointHead {
     /// Per shard, in order: how many accounts follow the head, in how many chunk frames. Set
     /// by the writer from the chunks it writes, the only place they are counted.
     pub accounts: Vec<(u64, u32)>,
+    /// Per shard, in order: how many wallets follow the accounts, in how many chunk frames.
+    pub wallets: Vec<(u64, u32)>,
     /// The done segments (their sequence numbers, oldest first) that together hold the final
     /// transfers of this state; recovery reads them in this order.
     pub segments: Vec<u64>,
+}
+
+/// The head frame of layout 7, read only: the wallets are whole in each shard's head. Frozen,
+/// field for field, as layout 7 builds wrote it: never edit.
+#[derive(Debug, Clone, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub struct WalCheckpointHeadV7 {
+    pub shard_count: u16,
+    pub shards: Vec<WalShardHead>,
+    pub accounts: Vec<(u64, u32)>,
+    pub segments: Vec<u64>,
+}
+
+impl WalCheckpointHeadV7 {
+    /// The same head in layout 8: no wallet chunks follow (the wallets stay in the heads).
+    pub fn upgrade(self) -> WalCheckpointHead {
+        let WalCheckpointHeadV7 { shard_count, shards, accounts, segments } = self;
+        let wallets = vec![(0, 0); shards.len()];
+        WalCheckpointHead { shard_count, shards, accounts, wallets, segments }
+    }
 }
 
 /// One shard's whole state: as captured, and as a checkpoint is read back.
@@ -413,6 +437,8 @@ pub struct WalCheckpointHead {
 pub struct WalShardState {
     pub head: WalShardHead,
     pub accounts: AccountChunks,
+    /// The wallets, in chunks (layout 8); older layouts keep them whole in `head.wallets`.
+    pub wallets: WalletChunks,
 }
 
 /// A checkpoint in memory: what [`crate::checkpoint::write`] writes and `load_latest` reads.
@@ -566,6 +592,197 @@ fn decode_account(bytes: &[u8], at: &mut usize, now: u64) -> Result<Account, Dec
     })
 }
 
+/// A shard's wallets in a compact encoding, in chunks of at most [`AccountChunks::CHUNK_LEN`]
+/// bytes: per wallet, LEB128 varints of its MSISDN and creation time, its five one-byte fields,
+/// a byte saying whether a PIN tag and a live OTP follow, those, and the OTP send times. A
+/// wallet with a PIN and no OTP takes ~50 bytes. Captured straight from the ledger's tables, so
+/// that a checkpoint no longer holds a copy of every wallet (136 bytes each) and its rkyv
+/// encoding at once: for 10M wallets that was ~2.3 GB while the checkpoint was written.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct WalletChunks {
+    chunks: Vec<Vec<u8>>,
+    count: u64,
+}
+
+const WALLET_HAS_PIN: u8 = 1;
+const WALLET_HAS_OTP: u8 = 2;
+/// The fewest bytes a wallet takes: two varints, five bytes and the presence byte.
+const WALLET_ENCODED_LEN_MIN: usize = 8;
+
+impl WalletChunks {
+    /// Appends `wallet`.
+    pub fn push(&mut self, wallet: &crate::wallet::WalletState, scratch: &mut Vec<u8>) {
+        use integer_encoding::VarInt;
+        scratch.clear();
+        let varint = |value: u64, out: &mut Vec<u8>| {
+            let mut bytes = [0_u8; 10];
+            let len = value.encode_var(&mut bytes);
+            out.extend_from_slice(&bytes[..len]);
+        };
+        varint(wallet.msisdn, scratch);
+        varint(wallet.created_at, scratch);
+        scratch.extend_from_slice(&[
+            wallet.tier,
+            wallet.flags,
+            wallet.language,
+            wallet.pin_failures,
+            wallet.code_failures,
+        ]);
+        let present = if wallet.pin.is_some() { WALLET_HAS_PIN } else { 0 }
+            | if wallet.otp.is_some() { WALLET_HAS_OTP } else { 0 };
+        scratch.push(present);
+        if let Some(pin) = &wallet.pin {
+            scratch.extend_from_slice(&pin.0);
+        }
+        if let Some(otp) = &wallet.otp {
+            scratch.extend_from_slice(&otp.tag.0);
+            varint(otp.expires_at, scratch);
+            scratch.push(otp.attempts);
+        }
+        varint(wallet.otp_sent.len() as u64, scratch);
+        for at in &wallet.otp_sent {
+            varint(*at, scratch);
+        }
+        let needs_chunk = self
+            .chunks
+            .last()
+            .is_none_or(|chunk| !chunk.is_empty() && chunk.len() + scratch.len() > AccountChunks::CHUNK_LEN);
+        if needs_chunk {
+            self.chunks.push(Vec::with_capacity(AccountChunks::CHUNK_LEN.min(scratch.len().max(64 * 1024))));
+        }
+        if let Some(chunk) = self.chunks.last_mut() {
+            chunk.extend_from_slice(scratch);
+        }
+        self.count += 1;
+    }
+
+    /// Wallets encoded so far.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    pub fn chunks(&self) -> &[Vec<u8>] {
+        &self.chunks
+    }
+
+    /// The most wallets the chunks can hold: a bound on what a recorded count may reserve.
+    pub fn count_max(&self) -> u64 {
+        let bytes: usize = self.chunks.iter().map(Vec::len).sum();
+        u64::try_from(bytes / WALLET_ENCODED_LEN_MIN).unwrap_or(u64::MAX)
+    }
+
+    /// Moves the chunks out (to write them, each dropped once written).
+    pub fn take_chunks(&mut self) -> Vec<Vec<u8>> {
+        std::mem::take(&mut self.chunks)
+    }
+
+    /// Chunks read back from a checkpoint file, holding `count` wallets between them.
+    pub fn from_chunks(chunks: Vec<Vec<u8>>, count: u64) -> WalletChunks {
+        WalletChunks { chunks, count }
+    }
+
+    /// Decodes the wallets, consuming the chunks one by one. Every malformed byte is an error,
+    /// never a panic; so is a count that differs from the one recorded.
+    pub fn into_wallets(self) -> impl Iterator<Item = Result<crate::wallet::WalletState, DecodeRecordError>> {
+        let expected = self.count;
+        let mut decoded = 0_u64;
+        let mut done = false;
+        let mut chunks = self.chunks.into_iter();
+        let mut current: Vec<u8> = Vec::new();
+        let mut at = 0_usize;
+        std::iter::from_fn(move || {
+            if done {
+                return None;
+            }
+            while at >= current.len() {
+                match chunks.next() {
+                    Some(next) => {
+                        current = next;
+                        at = 0;
+                    }
+                    None => {
+                        done = true;
+                        return (decoded != expected).then_some(Err(DecodeRecordError("wallet count")));
+                    }
+                }
+            }
+            let result = decode_wallet(&current, &mut at);
+            match &result {
+                Ok(_) => decoded += 1,
+                Err(_) => done = true,
+            }
+            Some(result)
+        })
+    }
+}
+
+fn decode_wallet(bytes: &[u8], at: &mut usize) -> Result<crate::wallet::WalletState, DecodeRecordError> {
+    use crate::wallet::{OtpState, Tag, WalletState};
+    use integer_encoding::VarInt;
+    fn varint(bytes: &[u8], at: &mut usize, what: &'static str) -> Result<u64, DecodeRecordError> {
+        let rest = bytes.get(*at..).ok_or(DecodeRecordError(what))?;
+        let (value, len) = u64::decode_var(rest).ok_or(DecodeRecordError(what))?;
+        *at += len;
+        Ok(value)
+    }
+    fn take<'a>(
+        bytes: &'a [u8],
+        at: &mut usize,
+        len: usize,
+        what: &'static str,
+    ) -> Result<&'a [u8], DecodeRecordError> {
+        let end = at.checked_add(len).ok_or(DecodeRecordError(what))?;
+        let taken = bytes.get(*at..end).ok_or(DecodeRecordError(what))?;
+        *at = end;
+        Ok(taken)
+    }
+    let tag = |bytes: &[u8], at: &mut usize, what| -> Result<Tag, DecodeRecordError> {
+        let raw = take(bytes, at, 32, what)?;
+        let mut tag = [0_u8; 32];
+        tag.copy_from_slice(raw);
+        Ok(Tag(tag))
+    };
+    let msisdn = varint(bytes, at, "wallet msisdn")?;
+    let created_at = varint(bytes, at, "wallet creation time")?;
+    let fields = take(bytes, at, 6, "wallet fields")?;
+    let (tier, flags, language, pin_failures, code_failures, present) =
+        (fields[0], fields[1], fields[2], fields[3], fields[4], fields[5]);
+    if present & !(WALLET_HAS_PIN | WALLET_HAS_OTP) != 0 {
+        return Err(DecodeRecordError("wallet presence byte"));
+    }
+    let pin = if present & WALLET_HAS_PIN != 0 { Some(tag(bytes, at, "wallet PIN tag")?) } else { None };
+    let otp = if present & WALLET_HAS_OTP != 0 {
+        let otp_tag = tag(bytes, at, "wallet OTP tag")?;
+        let expires_at = varint(bytes, at, "wallet OTP expiry")?;
+        let attempts = take(bytes, at, 1, "wallet OTP attempts")?[0];
+        Some(OtpState { tag: otp_tag, expires_at, attempts })
+    } else {
+        None
+    };
+    let sends = varint(bytes, at, "wallet OTP sends")?;
+    // Each send takes a byte at least: a count beyond the bytes left is damage, not a reason to
+    // reserve memory.
+    let left = bytes.len().saturating_sub(*at);
+    let sends =
+        usize::try_from(sends).ok().filter(|n| *n <= left).ok_or(DecodeRecordError("wallet OTP sends"))?;
+    let mut otp_sent = Vec::with_capacity(sends);
+    for _ in 0..sends {
+        otp_sent.push(varint(bytes, at, "wallet OTP send time")?);
+    }
+    Ok(WalletState {
+        msisdn,
+        tier,
+        flags,
+        language,
+        pin,
+        pin_failures,
+        created_at,
+        otp,
+        otp_sent,
+        code_failures,
+    })
+}
+
 /// Version 6's shard state, read only (a checkpoint of one rkyv frame). Frozen, field for
 /// field, as version 6 builds wrote it: never edit.
 #[derive(Debug, Clone, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
@@ -606,7 +823,7 @@ impl WalCheckpointV6 {
                 wallets: old.wallets,
                 outflow: old.outflow,
             };
-            shards.push(WalShardState { head, accounts });
+            shards.push(WalShardState { head, accounts, wallets: WalletChunks::default() });
         }
         Ok(WalCheckpoint { shard_count: self.shard_count, shards, segments: self.segments })
     }
@@ -828,6 +1045,20 @@ pub fn decode_checkpoint_head(bytes: &[u8]) -> Result<WalCheckpointHead, rancor:
     rkyv::from_bytes::<WalCheckpointHead, rancor::Error>(&aligned)
 }
 
+/// Decodes the head frame of a layout-7 checkpoint.
+pub fn decode_checkpoint_head_v7(bytes: &[u8]) -> Result<WalCheckpointHeadV7, rancor::Error> {
+    let mut aligned = rkyv::util::AlignedVec::<16>::with_capacity(bytes.len());
+    aligned.extend_from_slice(bytes);
+    rkyv::from_bytes::<WalCheckpointHeadV7, rancor::Error>(&aligned)
+}
+
+/// Encodes a layout-7 head (tests write old checkpoints with it).
+pub fn encode_checkpoint_head_v7(
+    head: &WalCheckpointHeadV7,
+) -> Result<rkyv::util::AlignedVec, rancor::Error> {
+    rkyv::to_bytes::<rancor::Error>(head)
+}
+
 /// Why a journal record's bytes (whose frame checked out) do not make a record.
 #[derive(Debug, thiserror::Error)]
 pub enum RecordError {
@@ -997,22 +1228,27 @@ impl WalShardState {
         for account in ledger.accounts() {
             accounts.push(account, timestamp);
         }
+        let mut wallets = WalletChunks::default();
+        let mut scratch = Vec::new();
+        for wallet in ledger.wallets() {
+            wallets.push(&wallet, &mut scratch);
+        }
         let head = WalShardHead {
             position: 0,
             timestamp,
             transfers: ledger.open_transfers().map(WalStoredTransfer::from).collect(),
             credits: ledger.credit_steps().map(|(id, (result, hash))| (id.0, *result as u8, *hash)).collect(),
             policy: ledger.policy().clone(),
-            wallets: ledger.wallets().cloned().collect(),
+            wallets: Vec::new(),
             outflow: ledger.outflows().map(|(id, outflow)| (id.0, *outflow)).collect(),
         };
-        (WalShardState { head, accounts }, done)
+        (WalShardState { head, accounts, wallets }, done)
     }
 
     /// Restores this state into `ledger`, decoding the accounts chunk by chunk (each chunk
     /// freed once decoded).
     pub fn restore_into(self, ledger: &mut crate::ledger::Ledger) -> Result<(), DecodeRecordError> {
-        let WalShardState { head, accounts } = self;
+        let WalShardState { head, accounts, wallets } = self;
         let transfers = head.transfers.iter().map(StoredTransfer::try_from).collect::<Result<Vec<_>, _>>()?;
         let credits = head
             .credits
@@ -1038,8 +1274,24 @@ impl WalShardState {
             return Err(error);
         }
         let outflow = head.outflow.iter().map(|(id, outflow)| (AccountId(*id), *outflow)).collect();
-        ledger.restore_wallets(head.policy, head.wallets, outflow);
-        Ok(())
+        let count = usize::try_from(wallets.count().min(wallets.count_max()))
+            .map_err(|_| DecodeRecordError("wallet count"))?
+            + head.wallets.len();
+        let mut failure = None;
+        // Older layouts keep the wallets whole in the head; layout 8 in chunks.
+        let decoded =
+            head.wallets.into_iter().map(Ok).chain(wallets.into_wallets()).map_while(|wallet| match wallet {
+                Ok(wallet) => Some(wallet),
+                Err(error) => {
+                    failure = Some(error);
+                    None
+                }
+            });
+        ledger.restore_wallets(head.policy, count, decoded, outflow);
+        match failure {
+            Some(error) => Err(error),
+            None => Ok(()),
+        }
     }
 }
 
@@ -1297,6 +1549,116 @@ mod tests {
                 AccountChunks::from_chunks(vec![bytes], chunks.count()).into_accounts(7).collect();
             proptest::prop_assert!(shorter.is_err());
         }
+    }
+
+    fn any_wallet() -> impl proptest::strategy::Strategy<Value = crate::wallet::WalletState> {
+        use crate::wallet::{OtpState, Tag, WalletState};
+        use proptest::prelude::*;
+        (
+            any::<u64>(),
+            any::<[u8; 5]>(),
+            proptest::option::of(any::<[u8; 32]>()),
+            any::<u64>(),
+            proptest::option::of((any::<[u8; 32]>(), any::<u64>(), any::<u8>())),
+            proptest::collection::vec(any::<u64>(), 0..6),
+        )
+            .prop_map(
+                |(
+                    msisdn,
+                    [tier, flags, language, pin_failures, code_failures],
+                    pin,
+                    created_at,
+                    otp,
+                    otp_sent,
+                )| {
+                    WalletState {
+                        msisdn,
+                        tier,
+                        flags,
+                        language,
+                        pin: pin.map(Tag),
+                        pin_failures,
+                        created_at,
+                        otp: otp.map(|(tag, expires_at, attempts)| OtpState {
+                            tag: Tag(tag),
+                            expires_at,
+                            attempts,
+                        }),
+                        otp_sent,
+                        code_failures,
+                    }
+                },
+            )
+    }
+
+    proptest::proptest! {
+        /// Any wallets, encoded compactly, decode to themselves.
+        #[test]
+        fn wallet_chunks_round_trip(wallets in proptest::collection::vec(any_wallet(), 0..100)) {
+            let mut chunks = WalletChunks::default();
+            let mut scratch = Vec::new();
+            for wallet in &wallets {
+                chunks.push(wallet, &mut scratch);
+            }
+            proptest::prop_assert_eq!(chunks.count(), wallets.len() as u64);
+            let decoded: Result<Vec<_>, _> = chunks.into_wallets().collect();
+            proptest::prop_assert_eq!(decoded, Ok(wallets));
+        }
+
+        /// Changed bytes give wallets or an error, never a panic; a chunk cut short is an error.
+        #[test]
+        fn changed_wallet_chunks_never_panic(
+            wallets in proptest::collection::vec(any_wallet(), 1..20),
+            flips in proptest::collection::vec((0_usize..8192, 1_u8..=255), 0..8),
+            cut in 1_usize..64,
+        ) {
+            let mut chunks = WalletChunks::default();
+            let mut scratch = Vec::new();
+            for wallet in &wallets {
+                chunks.push(wallet, &mut scratch);
+            }
+            let whole = chunks.chunks()[0].clone();
+            let mut bytes = whole.clone();
+            for (at, mask) in flips {
+                let len = bytes.len();
+                bytes[at % len] ^= mask;
+            }
+            let _any: Vec<_> = WalletChunks::from_chunks(vec![bytes], chunks.count()).into_wallets().collect();
+            let mut bytes = whole;
+            bytes.truncate(bytes.len().saturating_sub(cut));
+            let shorter: Result<Vec<_>, _> =
+                WalletChunks::from_chunks(vec![bytes], chunks.count()).into_wallets().collect();
+            proptest::prop_assert!(shorter.is_err());
+        }
+    }
+
+    /// A wallet with a PIN and no OTP takes ~50 bytes, not the 136 of its whole record; many
+    /// fill several chunks, each under its size.
+    #[test]
+    fn wallets_take_a_few_bytes_and_fill_chunks() {
+        use crate::wallet::{Tag, WalletState};
+        let mut chunks = WalletChunks::default();
+        let mut scratch = Vec::new();
+        for n in 0..30_000_u64 {
+            let wallet = WalletState {
+                msisdn: 994_500_000_000 + n,
+                tier: 1,
+                flags: 0,
+                language: 0,
+                pin: Some(Tag([n.to_le_bytes()[0]; 32])),
+                pin_failures: 0,
+                created_at: 1_765_000_000_000_000_000 + n,
+                otp: None,
+                otp_sent: Vec::new(),
+                code_failures: 0,
+            };
+            chunks.push(&wallet, &mut scratch);
+        }
+        let bytes: usize = chunks.chunks().iter().map(Vec::len).sum();
+        assert!(bytes < 30_000 * 56, "{bytes} bytes for 30k wallets");
+        assert!(chunks.chunks().len() > 1, "30k wallets fill more than one chunk");
+        assert!(chunks.chunks().iter().all(|chunk| chunk.len() <= AccountChunks::CHUNK_LEN));
+        assert_eq!(chunks.into_wallets().filter(Result::is_ok).count(), 30_000);
     }
 
     /// Ten million accounts take ~20 bytes each, not 64; chunks stay under their size.
