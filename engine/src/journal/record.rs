@@ -532,36 +532,49 @@ impl AccountChunks {
     /// timestamp. Every malformed byte is an error, never a panic; so is a count that differs
     /// from the one recorded.
     pub fn into_accounts(self, now: u64) -> impl Iterator<Item = Result<Account, DecodeRecordError>> {
-        let expected = self.count;
-        let mut decoded = 0_u64;
-        let mut done = false;
-        let mut chunks = self.chunks.into_iter();
-        let mut current: Vec<u8> = Vec::new();
-        let mut at = 0_usize;
-        std::iter::from_fn(move || {
-            if done {
-                return None;
-            }
-            while at >= current.len() {
-                match chunks.next() {
-                    Some(next) => {
-                        current = next;
-                        at = 0;
-                    }
-                    None => {
-                        done = true;
-                        return (decoded != expected).then_some(Err(DecodeRecordError("account count")));
-                    }
-                }
-            }
-            let result = decode_account(&current, &mut at, now);
-            match &result {
-                Ok(_) => decoded += 1,
-                Err(_) => done = true,
-            }
-            Some(result)
+        decode_chunks(self.chunks, self.count, "account count", move |bytes, at| {
+            decode_account(bytes, at, now)
         })
     }
+}
+
+/// Decodes the items of `chunks` one at a time with `decode`, consuming the chunks one by one;
+/// stops at the first error, and ends with `count_error` if the chunks held other than
+/// `expected` items.
+fn decode_chunks<T>(
+    chunks: Vec<Vec<u8>>,
+    expected: u64,
+    count_error: &'static str,
+    mut decode: impl FnMut(&[u8], &mut usize) -> Result<T, DecodeRecordError>,
+) -> impl Iterator<Item = Result<T, DecodeRecordError>> {
+    let mut decoded = 0_u64;
+    let mut done = false;
+    let mut chunks = chunks.into_iter();
+    let mut current: Vec<u8> = Vec::new();
+    let mut at = 0_usize;
+    std::iter::from_fn(move || {
+        if done {
+            return None;
+        }
+        while at >= current.len() {
+            match chunks.next() {
+                Some(next) => {
+                    current = next;
+                    at = 0;
+                }
+                None => {
+                    done = true;
+                    return (decoded != expected).then_some(Err(DecodeRecordError(count_error)));
+                }
+            }
+        }
+        let result = decode(&current, &mut at);
+        match &result {
+            Ok(_) => decoded += 1,
+            Err(_) => done = true,
+        }
+        Some(result)
+    })
 }
 
 fn decode_account(bytes: &[u8], at: &mut usize, now: u64) -> Result<Account, DecodeRecordError> {
@@ -684,35 +697,7 @@ impl WalletChunks {
     /// Decodes the wallets, consuming the chunks one by one. Every malformed byte is an error,
     /// never a panic; so is a count that differs from the one recorded.
     pub fn into_wallets(self) -> impl Iterator<Item = Result<crate::wallet::WalletState, DecodeRecordError>> {
-        let expected = self.count;
-        let mut decoded = 0_u64;
-        let mut done = false;
-        let mut chunks = self.chunks.into_iter();
-        let mut current: Vec<u8> = Vec::new();
-        let mut at = 0_usize;
-        std::iter::from_fn(move || {
-            if done {
-                return None;
-            }
-            while at >= current.len() {
-                match chunks.next() {
-                    Some(next) => {
-                        current = next;
-                        at = 0;
-                    }
-                    None => {
-                        done = true;
-                        return (decoded != expected).then_some(Err(DecodeRecordError("wallet count")));
-                    }
-                }
-            }
-            let result = decode_wallet(&current, &mut at);
-            match &result {
-                Ok(_) => decoded += 1,
-                Err(_) => done = true,
-            }
-            Some(result)
-        })
+        decode_chunks(self.chunks, self.count, "wallet count", decode_wallet)
     }
 }
 
