@@ -538,9 +538,11 @@ impl Ledger {
             let msisdn = wallet.msisdn;
             let (core, side) = WalletCore::split(wallet);
             self.wallets.insert(msisdn, core);
-            if let Some(side) = side {
-                self.otps.insert(msisdn, side);
-            }
+            // A wallet listed twice (damage) is its later copy, whole.
+            match side {
+                Some(side) => self.otps.insert(msisdn, side),
+                None => self.otps.remove(&msisdn),
+            };
         }
         self.hot = outflow
             .into_iter()

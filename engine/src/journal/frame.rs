@@ -146,6 +146,23 @@ pub fn any_valid_frame(bytes: &[u8]) -> bool {
     false
 }
 
+/// Whether a valid group header starts anywhere in `bytes`: the writer starts every write with
+/// one, so after damage in a journal of groups, only a group header tells that a later write
+/// follows (frames of the damaged, last write itself may have reached the disk around a hole).
+pub fn any_valid_group_header(bytes: &[u8]) -> bool {
+    let mut start = 0;
+    while let Some(offset) = find_magic(&bytes[start..]) {
+        let at = start + offset;
+        if let FrameRead::Frame { version, payload, .. } = read_frame(&bytes[at..])
+            && group_body_len(version, payload).is_some()
+        {
+            return true;
+        }
+        start = at + 1;
+    }
+    false
+}
+
 fn find_magic(bytes: &[u8]) -> Option<usize> {
     bytes.windows(MAGIC.len()).position(|window| window == MAGIC)
 }

@@ -240,18 +240,40 @@ pub fn scan<E: From<JournalError>>(
                     end.position = position;
                     visit(position, record)?;
                 }
-                // The room the writer keeps written with zeros ahead of its last group: the end,
-                // when it starts where a group would (inside a group, it is a torn one).
-                _ if offset >= group_end && bytes[offset..].iter().all(|byte| *byte == 0) => break,
+                // The room the writer keeps written with zeros ahead of its last group: the end
+                // of the log, when it starts where a group would (inside a group, it is a torn
+                // one). Only the last segment has any: a segment is cut to its length and synced
+                // before the next one is made.
+                _ if index == last
+                    && offset >= group_end
+                    && bytes[offset..].iter().all(|byte| *byte == 0) =>
+                {
+                    break;
+                }
                 damage => {
                     let reason = match damage {
                         FrameRead::Corrupt(reason) => reason,
                         _ => "incomplete record",
                     };
                     // A hole inside the last group (written, never synced whole) is a torn tail
-                    // even with valid-looking frames after it inside that group.
+                    // even with valid-looking frames after it inside that group. A group header
+                    // that is all zeros is a write that never reached the disk: over the zeros
+                    // written ahead of it, the last write's pages may land out of order, its
+                    // header's lost and frames of its body there; that is a torn tail unless a
+                    // later group follows. Any other damage with a valid frame after it is
+                    // corruption (a flipped bit in the last synced group's header, say).
                     let after = if offset < group_end { group_end } else { offset + 1 };
-                    let tail = index == last && !frame::any_valid_frame(bytes.get(after..).unwrap_or(&[]));
+                    let rest = bytes.get(after..).unwrap_or(&[]);
+                    let header_lost = offset >= group_end
+                        && bytes
+                            .get(offset..offset + frame::GROUP_HEADER_LEN)
+                            .is_some_and(|header| header.iter().all(|byte| *byte == 0));
+                    let later = if header_lost {
+                        frame::any_valid_group_header(rest)
+                    } else {
+                        frame::any_valid_frame(rest)
+                    };
+                    let tail = index == last && !later;
                     if !tail {
                         return Err(corrupt(reason.to_string()).into());
                     }
@@ -875,6 +897,47 @@ mod tests {
         assert_eq!((visited, end.position, end.torn_bytes), (1, whole as u64, 4096));
         let len = fs::metadata(segment_path(dir.path(), 0)).expect("segment").len();
         assert_eq!(len, whole as u64);
+    }
+
+    #[test]
+    fn a_last_group_whose_header_was_lost_over_zeros_is_a_torn_tail() {
+        // The last write's first page (its group header) never reached the disk, pages of its
+        // body did: zeros where the header was, whole frames after them, zeros to the end.
+        let (mut bytes, starts) = segment(&[1, 3]);
+        let header = starts[1] - frame::GROUP_HEADER_LEN;
+        bytes[header..starts[1] + 4].fill(0);
+        bytes.resize(bytes.len() + 8192, 0);
+        let (end, visited, _dir) = scan_dir(&bytes);
+        let end = end.expect("a torn last group must not stop start-up");
+        assert_eq!(visited, 1, "only the first, whole group is replayed");
+        assert_eq!((end.position, end.torn_bytes), (header as u64, (bytes.len() - header) as u64));
+        // A flipped bit in the last group's header, its body whole after it: corruption (that
+        // group was synced), not a tail to cut.
+        let (mut bytes, starts) = segment(&[1, 3]);
+        bytes[starts[1] - frame::GROUP_HEADER_LEN + 9] ^= 4;
+        let (end, _, _dir) = scan_dir(&bytes);
+        assert!(matches!(end, Err(JournalError::Corrupt { .. })), "{end:?}");
+        // A later group after the damage makes it corruption in the middle.
+        let (mut bytes, starts) = segment(&[1, 1, 1]);
+        let header = starts[1] - frame::GROUP_HEADER_LEN;
+        bytes[header..starts[1] + 4].fill(0);
+        let (end, _, _dir) = scan_dir(&bytes);
+        assert!(matches!(end, Err(JournalError::Corrupt { .. })), "{end:?}");
+    }
+
+    #[test]
+    fn zeros_at_the_end_of_a_segment_before_the_last_are_corruption() {
+        // A closed segment is cut to its length before the next is made: zeros where its last
+        // records were are lost records, not an end.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (mut first, starts) = segment(&[1, 1]);
+        let lost = starts[1] - frame::GROUP_HEADER_LEN;
+        first[lost..].fill(0);
+        fs::write(segment_path(dir.path(), 0), &first).expect("write");
+        let (second, _) = segment(&[1]);
+        fs::write(segment_path(dir.path(), first.len() as u64), &second).expect("write");
+        let end = scan::<JournalError>(dir.path(), 0, TailRepair::Truncate, |_, _| Ok(()));
+        assert!(matches!(end, Err(JournalError::Corrupt { .. })), "{end:?}");
     }
 
     #[test]
