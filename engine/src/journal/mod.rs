@@ -405,24 +405,73 @@ struct Zeroer {
     done: Receiver<Result<u64, JournalError>>,
     /// The range of the job in progress, if any.
     pending: Option<(u64, u64)>,
+    /// How far the job in progress has written zeros and made them durable.
+    progress: Arc<Progress>,
     thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// How far the zeroer's job has got: the offset its zeros are durable up to, and whether the
+/// job has ended (its outcome is then in the zeroer's `done` channel).
+#[derive(Debug, Default)]
+struct Progress {
+    state: Mutex<(u64, bool)>,
+    changed: Condvar,
+}
+
+impl Progress {
+    fn set(&self, zeroed: u64, ended: bool) {
+        *self.state.lock().unwrap_or_else(|poison| poison.into_inner()) = (zeroed, ended);
+        self.changed.notify_all();
+    }
 }
 
 impl Zeroer {
     fn spawn() -> Result<Zeroer, JournalError> {
         let (jobs, receiver) = crossbeam_channel::bounded::<ZeroJob>(1);
         let (finished, done) = crossbeam_channel::bounded(1);
+        let progress = Arc::new(Progress::default());
+        let shared = Arc::clone(&progress);
         let thread = std::thread::Builder::new()
             .name("qepik-journal-zero".into())
             .spawn(move || {
                 for job in receiver {
-                    if finished.send(zero(&job)).is_err() {
+                    let outcome = zero(&job, &shared);
+                    // Ended before the outcome is sent: a writer woken by this waits for the
+                    // outcome on the channel, and the next job's start (set by the writer once
+                    // it took this outcome) is never overwritten by this one's end.
+                    let zeroed = shared.state.lock().unwrap_or_else(|poison| poison.into_inner()).0;
+                    shared.set(zeroed, true);
+                    if finished.send(outcome).is_err() {
                         break;
                     }
                 }
             })
             .map_err(io_error(&PathBuf::from("qepik-journal-zero thread")))?;
-        Ok(Zeroer { jobs: Some(jobs), done, pending: None, thread: Some(thread) })
+        Ok(Zeroer { jobs: Some(jobs), done, pending: None, progress, thread: Some(thread) })
+    }
+
+    /// Makes sure the writer may write up to file offset `end` of `segment`: waits while the
+    /// job in progress has not yet made its zeros durable that far (a step of [`ZERO_STEP`] at
+    /// most, unless the write reaches past the whole job), and takes the job's outcome in
+    /// once it has ended.
+    fn clear_to(&mut self, segment: &mut SegmentFile, end: u64) -> Result<(), JournalError> {
+        let Some((from, to)) = self.pending else {
+            return Ok(());
+        };
+        if end <= from {
+            return self.settle(segment, false);
+        }
+        if end < to {
+            let mut state = self.progress.state.lock().unwrap_or_else(|poison| poison.into_inner());
+            while state.0 < end && !state.1 {
+                state = self.progress.changed.wait(state).unwrap_or_else(|poison| poison.into_inner());
+            }
+            if !state.1 {
+                // The zeros up to `end` are durable; the job goes on past it.
+                return Ok(());
+            }
+        }
+        self.settle(segment, true)
     }
 
     /// Asks for `segment`'s room ahead of its last write to be topped up, if it runs low, no
@@ -440,6 +489,7 @@ impl Zeroer {
             return;
         }
         let job = ZeroJob { path: segment.path.clone(), from, to };
+        self.progress.set(from, false);
         if self.jobs.as_ref().is_some_and(|jobs| jobs.send(job).is_ok()) {
             self.pending = Some((from, to));
         }
@@ -492,7 +542,7 @@ const ZERO_STEP: usize = 256 * 1024;
 
 /// Writes zeros over `job`'s range through a file description of its own (so that a write-back
 /// error reaches the writer's next `fdatasync` too) and makes them durable, a step at a time.
-fn zero(job: &ZeroJob) -> Result<u64, JournalError> {
+fn zero(job: &ZeroJob, progress: &Progress) -> Result<u64, JournalError> {
     use std::os::unix::fs::FileExt;
     let file = OpenOptions::new().write(true).open(&job.path).map_err(io_error(&job.path))?;
     let zeros = vec![0_u8; ZERO_STEP];
@@ -502,6 +552,7 @@ fn zero(job: &ZeroJob) -> Result<u64, JournalError> {
         file.write_all_at(&zeros[..n], at).map_err(io_error(&job.path))?;
         file.sync_data().map_err(|source| JournalError::SyncFailed { path: job.path.clone(), source })?;
         at += n as u64;
+        progress.set(at, false);
     }
     Ok(job.to)
 }
@@ -563,10 +614,9 @@ pub fn spawn_writer<T: Send + 'static>(
                 }
                 let group_start = segment.end();
                 // Never write where the zeroer is still writing zeros.
-                let reaches =
-                    zeroer.pending.is_some_and(|(from, _)| segment.len + buffer.len() as u64 > from);
+                let end = segment.len + buffer.len() as u64;
                 if let Err(error) = zeroer
-                    .settle(&mut segment, reaches)
+                    .clear_to(&mut segment, end)
                     .and_then(|()| write_group(&mut segment, &buffer, &state))
                 {
                     tracing::error!(%error, "journal write failed; the engine stops");
@@ -854,6 +904,35 @@ mod tests {
         assert_eq!(fs::metadata(&path).expect("segment").len(), durable);
         let (end, records) = count_records(dir.path());
         assert_eq!((end.position, end.torn_bytes, records), (durable, 0, batches * per_batch + 3));
+    }
+
+    #[test]
+    fn a_write_into_the_zeroers_range_waits_only_until_its_end_is_zeroed() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = WriterConfig {
+            dir: dir.path().to_path_buf(),
+            shard_count: 1,
+            segment_len_max: 1 << 30,
+            group_len_max: 1 << 20,
+            linger: std::time::Duration::from_millis(1),
+        };
+        let mut segment = SegmentFile::create(&config, 0).expect("segment");
+        let mut zeroer = Zeroer::spawn().expect("zeroer");
+        zeroer.top_up(&segment, &config, 0);
+        let (from, to) = zeroer.pending.expect("a job for a fresh segment");
+        assert_eq!((from, to), (segment.len + ZERO_MARGIN, segment.len + ZERO_AHEAD));
+        // A write ending one step into the job: once allowed, its range is durable zeros.
+        let end = from + ZERO_STEP as u64;
+        zeroer.clear_to(&mut segment, end).expect("cleared");
+        let zeroed = zeroer.progress.state.lock().expect("progress").0;
+        assert!(zeroer.pending.is_none() || zeroed >= end, "allowed to {end} with zeros durable to {zeroed}");
+        // A write past the whole job waits for all of it and takes its outcome.
+        zeroer.clear_to(&mut segment, to + 1).expect("cleared");
+        assert!(zeroer.pending.is_none());
+        assert_eq!(segment.file_len, to);
+        let bytes = fs::read(&segment.path).expect("read");
+        assert_eq!(bytes.len() as u64, to);
+        assert!(bytes[usize::try_from(from).unwrap_or(0)..].iter().all(|byte| *byte == 0));
     }
 
     #[test]
