@@ -180,6 +180,7 @@ pub async fn open_state(config: Config, options: ServeOptions) -> anyhow::Result
         sms,
         demo_inbox,
         smpp_sms,
+        request_metrics: Default::default(),
     }))
 }
 

@@ -54,6 +54,8 @@ pub struct AppState {
     pub smpp_sms: Option<Arc<crate::ussd::SmppSms>>,
     /// How many API requests are served at once (adapts to their latency).
     pub admission: admission::Admission,
+    /// The per-route request metrics' handles, registered once each.
+    pub request_metrics: RequestMetrics,
 }
 
 /// Every route of the API, with its method: the OpenAPI test and the docs list these.
@@ -127,7 +129,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/openapi.json", get(openapi::openapi_json))
         .merge(api)
         .fallback(|| async { ApiError::not_found("route") })
-        .layer(axum::middleware::from_fn(record_metrics))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), record_metrics))
         .layer(
             tower::ServiceBuilder::new()
                 .layer(axum::error_handling::HandleErrorLayer::new(|_: tower::BoxError| async {
@@ -194,19 +196,80 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
 }
 
 /// Requests and their latency by route and status.
-async fn record_metrics(request: axum::extract::Request, next: axum::middleware::Next) -> Response {
+async fn record_metrics(
+    State(state): State<Arc<AppState>>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
     let started = std::time::Instant::now();
-    let route = request
-        .extensions()
-        .get::<axum::extract::MatchedPath>()
-        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
-    let method = request.method().to_string();
+    let route = request.extensions().get::<axum::extract::MatchedPath>().cloned();
+    let method = request.method().clone();
     let response = next.run(request).await;
-    let status = response.status().as_u16().to_string();
-    let labels = [("route", route), ("method", method), ("status", status)];
-    metrics::counter!("qepik_http_requests_total", &labels).increment(1);
-    metrics::histogram!("qepik_http_request_seconds", &labels).record(started.elapsed().as_secs_f64());
+    let route = route.as_ref().map_or("unmatched", axum::extract::MatchedPath::as_str);
+    let (requests, seconds) = state.request_metrics.handles(route, &method, response.status().as_u16());
+    requests.increment(1);
+    seconds.record(started.elapsed().as_secs_f64());
     response
+}
+
+/// The request counter and latency histogram of each route, method and status, registered
+/// with the recorder once: registering them by their labels on every request cost three
+/// string allocations and two lookups in the recorder's registry a request. Kept per server,
+/// whose start installs the recorder before the first request.
+#[derive(Default)]
+pub struct RequestMetrics {
+    by_route: std::sync::RwLock<rustc_hash::FxHashMap<Box<str>, ByStatus>>,
+}
+
+/// A route's handles by method and status.
+type ByStatus = rustc_hash::FxHashMap<(&'static str, u16), Handles>;
+
+type Handles = (metrics::Counter, metrics::Histogram);
+
+impl std::fmt::Debug for RequestMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RequestMetrics").finish_non_exhaustive()
+    }
+}
+
+impl RequestMetrics {
+    fn handles(&self, route: &str, method: &axum::http::Method, status: u16) -> Handles {
+        use axum::http::Method;
+        // Any other method a client makes up is one label, not a series (and an entry) each.
+        let method = match *method {
+            Method::GET => "GET",
+            Method::POST => "POST",
+            Method::PUT => "PUT",
+            Method::DELETE => "DELETE",
+            Method::PATCH => "PATCH",
+            Method::HEAD => "HEAD",
+            Method::OPTIONS => "OPTIONS",
+            _ => "OTHER",
+        };
+        let key = (method, status);
+        if let Some(found) = self
+            .by_route
+            .read()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .get(route)
+            .and_then(|by_status| by_status.get(&key))
+        {
+            return found.clone();
+        }
+        let labels =
+            [("route", route.to_owned()), ("method", method.to_owned()), ("status", status.to_string())];
+        let made = (
+            metrics::counter!("qepik_http_requests_total", &labels),
+            metrics::histogram!("qepik_http_request_seconds", &labels),
+        );
+        self.by_route
+            .write()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .entry(route.into())
+            .or_default()
+            .insert(key, made.clone());
+        made
+    }
 }
 
 /// Parses a JSON body into `T`, naming the offending field on failure (unknown fields are
@@ -282,4 +345,48 @@ pub fn receipt(reference: &str, receipt: &engine::domain::Receipt) -> serde_json
         "commission": money(receipt.commission),
         "status": "posted",
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_metrics_register_once_per_route_method_and_status() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        let cache = RequestMetrics::default();
+        metrics::with_local_recorder(&recorder, || {
+            for _ in 0..3 {
+                let (requests, _) = cache.handles("/v1/agent/cash-in", &axum::http::Method::POST, 200);
+                requests.increment(1);
+            }
+            let (requests, seconds) = cache.handles("/v1/agent/cash-in", &axum::http::Method::POST, 503);
+            requests.increment(1);
+            seconds.record(0.001);
+            for made_up in ["FOO", "BAR", "BAZ"] {
+                let method = axum::http::Method::from_bytes(made_up.as_bytes()).expect("a token");
+                cache.handles("unmatched", &method, 404).0.increment(1);
+            }
+        });
+        let text = handle.render();
+        assert!(
+            text.contains(
+                r#"qepik_http_requests_total{route="/v1/agent/cash-in",method="POST",status="200"} 3"#
+            ),
+            "{text}"
+        );
+        assert!(text.contains(r#"method="POST",status="503"} 1"#), "{text}");
+        assert!(
+            text.contains(r#"qepik_http_requests_total{route="unmatched",method="OTHER",status="404"} 3"#),
+            "{text}"
+        );
+        let by_route = cache.by_route.read().expect("lock");
+        assert_eq!(by_route.len(), 2);
+        assert_eq!(
+            by_route.get("unmatched").map(|by_status| by_status.len()),
+            Some(1),
+            "made-up methods share one"
+        );
+    }
 }
