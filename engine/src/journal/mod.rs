@@ -392,6 +392,16 @@ pub const ZERO_MARGIN: u64 = 1024 * 1024;
 /// segment it rolls to is zeroed from the start): an engine that writes little writes no zeros.
 pub const ZERO_START: u64 = 1024 * 1024;
 
+/// How a zero job ended (its failed syncs are errors instead).
+#[derive(Debug)]
+enum Zeroed {
+    /// Zeros durable over the whole range: the offset it ends at.
+    All(u64),
+    /// A write of zeros failed (a full disk, say) at this offset, to which they are durable.
+    /// Nothing written is lost by that: the zeroing stops, and the writer appends as before.
+    Stopped(u64, io::Error),
+}
+
 /// A range of a segment file for the zeroer to fill with zeros and make durable.
 struct ZeroJob {
     path: PathBuf,
@@ -402,9 +412,11 @@ struct ZeroJob {
 /// The writer's side of the zeroer thread: at most one job outstanding.
 struct Zeroer {
     jobs: Option<crossbeam_channel::Sender<ZeroJob>>,
-    done: Receiver<Result<u64, JournalError>>,
+    done: Receiver<Result<Zeroed, JournalError>>,
     /// The range of the job in progress, if any.
     pending: Option<(u64, u64)>,
+    /// A write of zeros failed: no more jobs for as long as this writer runs.
+    stopped: bool,
     /// How far the job in progress has written zeros and made them durable.
     progress: Arc<Progress>,
     thread: Option<std::thread::JoinHandle<()>>,
@@ -447,7 +459,7 @@ impl Zeroer {
                 }
             })
             .map_err(io_error(&PathBuf::from("qepik-journal-zero thread")))?;
-        Ok(Zeroer { jobs: Some(jobs), done, pending: None, progress, thread: Some(thread) })
+        Ok(Zeroer { jobs: Some(jobs), done, pending: None, stopped: false, progress, thread: Some(thread) })
     }
 
     /// Makes sure the writer may write up to file offset `end` of `segment`: waits while the
@@ -477,7 +489,8 @@ impl Zeroer {
     /// Asks for `segment`'s room ahead of its last write to be topped up, if it runs low, no
     /// job is in progress, and the segment's length has reached `active_from`.
     fn top_up(&mut self, segment: &SegmentFile, config: &WriterConfig, active_from: u64) {
-        if self.pending.is_some()
+        if self.stopped
+            || self.pending.is_some()
             || segment.len < active_from
             || segment.file_len.saturating_sub(segment.len) >= ZERO_AHEAD / 2
         {
@@ -513,8 +526,17 @@ impl Zeroer {
         };
         self.pending = None;
         match outcome {
-            Some(Ok(zeroed)) => {
+            Some(Ok(Zeroed::All(zeroed))) => {
                 debug_assert_eq!(zeroed, to);
+                segment.file_len = segment.file_len.max(zeroed);
+                Ok(())
+            }
+            Some(Ok(Zeroed::Stopped(zeroed, error))) => {
+                tracing::warn!(
+                    segment = %segment.path.display(), offset = zeroed, %error,
+                    "writing zeros ahead of the journal failed; the journal appends without them from here"
+                );
+                self.stopped = true;
                 segment.file_len = segment.file_len.max(zeroed);
                 Ok(())
             }
@@ -542,19 +564,27 @@ const ZERO_STEP: usize = 256 * 1024;
 
 /// Writes zeros over `job`'s range through a file description of its own (so that a write-back
 /// error reaches the writer's next `fdatasync` too) and makes them durable, a step at a time.
-fn zero(job: &ZeroJob, progress: &Progress) -> Result<u64, JournalError> {
+fn zero(job: &ZeroJob, progress: &Progress) -> Result<Zeroed, JournalError> {
     use std::os::unix::fs::FileExt;
-    let file = OpenOptions::new().write(true).open(&job.path).map_err(io_error(&job.path))?;
+    let file = match OpenOptions::new().write(true).open(&job.path) {
+        Ok(file) => file,
+        Err(error) => return Ok(Zeroed::Stopped(job.from, error)),
+    };
     let zeros = vec![0_u8; ZERO_STEP];
     let mut at = job.from;
     while at < job.to {
         let n = usize::try_from(job.to - at).unwrap_or(usize::MAX).min(zeros.len());
-        file.write_all_at(&zeros[..n], at).map_err(io_error(&job.path))?;
+        // A failed write loses nothing (what it wrote is zeros past the log's end); a failed
+        // sync may stand for a failed write-back of the writer's pages too, and fails the
+        // journal like the writer's own.
+        if let Err(error) = file.write_all_at(&zeros[..n], at) {
+            return Ok(Zeroed::Stopped(at, error));
+        }
         file.sync_data().map_err(|source| JournalError::SyncFailed { path: job.path.clone(), source })?;
         at += n as u64;
         progress.set(at, false);
     }
-    Ok(job.to)
+    Ok(Zeroed::All(job.to))
 }
 
 /// Starts the group-commit writer at `position` (the end found by recovery's scan). It runs
@@ -933,6 +963,32 @@ mod tests {
         let bytes = fs::read(&segment.path).expect("read");
         assert_eq!(bytes.len() as u64, to);
         assert!(bytes[usize::try_from(from).unwrap_or(0)..].iter().all(|byte| *byte == 0));
+    }
+
+    #[test]
+    fn a_failed_write_of_zeros_stops_the_zeroing_and_fails_nothing() {
+        // `/dev/full` answers every write with ENOSPC, as a full disk does.
+        let full = PathBuf::from("/dev/full");
+        let progress = Progress::default();
+        let outcome = zero(&ZeroJob { path: full.clone(), from: 0, to: 1 << 20 }, &progress);
+        assert!(matches!(outcome, Ok(Zeroed::Stopped(0, _))), "{outcome:?}");
+        // Through the zeroer: the writer is cleared, and no job is asked for again.
+        let config = WriterConfig {
+            dir: PathBuf::from("/dev"),
+            shard_count: 1,
+            segment_len_max: 1 << 30,
+            group_len_max: 1 << 20,
+            linger: std::time::Duration::from_millis(1),
+        };
+        let file = OpenOptions::new().write(true).open(&full).expect("/dev/full");
+        let mut segment = SegmentFile { file, path: full, start: 0, len: 100, file_len: 100 };
+        let mut zeroer = Zeroer::spawn().expect("zeroer");
+        zeroer.top_up(&segment, &config, 0);
+        assert!(zeroer.pending.is_some());
+        zeroer.clear_to(&mut segment, ZERO_AHEAD * 2).expect("a failed zero write is no failure");
+        assert!(zeroer.stopped && zeroer.pending.is_none());
+        zeroer.top_up(&segment, &config, 0);
+        assert!(zeroer.pending.is_none(), "no more jobs once a write of zeros failed");
     }
 
     #[test]
