@@ -398,7 +398,8 @@ enum Zeroed {
     /// Zeros durable over the whole range: the offset it ends at.
     All(u64),
     /// A write of zeros failed (a full disk, say) at this offset, to which they are durable.
-    /// Nothing written is lost by that: the zeroing stops, and the writer appends as before.
+    /// No record is lost by that: the zeroing stops, and the writer appends as before (should
+    /// zeros it half wrote fail to reach the disk later, the writer's next sync says so).
     Stopped(u64, io::Error),
 }
 
@@ -446,6 +447,18 @@ impl Zeroer {
         let thread = std::thread::Builder::new()
             .name("qepik-journal-zero".into())
             .spawn(move || {
+                // Should this thread panic, a writer waiting on its progress hears that it ended
+                // (and then finds its outcome channel closed: the journal fails).
+                struct EndOnPanic<'a>(&'a Progress);
+                impl Drop for EndOnPanic<'_> {
+                    fn drop(&mut self) {
+                        if std::thread::panicking() {
+                            let zeroed = self.0.state.lock().unwrap_or_else(|poison| poison.into_inner()).0;
+                            self.0.set(zeroed, true);
+                        }
+                    }
+                }
+                let _guard = EndOnPanic(&shared);
                 for job in receiver {
                     let outcome = zero(&job, &shared);
                     // Ended before the outcome is sent: a writer woken by this waits for the
