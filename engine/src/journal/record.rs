@@ -457,27 +457,86 @@ pub struct WalCheckpoint {
 /// a copy of every account and its encoding (1.2 GB beside the 1 GiB table). Balances in minor
 /// units and ids are mostly small numbers: an account takes ~20 bytes here, captured straight
 /// from the ledger's table, and each chunk is one frame of the checkpoint file.
+pub type AccountChunks = Chunks<Accounts>;
+
+/// Items of a checkpoint encoded back to back, in chunks of at most [`Chunks::CHUNK_LEN`] bytes
+/// (one frame of the file each, and one allocation while capturing); an item never straddles
+/// two chunks. `K` says what the items are ([`Accounts`], [`Wallets`]).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct AccountChunks {
+pub struct Chunks<K> {
     chunks: Vec<Vec<u8>>,
     count: u64,
+    kind: std::marker::PhantomData<K>,
+}
+
+/// What kind of items a [`Chunks`] holds.
+pub trait ChunkItem {
+    /// The fewest bytes one item takes: a bound on what a recorded count may reserve, should
+    /// the count be wrong.
+    const ENCODED_LEN_MIN: usize;
+}
+
+/// Accounts: nine varints each.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Accounts;
+
+impl ChunkItem for Accounts {
+    const ENCODED_LEN_MIN: usize = 9;
 }
 
 /// The most bytes one account takes: nine varints of at most ten bytes.
 const ACCOUNT_ENCODED_LEN_MAX: usize = 90;
 
-impl AccountChunks {
+impl<K: ChunkItem> Chunks<K> {
     /// A chunk's size: one frame of a checkpoint file, and one allocation while capturing.
     pub const CHUNK_LEN: usize = 1 << 20;
 
-    /// Appends `account`, whose age is counted back from `now` (the capture's timestamp).
-    pub fn push(&mut self, account: &Account, now: u64) {
-        use integer_encoding::VarInt;
-        let needs_chunk =
-            self.chunks.last().is_none_or(|chunk| chunk.len() + ACCOUNT_ENCODED_LEN_MAX > Self::CHUNK_LEN);
+    /// Appends one encoded item, in a new chunk if the last has no room for it.
+    fn append(&mut self, item: &[u8]) {
+        let needs_chunk = self
+            .chunks
+            .last()
+            .is_none_or(|chunk| !chunk.is_empty() && chunk.len() + item.len() > Self::CHUNK_LEN);
         if needs_chunk {
             self.chunks.push(Vec::with_capacity(Self::CHUNK_LEN));
         }
+        if let Some(chunk) = self.chunks.last_mut() {
+            chunk.extend_from_slice(item);
+        }
+        self.count += 1;
+    }
+
+    /// Items encoded so far.
+    pub fn count(&self) -> u64 {
+        self.count
+    }
+
+    pub fn chunks(&self) -> &[Vec<u8>] {
+        &self.chunks
+    }
+
+    /// The most items the chunks can hold: a bound on what a recorded count may reserve.
+    pub fn count_max(&self) -> u64 {
+        let bytes: usize = self.chunks.iter().map(Vec::len).sum();
+        u64::try_from(bytes / K::ENCODED_LEN_MIN).unwrap_or(u64::MAX)
+    }
+
+    /// Moves the chunks out (to write them, each dropped once written).
+    pub fn take_chunks(&mut self) -> Vec<Vec<u8>> {
+        std::mem::take(&mut self.chunks)
+    }
+
+    /// Chunks read back from a checkpoint file, holding `count` items between them (checked as
+    /// they are decoded).
+    pub fn from_chunks(chunks: Vec<Vec<u8>>, count: u64) -> Self {
+        Chunks { chunks, count, kind: std::marker::PhantomData }
+    }
+}
+
+impl AccountChunks {
+    /// Appends `account`, whose age is counted back from `now` (the capture's timestamp).
+    pub fn push(&mut self, account: &Account, now: u64) {
+        use integer_encoding::VarInt;
         let mut scratch = [0_u8; ACCOUNT_ENCODED_LEN_MAX];
         let mut len = 0;
         for value in [
@@ -495,37 +554,7 @@ impl AccountChunks {
         ] {
             len += value.encode_var(&mut scratch[len..]);
         }
-        if let Some(chunk) = self.chunks.last_mut() {
-            chunk.extend_from_slice(&scratch[..len]);
-        }
-        self.count += 1;
-    }
-
-    /// Accounts encoded so far.
-    pub fn count(&self) -> u64 {
-        self.count
-    }
-
-    pub fn chunks(&self) -> &[Vec<u8>] {
-        &self.chunks
-    }
-
-    /// The most accounts the chunks can hold (each takes at least nine bytes): a bound on
-    /// what a recorded count may reserve, should the count be wrong.
-    pub fn count_max(&self) -> u64 {
-        let bytes: usize = self.chunks.iter().map(Vec::len).sum();
-        u64::try_from(bytes / 9).unwrap_or(u64::MAX)
-    }
-
-    /// Moves the chunks out (to write them, each dropped once written).
-    pub fn take_chunks(&mut self) -> Vec<Vec<u8>> {
-        std::mem::take(&mut self.chunks)
-    }
-
-    /// Chunks read back from a checkpoint file, holding `count` accounts between them (checked
-    /// as they are decoded).
-    pub fn from_chunks(chunks: Vec<Vec<u8>>, count: u64) -> AccountChunks {
-        AccountChunks { chunks, count }
+        self.append(&scratch[..len]);
     }
 
     /// Decodes the accounts, consuming the chunks one by one; `now` is the capture's
@@ -611,16 +640,19 @@ fn decode_account(bytes: &[u8], at: &mut usize, now: u64) -> Result<Account, Dec
 /// wallet with a PIN and no OTP takes ~50 bytes. Captured straight from the ledger's tables, so
 /// that a checkpoint no longer holds a copy of every wallet (136 bytes each) and its rkyv
 /// encoding at once: for 10M wallets that was ~2.3 GB while the checkpoint was written.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct WalletChunks {
-    chunks: Vec<Vec<u8>>,
-    count: u64,
+pub type WalletChunks = Chunks<Wallets>;
+
+/// Wallets: see [`WalletChunks`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Wallets;
+
+impl ChunkItem for Wallets {
+    /// Two varints, five bytes and the presence byte.
+    const ENCODED_LEN_MIN: usize = 8;
 }
 
 const WALLET_HAS_PIN: u8 = 1;
 const WALLET_HAS_OTP: u8 = 2;
-/// The fewest bytes a wallet takes: two varints, five bytes and the presence byte.
-const WALLET_ENCODED_LEN_MIN: usize = 8;
 
 impl WalletChunks {
     /// Appends `wallet`.
@@ -656,42 +688,7 @@ impl WalletChunks {
         for at in &wallet.otp_sent {
             varint(*at, scratch);
         }
-        let needs_chunk = self
-            .chunks
-            .last()
-            .is_none_or(|chunk| !chunk.is_empty() && chunk.len() + scratch.len() > AccountChunks::CHUNK_LEN);
-        if needs_chunk {
-            self.chunks.push(Vec::with_capacity(AccountChunks::CHUNK_LEN.min(scratch.len().max(64 * 1024))));
-        }
-        if let Some(chunk) = self.chunks.last_mut() {
-            chunk.extend_from_slice(scratch);
-        }
-        self.count += 1;
-    }
-
-    /// Wallets encoded so far.
-    pub fn count(&self) -> u64 {
-        self.count
-    }
-
-    pub fn chunks(&self) -> &[Vec<u8>] {
-        &self.chunks
-    }
-
-    /// The most wallets the chunks can hold: a bound on what a recorded count may reserve.
-    pub fn count_max(&self) -> u64 {
-        let bytes: usize = self.chunks.iter().map(Vec::len).sum();
-        u64::try_from(bytes / WALLET_ENCODED_LEN_MIN).unwrap_or(u64::MAX)
-    }
-
-    /// Moves the chunks out (to write them, each dropped once written).
-    pub fn take_chunks(&mut self) -> Vec<Vec<u8>> {
-        std::mem::take(&mut self.chunks)
-    }
-
-    /// Chunks read back from a checkpoint file, holding `count` wallets between them.
-    pub fn from_chunks(chunks: Vec<Vec<u8>>, count: u64) -> WalletChunks {
-        WalletChunks { chunks, count }
+        self.append(scratch);
     }
 
     /// Decodes the wallets, consuming the chunks one by one. Every malformed byte is an error,
