@@ -135,26 +135,23 @@ fn read_full(reader: &mut impl std::io::Read, out: &mut [u8]) -> std::io::Result
 /// Whether any valid frame starts anywhere in `bytes`: if one does after a bad frame, the bad
 /// frame is corruption in the middle of the log, not a torn tail.
 pub fn any_valid_frame(bytes: &[u8]) -> bool {
-    let mut start = 0;
-    while let Some(offset) = find_magic(&bytes[start..]) {
-        let at = start + offset;
-        if let FrameRead::Frame { .. } = read_frame(&bytes[at..]) {
-            return true;
-        }
-        start = at + 1;
-    }
-    false
+    any_frame_where(bytes, |_, _| true)
 }
 
 /// Whether a valid group header starts anywhere in `bytes`: the writer starts every write with
 /// one, so after damage in a journal of groups, only a group header tells that a later write
 /// follows (frames of the damaged, last write itself may have reached the disk around a hole).
 pub fn any_valid_group_header(bytes: &[u8]) -> bool {
+    any_frame_where(bytes, |version, payload| group_body_len(version, payload).is_some())
+}
+
+/// Whether a valid frame whose version and payload pass `accept` starts anywhere in `bytes`.
+fn any_frame_where(bytes: &[u8], accept: impl Fn(u8, &[u8]) -> bool) -> bool {
     let mut start = 0;
     while let Some(offset) = find_magic(&bytes[start..]) {
         let at = start + offset;
         if let FrameRead::Frame { version, payload, .. } = read_frame(&bytes[at..])
-            && group_body_len(version, payload).is_some()
+            && accept(version, payload)
         {
             return true;
         }
