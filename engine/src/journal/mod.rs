@@ -364,10 +364,13 @@ impl SegmentFile {
     }
 
     /// Cuts the zeros written ahead off a segment the writer leaves, so that only the last
-    /// segment ever has any (a crash before this is harmless: [`scan`] reads zeros after the last
-    /// record as the segment's end).
+    /// segment ever has any. A crash before this is done is harmless: the next segment is made
+    /// only after it, so this one is still the last, whose trailing zeros [`scan`] reads as the
+    /// log's end. The length is the file's own, not `file_len`: a write of zeros that failed
+    /// half-way may have grown the file past what the writer counted.
     fn close(self) -> Result<(), JournalError> {
-        if self.file_len > self.len {
+        let on_disk = self.file.metadata().map_err(io_error(&self.path))?.len();
+        if on_disk > self.len {
             self.file.set_len(self.len).map_err(io_error(&self.path))?;
             self.file
                 .sync_all()
@@ -1002,6 +1005,25 @@ mod tests {
         assert!(zeroer.stopped && zeroer.pending.is_none());
         zeroer.top_up(&segment, &config, 0);
         assert!(zeroer.pending.is_none(), "no more jobs once a write of zeros failed");
+    }
+
+    #[test]
+    fn a_segment_left_is_cut_to_its_length_even_past_what_the_writer_counted() {
+        // A write of zeros that failed half-way can grow the file past the writer's count.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let config = WriterConfig {
+            dir: dir.path().to_path_buf(),
+            shard_count: 1,
+            segment_len_max: 1 << 30,
+            group_len_max: 1 << 20,
+            linger: std::time::Duration::from_millis(1),
+        };
+        let segment = SegmentFile::create(&config, 0).expect("segment");
+        let (path, len) = (segment.path.clone(), segment.len);
+        OpenOptions::new().write(true).open(&path).expect("open").set_len(len + 4096).expect("grow");
+        assert_eq!(segment.file_len, len, "the writer did not count the growth");
+        segment.close().expect("closed");
+        assert_eq!(fs::metadata(&path).expect("segment").len(), len);
     }
 
     #[test]
